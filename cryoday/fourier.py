@@ -1,0 +1,96 @@
+"""Centred, unitary Fourier transforms and frequency grids.
+
+Every Fourier-space array in cryoday has its zero frequency at index ``N // 2`` and is unitary
+(``norm="ortho"``), so Parseval holds exactly and white noise of unit variance in real space has
+unit variance per Fourier coefficient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft as sfft
+
+
+def ft2(images: np.ndarray, workers: int = -1) -> np.ndarray:
+    """Centred unitary 2D FFT over the last two axes (``[..., y, x]``)."""
+    axes = (-2, -1)
+    shifted = sfft.ifftshift(images, axes=axes)
+    return sfft.fftshift(sfft.fft2(shifted, axes=axes, norm="ortho", workers=workers), axes=axes)
+
+
+def ift2(spectra: np.ndarray, workers: int = -1) -> np.ndarray:
+    """Inverse of :func:`ft2`; returns the real part."""
+    axes = (-2, -1)
+    shifted = sfft.ifftshift(spectra, axes=axes)
+    out = sfft.fftshift(sfft.ifft2(shifted, axes=axes, norm="ortho", workers=workers), axes=axes)
+    return out.real
+
+
+def ft3(volume: np.ndarray, workers: int = -1) -> np.ndarray:
+    """Centred unitary 3D FFT of a ``[z, y, x]`` volume."""
+    shifted = sfft.ifftshift(volume)
+    return sfft.fftshift(sfft.fftn(shifted, norm="ortho", workers=workers))
+
+
+def ift3(spectrum: np.ndarray, workers: int = -1) -> np.ndarray:
+    """Inverse of :func:`ft3`; returns the real part."""
+    shifted = sfft.ifftshift(spectrum)
+    return sfft.fftshift(sfft.ifftn(shifted, norm="ortho", workers=workers)).real
+
+
+def freq_index(n: int) -> np.ndarray:
+    """Fourier indices ``k = i - n // 2`` of the centred layout, as float64."""
+    return np.arange(n, dtype=np.float64) - n // 2
+
+
+def freq_grid_2d(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier indices ``(kx, ky)`` of an ``n x n`` centred spectrum, each ``[y, x]``-shaped."""
+    k = freq_index(n)
+    ky, kx = np.meshgrid(k, k, indexing="ij")
+    return kx, ky
+
+
+def radial_index_3d(n: int) -> np.ndarray:
+    """Radius ``|k|`` in Fourier pixels of every voxel of a centred ``n^3`` spectrum."""
+    k = freq_index(n)
+    kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
+    return np.sqrt(kx**2 + ky**2 + kz**2)
+
+
+def fourier_crop_2d(images: np.ndarray, new_n: int) -> np.ndarray:
+    """Downsample ``[..., n, n]`` images to ``new_n`` by cropping their centred spectra.
+
+    Pixel values keep their meaning as a local mean (what RELION's ``--rescale_angpix`` does), so
+    a projection of a volume resampled by :func:`fourier_crop_3d` to the same box still matches the
+    cropped image. White noise of standard deviation ``s`` per pixel becomes ``s * new_n / n``.
+    """
+    n = images.shape[-1]
+    if new_n > n:
+        raise ValueError(f"cannot Fourier-crop from {n} to a larger box {new_n}")
+    if new_n == n:
+        return np.array(images, dtype=np.float32, copy=True)
+    spec = ft2(np.asarray(images, dtype=np.float32))
+    lo = n // 2 - new_n // 2
+    cropped = spec[..., lo : lo + new_n, lo : lo + new_n] * (new_n / n)
+    return ift2(cropped).astype(np.float32)
+
+
+def fourier_crop_3d(volume: np.ndarray, new_n: int) -> np.ndarray:
+    """Resample a ``n^3`` volume to ``new_n^3`` by cropping or zero-padding its spectrum.
+
+    Voxel values keep their meaning (density per voxel at the coarser sampling is the local
+    mean), as :func:`fourier_crop_2d` does for images.
+    """
+    n = volume.shape[0]
+    if new_n == n:
+        return np.array(volume, dtype=np.float32, copy=True)
+    spec = ft3(np.asarray(volume, dtype=np.float64))
+    scale = (new_n / n) ** 1.5
+    if new_n < n:
+        lo = n // 2 - new_n // 2
+        out = spec[lo : lo + new_n, lo : lo + new_n, lo : lo + new_n] * scale
+    else:
+        out = np.zeros((new_n,) * 3, dtype=spec.dtype)
+        lo = new_n // 2 - n // 2
+        out[lo : lo + n, lo : lo + n, lo : lo + n] = spec * scale
+    return ift3(out).astype(np.float32)
