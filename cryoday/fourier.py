@@ -94,3 +94,26 @@ def fourier_crop_3d(volume: np.ndarray, new_n: int) -> np.ndarray:
         lo = new_n // 2 - n // 2
         out[lo : lo + n, lo : lo + n, lo : lo + n] = spec * scale
     return ift3(out).astype(np.float32)
+
+
+def rescale_volume(volume: np.ndarray, voxel_size: float, box: int, pixel_size: float) -> np.ndarray:
+    """Resample a cubic map to ``box^3`` voxels of ``pixel_size`` A, keeping it centred.
+
+    The spectrum is cropped or zero-padded to change the sampling (mean-preserving, as
+    :func:`fourier_crop_3d`), then the real-space box is cropped or zero-padded around the
+    centre voxel. Sampling ratios that are not a ratio of integer boxes are rounded to the
+    nearest box, with the pixel-size error this implies (< 1/(2n)) reported by the caller.
+    """
+    n = volume.shape[0]
+    n_resampled = max(2, int(round(n * voxel_size / pixel_size)))
+    vol = fourier_crop_3d(volume, n_resampled)
+    out = np.zeros((box,) * 3, dtype=np.float32)
+    m = vol.shape[0]
+    # Centre voxel m//2 of the source goes to box//2 of the target.
+    src_lo = max(0, m // 2 - box // 2)
+    dst_lo = max(0, box // 2 - m // 2)
+    length = min(m - src_lo, box - dst_lo)
+    sl_src = slice(src_lo, src_lo + length)
+    sl_dst = slice(dst_lo, dst_lo + length)
+    out[sl_dst, sl_dst, sl_dst] = vol[sl_src, sl_src, sl_src]
+    return out

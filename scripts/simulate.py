@@ -1,0 +1,74 @@
+"""Rule `simulate`: a particle set from a ground-truth map by the paper's generative model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from _common import setup_logging
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+
+from cryoday import io, molecule, simulate
+from cryoday.errors import InputError
+from cryoday.fourier import rescale_volume
+
+log = setup_logging(snakemake)
+opts = snakemake.params.simulate
+box, pixel_size = int(opts["box"]), float(opts["pixel_size"])
+source = opts["source"]
+
+if source == "synthetic":
+    truth = molecule.synthetic_molecule(box, pixel_size, seed=int(opts["seed"]))
+    log.info("built-in synthetic molecule, %d px at %.3f A/px", box, pixel_size)
+elif Path(source).suffix.lower() in {".pdb", ".cif", ".mmcif", ".ent"}:
+    truth = molecule.density_from_model(source, box, pixel_size, resolution_A=2 * pixel_size)
+    log.info("density of atomic model %s, %d px at %.3f A/px", source, box, pixel_size)
+else:
+    volume, voxel_size = io.read_map(source)
+    voxel_size = voxel_size or opts.get("source_pixel_size")
+    if not voxel_size:
+        raise InputError(
+            f"{source}: the map header gives no voxel size; set simulate.source_pixel_size"
+        )
+    truth = rescale_volume(volume, voxel_size, box, pixel_size)
+    log.info("map %s (%d px at %.3f A/px) resampled to %d px at %.3f A/px",
+             source, volume.shape[0], voxel_size, box, pixel_size)
+
+truth = truth.clip(min=0) if truth.min() >= -1e-3 * truth.max() else truth
+n = int(opts["n_particles"])
+tables = []
+with io.StackWriter(snakemake.output.stack, n, box, pixel_size) as writer:
+    start = 0
+    for images, table in simulate.simulate_chunks(
+        truth,
+        pixel_size,
+        n,
+        snr=float(opts["snr"]),
+        defocus_range_A=tuple(opts["defocus_range_A"]),
+        astigmatism_A=float(opts["astigmatism_A"]),
+        voltage=float(opts["voltage_kV"]),
+        cs=float(opts["cs_mm"]),
+        amplitude_contrast=float(opts["amplitude_contrast"]),
+        shift_sigma_A=float(opts["shift_sigma_A"]),
+        seed=int(opts["seed"]),
+    ):
+        writer.data[start : start + len(images)] = images
+        start += len(images)
+        tables.append(table)
+        log.info("simulated %d / %d particles", start, n)
+
+import pandas as pd  # noqa: E402  (only needed here)
+
+table = pd.concat(tables, ignore_index=True)
+stack_name = Path(snakemake.output.stack).name
+table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
+optics = simulate.optics_table(
+    pixel_size, box, float(opts["voltage_kV"]), float(opts["cs_mm"]),
+    float(opts["amplitude_contrast"]),
+)
+io.write_particles(snakemake.output.star, table, optics)
+io.write_map(snakemake.output.truth, truth, pixel_size)
+log.info("wrote %s, %s and %s", snakemake.output.star, snakemake.output.stack,
+         snakemake.output.truth)

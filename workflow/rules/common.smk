@@ -1,0 +1,122 @@
+# All Python of the workflow lives here (snakemake --lint asks rules and functions apart).
+import copy
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+
+def _schema_defaults(section):
+    schema = yaml.safe_load(
+        open(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+    )
+    props = schema["$defs"][section]["properties"]
+    return {key: spec["default"] for key, spec in props.items() if "default" in spec}
+
+
+# Defaults inside per-dataset blocks are filled here: the schema validator fills only
+# top-level sections.
+for _name, _dataset in config["datasets"].items():
+    if "simulate" in _dataset:
+        _dataset["simulate"] = {**_schema_defaults("simulate"), **_dataset["simulate"]}
+
+DATASETS = sorted(config["datasets"])
+RECON = config["reconstruction"]
+STAGES = [str(i + 1) for i in range(len(RECON["stages_A"]))]
+SEEDS = [str(s) for s in RECON["seeds"]]
+ENV = "../../envs/cryoday.yaml"
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    stage=r"\d+",
+    seed=r"-?\d+",
+
+
+def dataset_config(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def is_simulated(name):
+    return "simulate" in config["datasets"][name]
+
+
+def input_particles(wildcards):
+    """The particle STAR file a dataset starts from: the user's, or the simulated one."""
+    if is_simulated(wildcards.dataset):
+        return f"results/{wildcards.dataset}/simulated/particles.star"
+    return config["datasets"][wildcards.dataset]["particles"]
+
+
+def reference_map(wildcards):
+    """A map to compare with: the simulation's truth or the user's reference (may be none)."""
+    if is_simulated(wildcards.dataset):
+        return [f"results/{wildcards.dataset}/simulated/truth.mrc"]
+    ref = config["datasets"][wildcards.dataset].get("reference")
+    return [ref] if ref else []
+
+
+def stage_resolution(wildcards):
+    return float(RECON["stages_A"][int(wildcards.stage) - 1])
+
+
+def previous_stage(wildcards):
+    """The state a stage starts from: nothing for the first stage (random start)."""
+    stage = int(wildcards.stage)
+    if stage == 1:
+        return []
+    return [
+        f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}/volume.mrc",
+        f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}/state.npz",
+    ]
+
+
+def last_stage_of_seed(name, seed):
+    return f"results/{name}/abinitio/seed{seed}/stage{STAGES[-1]}"
+
+
+def all_seed_volumes(wildcards):
+    return [f"{last_stage_of_seed(wildcards.dataset, s)}/volume.mrc" for s in SEEDS]
+
+
+def all_seed_poses(wildcards):
+    return [f"{last_stage_of_seed(wildcards.dataset, s)}/poses.npz" for s in SEEDS]
+
+
+def all_stage_dirs(wildcards):
+    return [
+        f"results/{wildcards.dataset}/abinitio/seed{s}/stage{st}/history.tsv"
+        for s in SEEDS
+        for st in STAGES
+    ]
+
+
+def stage_mem_mb(wildcards, attempt):
+    """Memory for a stage grows with its box; doubled on each retry."""
+    return 4000 * attempt
+
+
+def final_outputs():
+    outputs = []
+    for name in DATASETS:
+        outputs += [
+            f"results/{name}/final/volume.mrc",
+            f"results/{name}/final/particles.star",
+            f"results/{name}/validation/metrics.json",
+            f"results/{name}/report.html",
+        ]
+    return outputs
+
+
+def simulate_params(wildcards):
+    return config["datasets"][wildcards.dataset]["simulate"]
+
+
+def pixel_size_override(wildcards):
+    return config["datasets"][wildcards.dataset].get("pixel_size")
+
+
+def simulated_flag(wildcards):
+    return is_simulated(wildcards.dataset)

@@ -1,0 +1,53 @@
+rule reconstruct_stage:
+    input:
+        stack="results/{dataset}/preprocess/stage{stage}.mrcs",
+        info="results/{dataset}/preprocess/stage{stage}.json",
+        particles="results/{dataset}/preprocess/particles.star",
+        previous=previous_stage,
+    output:
+        volume="results/{dataset}/abinitio/seed{seed}/stage{stage}/volume.mrc",
+        state="results/{dataset}/abinitio/seed{seed}/stage{stage}/state.npz",
+        history="results/{dataset}/abinitio/seed{seed}/stage{stage}/history.tsv",
+        poses="results/{dataset}/abinitio/seed{seed}/stage{stage}/poses.npz",
+    log:
+        "logs/reconstruct_stage/{dataset}_seed{seed}_stage{stage}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/reconstruct_seed{seed}_stage{stage}.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=stage_mem_mb,
+        runtime=240,
+    params:
+        resolution=stage_resolution,
+        options=RECON,
+        checkpoint="results/{dataset}/abinitio/seed{seed}/stage{stage}/checkpoint.npz",
+    script:
+        "../../scripts/reconstruct_stage.py"
+
+
+rule finalize:
+    input:
+        volumes=all_seed_volumes,
+        poses=all_seed_poses,
+        histories=all_stage_dirs,
+        particles="results/{dataset}/preprocess/particles.star",
+        info="results/{dataset}/preprocess/info.json",
+    output:
+        volume="results/{dataset}/final/volume.mrc",
+        star="results/{dataset}/final/particles.star",
+        choice="results/{dataset}/final/seed_choice.json",
+    log:
+        "logs/finalize/{dataset}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        seeds=SEEDS,
+        input_particles=input_particles,
+    script:
+        "../../scripts/finalize.py"

@@ -1,0 +1,28 @@
+rule make_report:
+    input:
+        metrics="results/{dataset}/validation/metrics.json",
+        fsc="results/{dataset}/validation/fsc.tsv",
+        volume="results/{dataset}/final/volume.mrc",
+        star="results/{dataset}/final/particles.star",
+        info="results/{dataset}/preprocess/info.json",
+        histories=all_stage_dirs,
+    output:
+        report(
+            "results/{dataset}/report.html",
+            caption="../report/report.rst",
+            category="Report",
+            labels={"dataset": "{dataset}"},
+        ),
+    log:
+        "logs/make_report/{dataset}.log",
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    params:
+        config=config,
+    script:
+        "../../scripts/make_report.py"
