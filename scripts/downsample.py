@@ -1,0 +1,39 @@
+"""Rule `downsample`: Fourier-crop the normalised particles to the box a stage needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from _common import setup_logging
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+
+from cryoday import io, preprocess
+
+log = setup_logging(snakemake)
+info = json.loads(Path(snakemake.input.info).read_text())
+resolution = float(snakemake.params.resolution)
+box, pixel_size = info["box"], info["pixel_size"]
+new_box, new_pixel_size = preprocess.stage_box(box, pixel_size, resolution)
+stack = io.open_stack(snakemake.input.stack)
+n = len(stack)
+with io.StackWriter(snakemake.output.stack, n, new_box, new_pixel_size) as writer:
+    preprocess.downsample_stream(
+        lambda rows: stack[rows], n, writer.data, new_box, chunk_size=snakemake.params.chunk_size
+    )
+stage_info = {
+    "resolution_A": resolution,
+    "box": new_box,
+    "pixel_size": new_pixel_size,
+    # Images were normalised to unit noise at the full box; mean-preserving cropping scales the
+    # per-pixel noise by new_box / box.
+    "noise_sigma": new_box / box,
+    "full_box": box,
+    "full_pixel_size": pixel_size,
+}
+with io.atomic_path(snakemake.output.info) as tmp:
+    Path(tmp).write_text(json.dumps(stage_info, indent=2))
+log.info("stage at %.1f A: %d -> %d px, %.3f A/px", resolution, box, new_box, new_pixel_size)
