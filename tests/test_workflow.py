@@ -1,0 +1,85 @@
+"""The workflow as a whole: lint, format, planning, and config validation."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from workflow_helpers import REPO, run_snakemake, write_config
+
+RULES = {"simulate", "preprocess", "downsample", "reconstruct_stage", "finalize", "validate",
+         "make_report", "all"}
+
+
+def planned_jobs(stdout: str) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run."""
+    lines = stdout.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--workflow-profile",
+                           "none"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("snakefmt") is None, reason="snakefmt is not installed")
+def test_snakefmt_is_clean():
+    proc = subprocess.run(["snakefmt", "--check", "."], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_config_plans_the_whole_pipeline(tmp_path):
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    proc = run_snakemake(tmp_path, "-n", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr
+    jobs = planned_jobs(proc.stdout)
+    assert set(jobs) == RULES
+    n_stages = 6
+    assert jobs["reconstruct_stage"] == n_stages and jobs["downsample"] == n_stages
+
+
+def test_several_datasets_and_seeds_side_by_side(tmp_path, shared_data):
+    config = {
+        "datasets": {
+            "sim": {"simulate": {"box": 32, "n_particles": 50}},
+            "trpv1": {"particles": str(shared_data / "cryojax" / "trpv1_small_stack.star")},
+        },
+        "reconstruction": {"stages_A": [30, 20], "seeds": [1, 2]},
+    }
+    write_config(tmp_path, config)
+    proc = run_snakemake(tmp_path, "-n", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr
+    jobs = planned_jobs(proc.stdout)
+    assert jobs["simulate"] == 1
+    assert jobs["preprocess"] == 2
+    assert jobs["reconstruct_stage"] == 2 * 2 * 2  # datasets x seeds x stages
+    assert jobs["downsample"] == 2 * 2
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"datasets": {"d": {"simulate": {}}}, "reconstruction": {"stage": [40]}}, "stage"),
+        ({"datasets": {"d": {"simulate": {"box": "big"}}}}, "big"),
+        ({"datasets": {"d": {"particles": "p.star", "simulate": {}}}}, "oneOf"),
+        ({"datasets": {}}, "datasets"),
+        ({"datasets": {"d": {"simulate": {"snr": -1}}}}, "snr"),
+        ({"datasets": {"bad name!": {"simulate": {}}}}, "bad name!"),
+    ],
+)
+def test_bad_config_is_refused_with_the_key_named(tmp_path, config, expected):
+    write_config(tmp_path, config)
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1")
+    assert proc.returncode != 0
+    assert expected in proc.stdout + proc.stderr

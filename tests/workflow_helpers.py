@@ -1,0 +1,27 @@
+"""Run Snakemake on this workflow in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_snakemake(directory: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``snakemake -s Snakefile --directory directory ARGS``, without the local profile."""
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(directory),
+        "--workflow-profile", "none", *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
