@@ -45,6 +45,7 @@ else:
     log.info("stage %d starts from stage %d's volume, resampled %d -> %d px",
              stage, stage - 1, volume.shape[0], box)
 
+io.write_map(snakemake.output.initial, volume0, pixel_size)
 eps = max(opts["learning_rate_min"], opts["learning_rate"] * 0.5 ** (stage - 1))
 undersampling = opts["undersampling"]
 if undersampling == "auto":

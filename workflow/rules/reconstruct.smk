@@ -5,6 +5,7 @@ rule reconstruct_stage:
         particles="results/{dataset}/preprocess/particles.star",
         previous=previous_stage,
     output:
+        initial="results/{dataset}/abinitio/seed{seed}/stage{stage}/initial.mrc",
         volume="results/{dataset}/abinitio/seed{seed}/stage{stage}/volume.mrc",
         state="results/{dataset}/abinitio/seed{seed}/stage{stage}/state.npz",
         history="results/{dataset}/abinitio/seed{seed}/stage{stage}/history.tsv",
