@@ -1,0 +1,231 @@
+"""Reading real RELION files of every dialect, and refusing broken ones clearly."""
+
+from __future__ import annotations
+
+import shutil
+import tracemalloc
+import warnings
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryoday import io
+from cryoday.errors import InputError
+
+warnings.filterwarnings("ignore", module="mrcfile")
+
+# STAR files of ../shared/data that hold particles: (path, count, pixel size in A or None).
+PARTICLE_FILES = [
+    ("aspire/sample_particles_relion30.star", 17, 1.338),
+    ("aspire/sample_particles_relion31.star", 17, 1.4),
+    ("aspire/sample_relion_data.star", 17, 1.338),
+    ("aspire/sample_relion_symmetry_group_D4.star", 17, 1.338),
+    ("aspire/rln_proj_65_centered.star", 4, 1.0),
+    ("aspire/rln_proj_65_shifted.star", 4, 1.0),
+    ("cryodrgn/relion31.star", 5, 2.806),
+    ("cryodrgn/relion31.v2.star", 5, 2.806),
+    ("cryodrgn/relion31.6opticsgroups.star", 139, None),
+    ("cryodrgn/relion5.star", 17, 0.89),
+    ("cryodrgn/empiar_10076_7.star", 7, 1.31),
+    ("cryodrgn/FinalRefinement-OriginalParticles-PfCRT.star", 5, 1.035),
+    ("cryojax/trpv1_small_stack.star", 10, 4.88),
+    ("relion/ref_it002_data.star", 9, 3.54),
+    ("relion/ap_s_c2d.star", 8915, 3.54),
+    ("simplecryoem/particles.star", 4501, 1.2445),
+    ("simplecryoem/pyem.star", 24, 3.54),
+    ("scipion-em-esrf/input_particles.star", 2021, 3.0),
+    ("starfile/rln3.1_data_style.star", 2, 1.04),
+]
+
+
+@pytest.mark.parametrize(("name", "count", "pixel_size"), PARTICLE_FILES)
+def test_every_dialect_is_read(shared_data, name, count, pixel_size):
+    particles = io.read_particles(shared_data / name, require_ctf=False, check_stacks=False)
+    assert len(particles) == count
+    if pixel_size is not None:
+        assert particles.pixel_size == pytest.approx(pixel_size, rel=2e-3)
+    assert (particles.stack_index >= 0).all()
+    assert all(p.startswith(str(shared_data)) or p.startswith("/") for p in particles.stack_paths)
+
+
+def test_optics_groups_are_merged_per_particle(shared_data):
+    particles = io.read_particles(shared_data / "cryodrgn/relion31.6opticsgroups.star",
+                                  require_ctf=False, check_stacks=False)
+    optics = particles.optics.set_index("rlnOpticsGroup")
+    table = particles.table
+    for column in ("rlnVoltage", "rlnSphericalAberration", "rlnImagePixelSize"):
+        expected = optics.loc[table["rlnOpticsGroup"], column].to_numpy()
+        assert np.allclose(table[column].to_numpy(), expected)
+    assert table["rlnOpticsGroup"].nunique() == 6
+
+
+def test_block_order_does_not_matter(shared_data):
+    a = io.read_particles(shared_data / "cryodrgn/relion31.star", check_stacks=False)
+    b = io.read_particles(shared_data / "cryodrgn/relion31.v2.star", check_stacks=False)
+    assert np.allclose(io.ctf_params(a)["defocus_u"], io.ctf_params(b)["defocus_u"])
+    assert a.pixel_size == b.pixel_size
+
+
+def test_incomplete_ctf_is_refused_by_name(shared_data):
+    with pytest.raises(InputError, match="rlnDefocusU|rlnVoltage|rlnSpherical|rlnAmplitude"):
+        io.read_particles(shared_data / "aspire/sample_incomplete_ctf_params.star",
+                          check_stacks=False)
+
+
+def test_image_reading_from_a_stack_whose_header_says_volume(shared_data):
+    particles = io.read_particles(shared_data / "aspire/sample_particles_relion31.star")
+    assert particles.box == 200
+    with io.ImageSource(particles) as source:
+        images = source.read([0, 16, 3])
+    direct = mrcfile.read(shared_data / "aspire/sample.mrcs")
+    idx = particles.stack_index[[0, 16, 3]]
+    assert np.array_equal(images, direct[idx])
+    assert images.dtype == np.float32
+
+
+def test_relion_31_real_particles(shared_data):
+    particles = io.read_particles(shared_data / "cryodrgn/relion31.star")
+    assert particles.box == 256 and particles.pixel_size == pytest.approx(2.806)
+    ctf = io.ctf_params(particles)
+    assert set(ctf) == {"defocus_u", "defocus_v", "defocus_angle", "voltage", "cs",
+                        "amplitude_contrast", "bfactor", "phase_shift"}
+    assert (ctf["voltage"] == 300).all()
+    with io.ImageSource(particles) as source:
+        assert source.read(np.arange(5)).shape == (5, 256, 256)
+
+
+def trpv1_copy(shared_data, tmp_path):
+    """The TRPV1 STAR file names its stack batch_0_restacked.mrc; ship it under that name."""
+    shutil.copy(shared_data / "cryojax/trpv1_small_stack.mrcs", tmp_path / "batch_0_restacked.mrc")
+    shutil.copy(shared_data / "cryojax/trpv1_small_stack.star", tmp_path / "particles.star")
+    return tmp_path / "particles.star"
+
+
+def test_poses_and_old_origin_columns(shared_data, tmp_path):
+    particles = io.read_particles(trpv1_copy(shared_data, tmp_path))
+    pose = io.poses(particles)
+    table = particles.table
+    assert np.allclose(pose["rot"], table["rlnAngleRot"])
+    assert np.allclose(pose["shift_x"], table["rlnOriginXAngst"])
+    shifted = io.read_particles(shared_data / "aspire/rln_proj_65_shifted.star", require_ctf=False)
+    # Old-style rlnOriginX is in pixels: converted to A with the pixel size (1 A here).
+    assert np.allclose(io.poses(shifted)["shift_x"], shifted.table["rlnOriginX"] * 1.0)
+
+
+def test_reading_one_image_does_not_load_the_stack(tmp_path):
+    n, box = 2000, 64
+    with io.StackWriter(tmp_path / "big.mrcs", n, box, 1.5) as writer:
+        writer.data[:] = 1.0
+    table = pd.DataFrame({"rlnImageName": [f"{i + 1}@big.mrcs" for i in range(n)]})
+    optics = None
+    import starfile
+
+    starfile.write({"particles": table}, tmp_path / "p.star")
+    particles = io.read_particles(tmp_path / "p.star", require_ctf=False)
+    assert particles.pixel_size == pytest.approx(1.5)  # from the stack header
+    tracemalloc.start()
+    with io.ImageSource(particles) as source:
+        image = source.read([1234])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert image.shape == (1, box, box) and optics is None
+    assert peak < 5 * box * box * 4 + 200_000, f"read one image but allocated {peak} bytes"
+
+
+def test_round_trips(tmp_path, rng):
+    volume = rng.random((12, 12, 12)).astype(np.float32)
+    io.write_map(tmp_path / "m.mrc", volume, 2.5)
+    back, voxel = io.read_map(tmp_path / "m.mrc")
+    assert np.array_equal(back, volume) and voxel == pytest.approx(2.5)
+    images = rng.random((7, 10, 10)).astype(np.float32)
+    with io.StackWriter(tmp_path / "s.mrcs", 7, 10, 3.0) as writer:
+        writer.data[:] = images
+    assert np.array_equal(io.open_stack(tmp_path / "s.mrcs"), images)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [3.0],
+                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7],
+                           "rlnAmplitudeContrast": [0.1], "rlnImageSize": [10]})
+    table = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@s.mrcs" for i in range(7)],
+                          "rlnDefocusU": np.linspace(1e4, 2e4, 7), "rlnOpticsGroup": 1})
+    io.write_particles(tmp_path / "p.star", table, optics)
+    particles = io.read_particles(tmp_path / "p.star")
+    assert particles.box == 10 and particles.pixel_size == 3.0
+    assert np.allclose(io.ctf_params(particles)["defocus_u"], table["rlnDefocusU"])
+    assert list(particles.original_table().columns) == list(table.columns)
+
+
+def test_failed_writers_leave_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with io.StackWriter(tmp_path / "s.mrcs", 3, 8, 1.0) as writer:
+            writer.data[0] = 1.0
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(tmp_path / "x.json") as tmp:
+            tmp.write_text("{")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def write_set(tmp_path, n=4, box=8, psize=2.0, names=None):
+    with io.StackWriter(tmp_path / "s.mrcs", n, box, psize) as writer:
+        writer.data[:] = np.random.default_rng(0).random((n, box, box))
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [psize],
+                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7],
+                           "rlnAmplitudeContrast": [0.1]})
+    table = pd.DataFrame({"rlnImageName": names or [f"{i + 1}@s.mrcs" for i in range(n)],
+                          "rlnDefocusU": [1e4] * n, "rlnOpticsGroup": [1] * n})
+    io.write_particles(tmp_path / "p.star", table, optics)
+    return tmp_path / "p.star"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("_rlnVoltage", "_rlnVoltag"), "rlnVoltage"),
+        (lambda t: t.replace("10000.0", "1e4x", 1), "rlnDefocusU"),
+        (lambda t: t.replace("4@s.mrcs", "9@s.mrcs"), "holds 4 images"),
+        (lambda t: t.replace("4@s.mrcs", "4@missing.mrcs"), "missing.mrcs"),
+        (lambda t: t.replace("4@s.mrcs", "4@s.mrcs 10000.0 3\n#"), "optics group"),
+        (lambda t: t.replace("_rlnImagePixelSize", "_rlnSomething"), None),
+    ],
+)
+def test_bad_files_are_refused_with_the_culprit_named(tmp_path, edit, message):
+    star = write_set(tmp_path)
+    star.write_text(edit(star.read_text()))
+    if message is None:  # no pixel size in the table: the stack header still has it
+        assert io.read_particles(star).pixel_size == 2.0
+        return
+    with pytest.raises(InputError, match=message):
+        io.read_particles(star)
+
+
+def test_nan_image_names_the_particle(tmp_path):
+    star = write_set(tmp_path)
+    with mrcfile.open(tmp_path / "s.mrcs", "r+") as mrc:
+        mrc.data[2, 1, 1] = np.nan
+    with io.ImageSource(io.read_particles(star)) as source:
+        with pytest.raises(InputError, match="particle row 3"):
+            source.read(np.arange(4))
+
+
+def test_non_square_and_mismatched_stacks(tmp_path):
+    with mrcfile.new(tmp_path / "r.mrcs") as mrc:
+        mrc.set_data(np.zeros((2, 8, 10), dtype=np.float32))
+        mrc.set_image_stack()
+    star = write_set(tmp_path, names=["1@r.mrcs", "2@r.mrcs", "1@s.mrcs", "2@s.mrcs"])
+    with pytest.raises(InputError, match="not square"):
+        io.read_particles(star)
+    with mrcfile.new(tmp_path / "r.mrcs", overwrite=True) as mrc:
+        mrc.set_data(np.zeros((2, 10, 10), dtype=np.float32))
+        mrc.set_image_stack()
+    with pytest.raises(InputError, match="10 px but other stacks have 8|8 px but other stacks"):
+        io.read_particles(star)
+
+
+def test_empty_and_missing(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        io.read_particles(tmp_path / "nothing.star")
+    (tmp_path / "e.star").write_text("data_particles\n\nloop_\n_rlnImageName #1\n")
+    with pytest.raises(InputError, match="empty|no particle table"):
+        io.read_particles(tmp_path / "e.star")
