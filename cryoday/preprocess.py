@@ -1,0 +1,166 @@
+"""Preprocessing of particle images: noise estimate, normalisation, contrast, held-out set, boxes.
+
+All functions work on chunks of images so that a stack of any size streams through in bounded
+memory (``chunk_size`` images at a time); callers pass a ``read(rows)`` function (a memory-mapped
+:class:`cryoday.io.ImageSource` in the pipeline, a numpy array's indexing in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from cryoday.errors import InputError
+from cryoday.fourier import fourier_crop_2d
+
+log = logging.getLogger(__name__)
+
+MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian = 1.4826 * median absolute deviation
+
+
+def radius_map(box: int) -> np.ndarray:
+    """Distance in px of each pixel from the image centre ``box // 2``."""
+    k = np.arange(box) - box // 2
+    return np.hypot(*np.meshgrid(k, k, indexing="ij"))
+
+
+def outer_mask(box: int, radius_px: float | None = None) -> np.ndarray:
+    """Pixels outside the particle circle (default: the inscribed circle, radius box/2 - 1)."""
+    radius = box / 2 - 1 if radius_px is None else radius_px
+    mask = radius_map(box) > radius
+    if mask.sum() < 16:
+        raise ValueError(f"the particle circle of radius {radius} px leaves almost no background "
+                         f"in a {box} px box")
+    return mask
+
+
+def estimate_noise(images: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image background median and robust noise sigma (1.4826 * MAD) over ``mask`` pixels.
+
+    Returns float64 arrays ``(background, sigma)`` of shape ``(n,)``. The median and MAD ignore
+    the odd bright neighbouring particle that a mean and standard deviation would not.
+    """
+    outer = np.asarray(images, dtype=np.float32)[:, mask]
+    background = np.median(outer, axis=1)
+    sigma = MAD_TO_SIGMA * np.median(np.abs(outer - background[:, None]), axis=1)
+    return background.astype(np.float64), sigma.astype(np.float64)
+
+
+def normalise(images: np.ndarray, background, sigma, sign: int = 1) -> np.ndarray:
+    """``sign * (images - background) / sigma`` per image, float32."""
+    scale = (sign / np.asarray(sigma, dtype=np.float64))[:, None, None]
+    centred = images - np.asarray(background, dtype=np.float64)[:, None, None]
+    return (centred * scale).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Result of contrast detection: ``sign`` +1 when protein is bright (RELION), -1 when dark."""
+
+    sign: int
+    z_score: float
+    n_used: int
+
+    @property
+    def decided(self) -> bool:
+        """Whether the evidence is clear (|z| > 3); undecided data are kept as they are."""
+        return abs(self.z_score) > 3.0
+
+
+def detect_contrast(read: Callable[[np.ndarray], np.ndarray], n: int, box: int,
+                    mask_radius: float | None = None, max_images: int = 5000,
+                    chunk_size: int = 1000) -> Contrast:
+    """Detect whether protein is bright or dark from the mean of the particle disc.
+
+    In RELION's convention the CTF is positive at low frequency, so a bright-protein image has a
+    central disc brighter than its background on average, however noisy each image is. The
+    statistic is the disc-minus-background mean in units of the noise, averaged over up to
+    ``max_images`` evenly spaced images; its z-score uses the spread across images.
+    """
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_images)).astype(np.int64))
+    mask = outer_mask(box, mask_radius)
+    disc = radius_map(box) < 0.5 * (box / 2 if mask_radius is None else mask_radius)
+    values = []
+    for start in range(0, len(rows), chunk_size):
+        images = read(rows[start:start + chunk_size])
+        background, sigma = estimate_noise(images, mask)
+        sigma = np.where(sigma > 0, sigma, 1.0)
+        values.append((images[:, disc].mean(axis=1) - background) / sigma)
+    values = np.concatenate(values)
+    spread = values.std(ddof=1) if len(values) > 1 else np.inf
+    z = float(values.mean() / (spread / np.sqrt(len(values)))) if spread > 0 else 0.0
+    sign = -1 if z < -3.0 else 1
+    return Contrast(sign=sign, z_score=z, n_used=len(values))
+
+
+def choose_heldout(n: int, n_heldout: int, seed: int = 0) -> np.ndarray:
+    """Boolean mask of ``n_heldout`` particles never trained on (at most half of a small set)."""
+    if n < 2:
+        raise InputError(f"a particle set of {n} image(s) cannot be split into training and "
+                         "held-out images")
+    count = min(n_heldout, n // 2)
+    if count < n_heldout:
+        log.warning("only %d particles: holding out %d instead of %d", n, count, n_heldout)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n, size=count, replace=False)] = True
+    return mask
+
+
+def stage_box(box: int, pixel_size: float, resolution_A: float) -> tuple[int, float]:
+    """The even box a stage at ``resolution_A`` needs, and its pixel size.
+
+    The stage uses Fourier coefficients up to radius ``r = box * pixel_size / resolution_A`` px
+    (the same physical frequency in any box). The cropped box keeps a margin of 2 px beyond it
+    (``r <= new_box / 2 - 2``) so that interpolation near the cutoff never touches the Nyquist
+    ring. Never larger than the input box; odd input boxes give the largest even box below.
+    """
+    radius = box * pixel_size / resolution_A
+    new_box = int(2 * np.ceil(radius + 2))
+    new_box = min(new_box, box - box % 2)
+    if radius > new_box / 2 - 1:
+        raise InputError(
+            f"a stage at {resolution_A} A needs Fourier radius {radius:.1f} px, beyond the "
+            f"Nyquist frequency of {box} px images at {pixel_size} A/px "
+            f"({2 * pixel_size:.2f} A); raise the stage resolution"
+        )
+    return new_box, box * pixel_size / new_box
+
+
+def stage_boxes(box: int, pixel_size: float, resolutions) -> list[tuple[int, float]]:
+    """:func:`stage_box` for each stage resolution."""
+    return [stage_box(box, pixel_size, r) for r in resolutions]
+
+
+def preprocess_stream(read, n: int, box: int, out, chunk_size: int = 1000, sign: int = 1,
+                      mask_radius: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise every image to zero background and unit noise, protein bright, into ``out``.
+
+    Returns the per-image background and sigma (float64, in the input's units). Raises
+    :class:`InputError` naming the particle row of a blank (constant) image.
+    """
+    mask = outer_mask(box, mask_radius)
+    backgrounds = np.empty(n)
+    sigmas = np.empty(n)
+    for start in range(0, n, chunk_size):
+        rows = np.arange(start, min(start + chunk_size, n))
+        images = read(rows)
+        background, sigma = estimate_noise(images, mask)
+        blank = ~(sigma > 0)
+        if blank.any():
+            row = int(rows[np.flatnonzero(blank)[0]])
+            raise InputError(f"particle row {row + 1} has no noise outside the particle circle "
+                             "(a blank or clipped image); remove it from the STAR file")
+        out[rows[0]:rows[-1] + 1] = normalise(images, background, sigma, sign)
+        backgrounds[rows], sigmas[rows] = background, sigma
+        log.info("normalised %d / %d images", rows[-1] + 1, n)
+    return backgrounds, sigmas
+
+
+def downsample_stream(read, n: int, out, new_box: int, chunk_size: int = 1000) -> None:
+    """Fourier-crop every image to ``new_box`` (mean-preserving) into ``out``."""
+    for start in range(0, n, chunk_size):
+        rows = np.arange(start, min(start + chunk_size, n))
+        out[rows[0]:rows[-1] + 1] = fourier_crop_2d(read(rows), new_box)
