@@ -1,0 +1,153 @@
+"""Quadrature grids over 3D poses and 2D shifts (METHOD.md section 1).
+
+A rotation is a viewing direction times an in-plane angle. Directions come from a Fibonacci
+(golden-angle) spiral, the Saff-Kuijlaars construction the paper's code uses: near-uniform
+(equal-area cells, so equal weights 4 pi / n), any size (HEALPix only comes in 12 * 4^k), and
+nested refinement is not needed because importance sampling carries posteriors across grids as
+coordinates, not indices. In-plane angles are evenly spaced. Sizes follow the resolution: the
+angular step is ``a = us * atan(1 / r)`` for Fourier radius ``r`` (px), so that neighbouring
+poses move the outermost used coefficient by about ``us`` pixels.
+
+Shifts are a square grid in a disc with a Gaussian prior in the weights; their spacing is
+``us * resolution / 2`` (a shift of half the resolution changes the phase of the outermost
+coefficient by pi).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+from cryoday.geometry import euler_to_matrix
+
+UNDERSAMPLING_BY_LEVEL = (1.5, 1.5, 1.25, 1.25)
+
+
+@dataclass(frozen=True)
+class PoseGrid:
+    """A product quadrature over viewing directions x in-plane angles x shifts.
+
+    Rotation index ``r = d * n_inp + j``; ``rotations[r] = euler_to_matrix(rot_d, tilt_d, psi_j)``.
+    Shifts are RELION origins in pixels of the stage box. Log weights are normalised so that
+    ``logsumexp`` over each dimension is 0.
+    """
+
+    directions: np.ndarray
+    inplane: np.ndarray
+    rotations: np.ndarray
+    rot_log_weights: np.ndarray
+    shifts: np.ndarray
+    shift_log_weights: np.ndarray
+    angular_step: float
+    shift_step_px: float
+    pixel_size: float
+
+    @property
+    def n_dir(self) -> int:
+        return len(self.directions)
+
+    @property
+    def n_inp(self) -> int:
+        return len(self.inplane)
+
+    @property
+    def n_rot(self) -> int:
+        return len(self.rotations)
+
+    @property
+    def n_shift(self) -> int:
+        return len(self.shifts)
+
+    @property
+    def size(self) -> int:
+        """Points of the full grid per image."""
+        return self.n_rot * self.n_shift
+
+
+def undersampling_for_level(level: int) -> float:
+    """METHOD.md's undersampling factor for the ``level``-th frequency (0-based)."""
+    return UNDERSAMPLING_BY_LEVEL[level] if level < len(UNDERSAMPLING_BY_LEVEL) else 1.0
+
+
+def fibonacci_sphere(n: int) -> np.ndarray:
+    """``n`` near-uniform unit vectors on the sphere (golden-angle spiral), ``(n, 3)``."""
+    i = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = np.pi * (3.0 - np.sqrt(5.0)) * i
+    rho = np.sqrt(1.0 - z * z)
+    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+
+
+def directions_to_euler(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RELION (rot, tilt) in degrees whose viewing direction (third row of A) is each vector."""
+    d = np.asarray(directions, dtype=np.float64)
+    tilt = np.degrees(np.arccos(np.clip(d[..., 2], -1.0, 1.0)))
+    rot = np.degrees(np.arctan2(d[..., 1], d[..., 0]))
+    return rot, tilt
+
+
+def angular_step(resolution_A: float, box: int, pixel_size: float, undersampling: float) -> float:
+    """Angular spacing in radians for a stage: ``us * atan(1 / r)``, ``r = box * psize / res``."""
+    radius = box * pixel_size / resolution_A
+    return undersampling * np.arctan(1.0 / radius)
+
+
+def shift_grid(resolution_A: float, pixel_size: float, undersampling: float,
+               shift_sigma_A: float, shift_max_A: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Shifts (px) in a disc and their log prior weights, and the spacing (px)."""
+    step_A = undersampling * resolution_A / 2.0
+    extent_A = min(shift_max_A, 2.5 * shift_sigma_A)
+    half = int(np.floor(extent_A / step_A + 1e-9))
+    axis = np.arange(-half, half + 1) * step_A
+    sx, sy = np.meshgrid(axis, axis, indexing="xy")
+    keep = np.hypot(sx, sy) <= extent_A + 1e-9
+    shifts_A = np.stack([sx[keep], sy[keep]], axis=1)
+    logw = -(shifts_A**2).sum(axis=1) / (2.0 * shift_sigma_A**2)
+    logw -= logsumexp(logw)
+    return shifts_A / pixel_size, logw, step_A / pixel_size
+
+
+def pose_grid(resolution_A: float, box: int, pixel_size: float, undersampling: float = 1.0,
+              shift_sigma_A: float = 10.0, shift_max_A: float = 60.0) -> PoseGrid:
+    """The quadrature grid of a stage at ``resolution_A`` on ``box``-px images of ``pixel_size``.
+
+    Sizes (METHOD.md section 1): ``n_dir = ceil((3.6 / a)^2)``, ``n_inp = ceil(2 pi / a)``.
+    """
+    a = angular_step(resolution_A, box, pixel_size, undersampling)
+    n_dir = int(np.ceil((3.6 / a) ** 2))
+    n_inp = int(np.ceil(2 * np.pi / a))
+    directions = fibonacci_sphere(n_dir)
+    inplane = (np.arange(n_inp) + 0.5) * 2 * np.pi / n_inp
+    rot, tilt = directions_to_euler(directions)
+    rotations = euler_to_matrix(np.repeat(rot, n_inp), np.repeat(tilt, n_inp),
+                                np.tile(np.degrees(inplane), n_dir))
+    n_rot = n_dir * n_inp
+    shifts, shift_logw, shift_step = shift_grid(resolution_A, pixel_size, undersampling,
+                                                shift_sigma_A, shift_max_A)
+    return PoseGrid(
+        directions=directions,
+        inplane=inplane,
+        rotations=np.ascontiguousarray(rotations),
+        rot_log_weights=np.full(n_rot, -np.log(n_rot)),
+        shifts=shifts,
+        shift_log_weights=shift_logw,
+        angular_step=float(a),
+        shift_step_px=float(shift_step),
+        pixel_size=float(pixel_size),
+    )
+
+
+def grid_size_table(resolutions, box: int, pixel_size: float, undersampling=None,
+                    shift_sigma_A: float = 10.0) -> list[dict]:
+    """Grid sizes per stage, for logs and the README."""
+    rows = []
+    for level, res in enumerate(resolutions):
+        us = undersampling[level] if undersampling else undersampling_for_level(level)
+        a = angular_step(res, box, pixel_size, us)
+        n_dir, n_inp = int(np.ceil((3.6 / a) ** 2)), int(np.ceil(2 * np.pi / a))
+        n_shift = len(shift_grid(res, pixel_size, us, shift_sigma_A, 60.0)[0])
+        rows.append({"resolution_A": res, "n_dir": n_dir, "n_inp": n_inp, "n_shift": n_shift,
+                     "points": n_dir * n_inp * n_shift})
+    return rows
