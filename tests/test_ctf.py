@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 
-from cryoday import io, simulate
+from cryoday import simulate
 from cryoday.ctf import electron_wavelength, evaluate_ctf
 from cryoday.fourier import ift2
 from cryoday.geometry import euler_to_matrix
@@ -55,6 +55,17 @@ def test_known_values():
     assert abs(evaluate_ctf(s0, 0.0, 20000, 20000, 0, 300, 0.0, 0.0)) < 1e-5
 
 
+def test_phase_shift():
+    # A 90-degree phase plate turns the low-frequency CTF from Q into ~sqrt(1 - Q^2).
+    assert evaluate_ctf(0.0, 0.0, 20000, 20000, 0, 300, 2.7, 0.1, phase_shift=90.0) == (
+        pytest.approx(np.sqrt(1 - 0.01), rel=1e-6))
+    fx = np.linspace(0, 0.2, 50)
+    shifted = evaluate_ctf(fx, 0.0, 20000, 20000, 0, 300, 2.7, 0.1, phase_shift=30.0)
+    chi = np.pi * electron_wavelength(300) * 20000 * fx**2 - np.pi / 2 * 2.7e7 * (
+        electron_wavelength(300) ** 3) * fx**4 + np.deg2rad(30.0)
+    assert np.allclose(shifted, np.sqrt(0.99) * np.sin(chi) + 0.1 * np.cos(chi), atol=2e-6)
+
+
 def test_astigmatism_axes_and_envelope():
     s = 0.05
     a = evaluate_ctf(s, 0.0, 20000, 10000, 0, 300, 2.7, 0.1)   # along U
@@ -69,16 +80,23 @@ def test_astigmatism_axes_and_envelope():
     assert damped == pytest.approx(float(plain) * np.exp(-100 * s * s / 4), rel=1e-5)
 
 
-def test_sign_on_real_trpv1_particles(shared_data, tmp_path):
+def test_sign_on_real_trpv1_particles(shared_data):
     """The real TRPV1 images equal +CTF * projection at their stored poses (SOURCES.md)."""
-    shutil.copy(shared_data / "cryojax/trpv1_small_stack.mrcs", tmp_path / "batch_0_restacked.mrc")
-    shutil.copy(shared_data / "cryojax/trpv1_small_stack.star", tmp_path / "p.star")
-    particles = io.read_particles(tmp_path / "p.star")
+    # Read with starfile/mrcfile directly so this test does not depend on cryoday.io.
+    star = starfile.read(shared_data / "cryojax/trpv1_small_stack.star")
+    optics, table = star["optics"].iloc[0], star["particles"]
+    images = mrcfile.read(shared_data / "cryojax/trpv1_small_stack.mrcs").astype(np.float64)
     volume = mrcfile.read(shared_data / "cryojax/trpv1_volume.mrc").astype(np.float32)
-    box, psize = particles.box, particles.pixel_size
-    pose, ctf = io.poses(particles), io.ctf_params(particles)
-    with io.ImageSource(particles) as source:
-        images = source.read(np.arange(len(particles)))
+    box, psize = int(optics.rlnImageSize), float(optics.rlnImagePixelSize)
+    assert images.shape == (len(table), box, box)
+    pose = {"rot": table.rlnAngleRot.to_numpy(), "tilt": table.rlnAngleTilt.to_numpy(),
+            "psi": table.rlnAnglePsi.to_numpy(), "shift_x": table.rlnOriginXAngst.to_numpy(),
+            "shift_y": table.rlnOriginYAngst.to_numpy()}
+    ctf = {"defocus_u": table.rlnDefocusU.to_numpy(), "defocus_v": table.rlnDefocusV.to_numpy(),
+           "defocus_angle": table.rlnDefocusAngle.to_numpy(),
+           "voltage": float(optics.rlnVoltage), "cs": float(optics.rlnSphericalAberration),
+           "amplitude_contrast": float(optics.rlnAmplitudeContrast),
+           "bfactor": table.rlnCtfBfactor.to_numpy(), "phase_shift": table.rlnPhaseShift.to_numpy()}
 
     k = (np.arange(box) - box // 2) / (box * psize)
     fy, fx = np.meshgrid(k, k, indexing="ij")
