@@ -25,7 +25,8 @@ def synthetic_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray
     """A deterministic, asymmetric, protein-like density for demos and tests.
 
     Three globular domains of different sizes built from Gaussian "pseudo-residues" along random
-    chains, joined by linkers, plus a long helical arm: no point-group symmetry and no mirror
+    chains, joined by linkers, plus a long helical arm and a closed loop with a hole through it:
+    no point-group symmetry and no mirror
     symmetry, a diameter of ~60% of the box, and features at 10-20 A that make a 10 A ab initio
     reconstruction meaningful. Blob widths are at least 2 pixels so the map is smooth at the
     sampling. The same (box, pixel_size, seed) always gives the same map.
@@ -63,6 +64,16 @@ def synthetic_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray
         angle = 4 * np.pi * t
         points.append(start + np.array([-0.05 + 0.02 * np.cos(angle), -0.3 * t,
                                         0.02 * np.sin(angle) - 0.25 * t]) * diameter)
+    # A closed loop beside domain 1, tilted off the axes: a hole ~20 A across at 3 A/px that a 10 A
+    # reconstruction should resolve (cf. GroEL's cavity in the paper).
+    ring_centre = domain_centres[1] + np.array([0.06, -0.2, 0.16]) * diameter
+    u, v = np.array([1.0, 0.3, 0.0]), np.array([-0.2, 0.5, 0.8])
+    u /= np.linalg.norm(u)
+    v -= (v @ u) * u
+    v /= np.linalg.norm(v)
+    ring_radius = 3.0 * residue_sigma  # hole visible only if radius >~ 3 blob widths
+    for angle in np.linspace(0, 2 * np.pi, 24, endpoint=False):
+        points.append(ring_centre + ring_radius * (np.cos(angle) * u + np.sin(angle) * v))
     points = np.array(points)
     points -= points.mean(axis=0)
     weights = rng.uniform(0.7, 1.3, len(points))
