@@ -126,3 +126,14 @@ def test_simulation_snr_and_determinism():
                    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
         assert column in table
     assert (table.rlnDefocusU >= table.rlnDefocusV).all()
+
+
+def test_random_poses_and_optics_table():
+    poses = simulate.random_poses(500, np.random.default_rng(3), 4.0, pixel_size=2.0)
+    assert ((poses["tilt"] >= 0) & (poses["tilt"] <= 180)).all()
+    assert np.allclose(poses["shift_x_px"] * 2.0, poses["shift_x"])
+    assert np.std(poses["shift_y"]) == pytest.approx(4.0, rel=0.15)
+    # Euler angles reproduce uniformly distributed matrices: cos(tilt) has mean ~0.
+    assert abs(np.cos(np.deg2rad(poses["tilt"])).mean()) < 4 / np.sqrt(3 * 500)
+    optics = simulate.optics_table(3.0, 64, 300.0, 2.7, 0.1)
+    assert len(optics) == 1 and optics.rlnImageSize[0] == 64 and optics.rlnOpticsGroup[0] == 1
