@@ -16,7 +16,8 @@ from scipy.spatial.transform import Rotation
 
 from cryoday.fourier import fourier_crop_3d
 from cryoday.fsc import fsc, resolution_at
-from cryoday.quadrature import pose_grid
+from cryoday.geometry import euler_to_matrix
+from cryoday.quadrature import directions_to_euler, fibonacci_sphere
 
 
 @dataclass
@@ -55,7 +56,10 @@ def _normalise(v):
 
 
 def _best_shift(moving, reference_ft, max_shift):
-    """Integer shift maximising the cross-correlation, and its value."""
+    """Integer shift (x, y, z) to apply to ``moving`` to best match the reference, and the score.
+
+    ``ifft(F_m conj(F_r))(s) = sum_x m(x + s) r(x)``: a peak at ``s`` means moving by ``-s``.
+    """
     cc = np.fft.ifftn(np.fft.fftn(moving) * reference_ft).real
     n = moving.shape[0]
     cc = np.fft.fftshift(cc)
@@ -63,24 +67,35 @@ def _best_shift(moving, reference_ft, max_shift):
     lo, hi = max(0, c - max_shift), min(n, c + max_shift + 1)
     window = cc[lo:hi, lo:hi, lo:hi]
     z, y, x = np.unravel_index(np.argmax(window), window.shape)
-    return np.array([x + lo - c, y + lo - c, z + lo - c], dtype=np.float64), float(window.max())
+    return -np.array([x + lo - c, y + lo - c, z + lo - c], dtype=np.float64), float(window.max())
+
+
+def search_rotations(step_deg: float) -> np.ndarray:
+    """Rotations covering SO(3) at about ``step_deg``: spiral directions x in-plane angles."""
+    step = np.radians(step_deg)
+    directions = fibonacci_sphere(int(np.ceil((3.6 / step) ** 2)))
+    rot, tilt = directions_to_euler(directions)
+    n_inp = int(np.ceil(2 * np.pi / step))
+    psi = np.arange(n_inp) * 360.0 / n_inp
+    return euler_to_matrix(np.repeat(rot, n_inp), np.repeat(tilt, n_inp), np.tile(psi, len(rot)))
 
 
 def find_alignment(moving: np.ndarray, reference: np.ndarray, pixel_size: float,
-                   search_resolution_A: float | None = None, n_refine: int = 3) -> Alignment:
+                   step_deg: float = 15.0, n_refine: int = 3) -> Alignment:
     """Rotation, shift and hand that best superimpose ``moving`` on ``reference`` (same box)."""
     n = reference.shape[0]
-    res = search_resolution_A or max(4 * pixel_size, n * pixel_size / 8)
-    small = int(min(n, max(16, 2 * np.ceil(n * pixel_size / res) * 2)))
-    small += small % 2
+    # The global search runs on maps cropped to ~24 px (enough for ~12-degree steps at the
+    # particle's edge), over ~12-degree rotation steps for both hands; the best candidates are
+    # then refined locally at full size.
+    small = min(n - n % 2, 24)
     ref_s = _normalise(fourier_crop_3d(reference, small).astype(np.float64))
     ref_ft = np.conj(np.fft.fftn(ref_s))
-    grid = pose_grid(res, small, n * pixel_size / small, undersampling=1.0, shift_sigma_A=1.0)
+    rotations = search_rotations(step_deg)
     candidates = []
     for flipped in (False, True):
         mov = fourier_crop_3d(moving[::-1] if flipped else moving, small).astype(np.float64)
         mov = _normalise(mov)
-        for rotation in grid.rotations:
+        for rotation in rotations:
             turned = _transform(mov, rotation, np.zeros(3))
             shift, score = _best_shift(turned, ref_ft, small // 4)
             candidates.append((score, flipped, rotation, shift))
