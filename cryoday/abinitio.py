@@ -243,7 +243,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         if iteration % heldout_every == 0 or iteration == max_iterations:
             value = heldout_nll(volume)
             row["heldout_nll"] = value
-            if value < best_heldout - 1e-4 * abs(best_heldout):
+            if not np.isfinite(best_heldout) or value < best_heldout - 1e-4 * abs(best_heldout):
                 best_heldout, since_best = value, 0
             else:
                 since_best += 1

@@ -3,11 +3,8 @@
 Snakemake puts this folder on ``sys.path`` when it runs a script, so ``import _common`` works.
 """
 
-from __future__ import annotations
-
 import logging
 import sys
-
 
 def setup_logging(snakemake) -> logging.Logger:
     """Send log records and uncaught exceptions to the rule's log file (and stderr)."""

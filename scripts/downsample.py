@@ -1,7 +1,5 @@
 """Rule `downsample`: Fourier-crop the normalised particles to the box a stage needs."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -1,7 +1,5 @@
 """Rule `finalize`: the final map at the input box and the particles with their estimated poses."""
 
-from __future__ import annotations
-
 import csv
 import json
 from pathlib import Path
@@ -21,7 +19,6 @@ log = setup_logging(snakemake)
 seeds = [int(s) for s in snakemake.params.seeds]
 info = json.loads(Path(snakemake.input.info).read_text())
 
-
 def final_heldout_nll(seed: int) -> float:
     """Held-out error at the end of a seed's last stage: lower means the model explains unseen
     images better, so it chooses between random starts without a reference."""
@@ -29,7 +26,6 @@ def final_heldout_nll(seed: int) -> float:
     with open(history) as f:
         rows = [r for r in csv.DictReader(f, delimiter="\t") if r["heldout_nll"] not in ("", "nan")]
     return float(rows[-1]["heldout_nll"]) if rows else float("inf")
-
 
 scores = {seed: final_heldout_nll(seed) for seed in seeds}
 best = min(seeds, key=lambda s: scores[s])

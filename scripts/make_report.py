@@ -1,7 +1,5 @@
 """Rule `make_report`: one self-contained HTML page about the run."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 from _common import setup_logging

@@ -1,7 +1,5 @@
 """Rule `preprocess`: validate the particle set, detect contrast, normalise, pick held-out images."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING

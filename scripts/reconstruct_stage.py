@@ -1,7 +1,5 @@
 """Rule `reconstruct_stage`: one coarse-to-fine stage of ab initio reconstruction by SAGD."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +31,7 @@ if stage == 1:
         volume0 = initial.resample_to(volume, voxel_size or info["full_pixel_size"], box, pixel_size)
         log.info("stage 1 starts from the initial model %s", opts["initial_model"])
     else:
-        volume0 = initial.random_start(images, box, pixel_size, seed=seed,
+        volume0 = initial.random_blobs(box, pixel_size, seed=seed,
                                        diameter_A=opts.get("particle_diameter_A"))
         log.info("stage 1 starts from a random density (seed %d)", seed)
     sagd_state = None
@@ -72,6 +70,7 @@ result = abinitio.run_stage(
     sagd_state=sagd_state,
     log=log.info,
     checkpoint_path=snakemake.params.checkpoint,
+    scale_start=(stage == 1 and not opts.get("initial_model")),
 )
 
 io.write_map(snakemake.output.volume, result.volume, pixel_size)

@@ -1,7 +1,5 @@
 """Rule `simulate`: a particle set from a ground-truth map by the paper's generative model."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING
 

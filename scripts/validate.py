@@ -1,7 +1,5 @@
 """Rule `validate`: resolution and consistency figures of the run, in metrics.json."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +26,6 @@ metrics, fsc_table = validation.run_metrics(
     log=log.info,
 )
 validation.write_fsc_table(snakemake.output.fsc, fsc_table)
-
 
 with io.atomic_path(snakemake.output.metrics) as tmp:
     Path(tmp).write_text(json.dumps(metrics, indent=2))

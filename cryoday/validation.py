@@ -1,0 +1,115 @@
+"""Figures of a finished run, for ``metrics.json``: stages, resolution, seed consistency."""
+
+from __future__ import annotations
+
+import csv
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from cryoday import io
+from cryoday.align import fsc_after_alignment
+from cryoday.fourier import rescale_volume
+from cryoday.fsc import fsc, resolution_at
+
+
+def read_history(path) -> list[dict]:
+    """A stage's ``history.tsv`` as dicts of floats (NaN where a value is empty)."""
+    with open(path) as f:
+        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+                for row in csv.DictReader(f, delimiter="\t")]
+
+
+def stage_figures(history_path, resolution_A: float) -> dict:
+    """Per-stage figures from its history and the volume beside it."""
+    history = read_history(history_path)
+    heldout = [h["heldout_nll"] for h in history if np.isfinite(h["heldout_nll"])]
+    volume_path = Path(history_path).with_name("volume.mrc")
+    volume, pixel_size = io.read_map(volume_path)
+    last_epoch = [h for h in history if h["epoch"] > history[-1]["epoch"] - 1.0] or history
+    evaluated = sum(h["n_evaluated"] for h in last_epoch)
+    full = sum(h["n_full"] for h in last_epoch)
+    return {
+        "resolution_A": resolution_A,
+        "box": int(volume.shape[0]),
+        "pixel_size": pixel_size,
+        "iterations": len(history),
+        "wall_s": history[-1]["wall_s"] if history else 0.0,
+        "heldout_nll": heldout[-1] if heldout else None,
+        "is_speedup": full / evaluated if evaluated else None,
+    }
+
+
+def write_fsc_table(path, table: dict) -> None:
+    """TSV of FSC curves: ``freq_invA``, ``resolution_A`` and one column per curve."""
+    columns = list(table)
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t")
+            writer.writerow(columns)
+            for row in zip(*(table[c] for c in columns)):
+                writer.writerow([f"{v:.6g}" for v in row])
+
+
+def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_volumes, histories,
+                seeds, stages_A, reference=None, simulated=False, log=print):
+    """Everything ``metrics.json`` reports, and the FSC table."""
+    info = json.loads(Path(preprocess_info).read_text())
+    choice = json.loads(Path(seed_choice).read_text())
+    chosen = int(choice["chosen_seed"])
+    per_seed = {}
+    for seed in seeds:
+        paths = [h for h in histories if f"/seed{seed}/" in h]
+        per_seed[str(seed)] = [stage_figures(p, float(r)) for p, r in zip(paths, stages_A)]
+    metrics = {
+        "dataset": Path(final_volume).parts[-3] if len(Path(final_volume).parts) >= 3 else "",
+        "n_particles": info["n_particles"],
+        "box": info["box"],
+        "pixel_size": info["pixel_size"],
+        "chosen_seed": chosen,
+        "stages": per_seed[str(chosen)],
+        "seeds": per_seed,
+        "wall_s_total": float(sum(s["wall_s"] for st in per_seed.values() for s in st)),
+        "warnings": [],
+    }
+    volume, _ = io.read_map(final_volume)
+    pixel_size = info["pixel_size"]
+    table = {}
+    if reference:
+        ref, ref_voxel = io.read_map(reference)
+        if ref.shape != volume.shape or (ref_voxel and abs(ref_voxel - pixel_size) > 1e-3):
+            ref = rescale_volume(ref, ref_voxel or pixel_size, volume.shape[0], pixel_size)
+        alignment, freq, curve, res = fsc_after_alignment(volume, ref, pixel_size)
+        metrics["fsc0143_vs_reference_A"] = res
+        metrics["fsc05_vs_reference_A"] = resolution_at(freq, curve, 0.5)
+        metrics["reference_alignment"] = {"flipped": alignment.flipped,
+                                          "correlation": alignment.correlation}
+        table["freq_invA"] = freq
+        table["fsc_vs_reference"] = curve
+        log(f"FSC 0.143 against the reference: {res:.1f} A")
+    # Seed consistency: every pair of final maps, aligned.
+    maps = {}
+    for seed, path in zip(seeds, seed_volumes):
+        v, voxel = io.read_map(path)
+        maps[seed] = rescale_volume(v, voxel or pixel_size, volume.shape[0], pixel_size)
+    pairs = {}
+    for a, b in combinations(seeds, 2):
+        _, _, _, res = fsc_after_alignment(maps[a], maps[b], pixel_size)
+        pairs[f"{a}-{b}"] = res
+    final_res = float(stages_A[-1])
+    agree = all(r <= 2 * final_res for r in pairs.values())
+    metrics["seed_consistency"] = {"pairwise_fsc0143_A": pairs, "agree": agree}
+    if not agree:
+        metrics["warnings"].append(
+            f"random starts disagree (pairwise FSC 0.143 {pairs}); the final map comes from seed "
+            f"{chosen}, which has the lowest held-out error, but the structure is not reproducible"
+        )
+    if "freq_invA" not in table:
+        freq, _ = fsc(volume, volume, pixel_size)
+        table["freq_invA"] = freq
+    table["resolution_A"] = np.where(table["freq_invA"] > 0, 1 / np.maximum(table["freq_invA"],
+                                                                            1e-12), np.inf)
+    metrics["status"] = "warning" if metrics["warnings"] else "ok"
+    return metrics, table
