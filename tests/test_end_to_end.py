@@ -75,8 +75,9 @@ def test_tiny_run_recovers_the_molecule_far_better_than_the_random_start(tiny_ru
         start = rescale_volume(mrc.data.copy(), float(mrc.voxel_size.x), 32, 5.0)
     _, _, fsc_final, _ = fsc_after_alignment(final, truth, 5.0)
     _, _, fsc_start, _ = fsc_after_alignment(start, truth, 5.0)
-    # Mean FSC over the shells up to 1/30 A, inside the last stage's 25 A limit.
+    # Mean FSC over the shells from 60 A to 30 A: finer than any blob-like start matches by
+    # chance, inside the last stage's 25 A limit.
     freq = np.arange(len(fsc_final)) / (32 * 5.0)
-    band = (freq > 0) & (freq <= 1 / 30)
-    assert fsc_final[band].mean() > 0.8
-    assert fsc_final[band].mean() > fsc_start[band].mean() + 0.3
+    band = (freq >= 1 / 60) & (freq <= 1 / 30)
+    assert fsc_final[band].mean() > 0.75
+    assert fsc_final[band].mean() > fsc_start[band].mean() + 0.25
