@@ -237,8 +237,56 @@ def shift_phases(op: SliceOperator, shifts_px: np.ndarray) -> tuple[np.ndarray, 
             np.ascontiguousarray(np.sin(angle), dtype=np.float32))
 
 
+MAX_ROTATIONS_PER_BLOCK = 30000  # bounds slice and accumulator memory (~K x 40 bytes each)
+
+
+def _subset_block(subsets: PoseSubsets, lo: int, hi: int) -> PoseSubsets:
+    r0, r1 = subsets.rot_offsets[lo], subsets.rot_offsets[hi]
+    s0, s1 = subsets.shift_offsets[lo], subsets.shift_offsets[hi]
+    return PoseSubsets(subsets.rot_offsets[lo:hi + 1] - r0, subsets.rot_index[r0:r1],
+                       subsets.rot_logw[r0:r1], subsets.shift_offsets[lo:hi + 1] - s0,
+                       subsets.shift_index[s0:s1], subsets.shift_logw[s0:s1])
+
+
 def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
                  subsets: PoseSubsets, want_grad: bool = True, cube=None) -> LikelihoodResult:
+    """Negative log marginal likelihood of each image, with posteriors and the gradient.
+
+    Images are processed in blocks whose rotation subsets add up to at most
+    ``MAX_ROTATIONS_PER_BLOCK``, so memory stays bounded whatever the batch and its subsets;
+    see :func:`_marginal_nll_block` for the parameters.
+    """
+    cube = op.prepare(volume) if cube is None else cube
+    counts = np.diff(subsets.rot_offsets)
+    bounds = [0]
+    total = 0
+    for i, c in enumerate(counts):
+        if total and total + c > MAX_ROTATIONS_PER_BLOCK:
+            bounds.append(i)
+            total = 0
+        total += c
+    bounds.append(len(counts))
+    if len(bounds) == 2:
+        return _marginal_nll_block(op, volume, batch, grid, subsets, want_grad, cube)
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        block = ImageBatch(batch.data[lo:hi], batch.ctf[lo:hi], batch.sigma2[lo:hi])
+        parts.append(_marginal_nll_block(op, volume, block, grid, _subset_block(subsets, lo, hi),
+                                         want_grad, cube))
+    return LikelihoodResult(
+        nll=np.concatenate([p.nll for p in parts]),
+        grad=sum(p.grad for p in parts) if want_grad else None,
+        rot_post=np.concatenate([p.rot_post for p in parts]),
+        shift_post=np.concatenate([p.shift_post for p in parts]),
+        best_rot=np.concatenate([p.best_rot for p in parts]),
+        best_shift=np.concatenate([p.best_shift for p in parts]),
+        n_evaluated=sum(p.n_evaluated for p in parts),
+    )
+
+
+def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
+                        subsets: PoseSubsets, want_grad: bool = True, cube=None
+                        ) -> LikelihoodResult:
     """Negative log marginal likelihood of each image, with posteriors and the gradient.
 
     Parameters

@@ -157,3 +157,17 @@ def test_single_pose_nll_is_the_energy(problem):
     energy = np.sum(op.weights * np.abs(batch.data - batch.ctf * slices * phase) ** 2,
                     axis=1) / (2 * batch.sigma2)
     assert np.allclose(result.nll, energy, rtol=1e-4)
+
+
+def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
+    volume, grid, op, batch, _, _ = problem
+    subsets = exhaustive_subsets(grid, len(batch))
+    whole = marginal_nll(op, volume, batch, grid, subsets)
+    import cryoday.likelihood as likelihood
+
+    monkeypatch.setattr(likelihood, "MAX_ROTATIONS_PER_BLOCK", grid.n_rot * 2)
+    blocks = marginal_nll(op, volume, batch, grid, subsets)
+    assert np.allclose(blocks.nll, whole.nll)
+    assert np.allclose(blocks.grad, whole.grad, rtol=1e-4, atol=1e-6 * np.abs(whole.grad).max())
+    assert np.allclose(blocks.rot_post, whole.rot_post)
+    assert np.array_equal(blocks.best_rot, whole.best_rot)
