@@ -270,6 +270,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         subsets = sampler.subsets(grid, rows, optimiser.t)
         result = marginal_nll(op, volume, data.batch(rows), grid, subsets, want_grad=False,
                               cube=cube)
+        sampler.update(grid, rows, subsets, result)
         rotations[rows] = grid.rotations[result.best_rot]
         shifts[rows] = grid.shifts[result.best_shift]
         nll[rows] = result.nll

@@ -15,11 +15,15 @@ Memory per image: ``K x (3 + 1 + 2 + 3) x 4`` bytes plus flags (K = 32: ~1.2 kB)
 the grid size: 100,000 particles cost ~120 MB.
 
 Small grids (below ``min_grid_points`` per image) are evaluated exhaustively: exact and cheap.
+A broad posterior would ask for most of a huge grid, so the draws per image are capped
+(``max_rotations`` rotations, ``max_shifts`` shifts): the estimate stays unbiased, with more
+variance, and the cost per image stays bounded.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from cryoday.likelihood import PoseSubsets
 
@@ -30,13 +34,16 @@ class ImportanceSampler:
     """Per-image proposals over the current grid; see the module docstring."""
 
     def __init__(self, n_particles: int, enabled: bool = True, s0: float = 10.0, seed: int = 0,
-                 alpha: float = 0.05, min_grid_points: int = 20000, coverage: float = 0.95):
+                 alpha: float = 0.05, min_grid_points: int = 20000, coverage: float = 0.95,
+                 max_rotations: int = 3000, max_shifts: int = 64):
         self.n = int(n_particles)
         self.enabled = enabled
         self.s0 = float(s0)
         self.alpha = float(alpha)
         self.min_grid_points = int(min_grid_points)
         self.coverage = float(coverage)
+        self.max_rotations = int(max_rotations)
+        self.max_shifts = int(max_shifts)
         self.seed = int(seed)
         self.has = np.zeros(self.n, dtype=bool)
         self.dir_xyz = np.zeros((self.n, K_STORED, 3), dtype=np.float32)
@@ -68,6 +75,7 @@ class ImportanceSampler:
 
     def set_grid(self, grid) -> None:
         self.grid = grid
+        self._tree = cKDTree(grid.directions)
         self._cache_key = None
         self._cache = {}
 
@@ -80,9 +88,17 @@ class ImportanceSampler:
     def _proposal(self, row: int):
         g = self.grid
         a = g.angular_step
+        # The direction kernel is below 4^-16 beyond 4 grid spacings: evaluate it only on the
+        # grid directions within that distance of a stored point (a k-d tree query), so the
+        # cost follows the posterior's support, not the grid size.
         kappa_dir = np.log(4.0) / (1.0 - np.cos(a))
-        cos = g.directions @ self.dir_xyz[row].T.astype(np.float64)  # (n_dir, K)
-        q_dir = np.exp(kappa_dir * (cos - 1.0)) @ self.dir_p[row]
+        stored = self.dir_p[row] > 0
+        xyz = self.dir_xyz[row][stored].astype(np.float64)
+        q_dir = np.zeros(g.n_dir)
+        neighbours = self._tree.query_ball_point(xyz, 2 * np.sin(2 * a))
+        for u, p, idx in zip(xyz, self.dir_p[row][stored], neighbours):
+            idx = np.asarray(idx, dtype=np.int64)
+            q_dir[idx] += p * np.exp(kappa_dir * (g.directions[idx] @ u - 1.0))
         step_inp = 2 * np.pi / g.n_inp
         kappa_inp = np.log(2.0) / (1.0 - np.cos(step_inp))
         dangle = g.inplane[:, None] - self.inp_angle[row][None, :]
@@ -98,18 +114,19 @@ class ImportanceSampler:
             out.append((1 - self.alpha) * q + self.alpha / len(q))
         return out
 
-    def _sample(self, q: np.ndarray, log_w: np.ndarray, rng):
-        n = len(q)
-        ess = 1.0 / np.sum(q * q)
-        m = int(np.ceil(self.s0 * ess))
-        if m >= n:
-            return np.arange(n), log_w.copy(), n
+    def _draws(self, q: np.ndarray) -> int:
+        """``ceil(s0 * ESS)`` draws, or the whole dimension (0) when they would cover it."""
+        m = int(np.ceil(self.s0 / np.sum(q * q)))
+        return 0 if m >= self.coverage * len(q) else m
+
+    @staticmethod
+    def _sample(q: np.ndarray, log_w: np.ndarray, m: int, rng):
+        """Multinomial draws with unbiased weights ``W c / (M q)``; ``m = 0``: every point."""
+        if m <= 0:
+            return np.arange(len(q)), log_w.copy()
         counts = rng.multinomial(m, q)
         picked = np.flatnonzero(counts)
-        if len(picked) > self.coverage * n:
-            return np.arange(n), log_w.copy(), n
-        logw = log_w[picked] + np.log(counts[picked]) - np.log(m) - np.log(q[picked])
-        return picked, logw, m
+        return picked, log_w[picked] + np.log(counts[picked]) - np.log(m) - np.log(q[picked])
 
     def subsets(self, grid, rows, iteration: int) -> PoseSubsets:
         """The poses to evaluate for ``rows``; the same (rows, iteration) gives the same sets."""
@@ -127,7 +144,7 @@ class ImportanceSampler:
         log_w_dir = np.full(g.n_dir, -np.log(g.n_dir))
         log_w_inp = np.full(g.n_inp, -np.log(g.n_inp))
         for row in rows:
-            if not (self.active and self.has[row]):
+            if not self.active:
                 rot_sets.append(np.arange(g.n_rot))
                 rot_logw.append(np.asarray(g.rot_log_weights, np.float64))
                 shift_sets.append(np.arange(g.n_shift))
@@ -135,10 +152,28 @@ class ImportanceSampler:
                 self._proposals[row] = None
                 continue
             rng = np.random.default_rng([self.seed, int(iteration), int(row)])
-            q_dir, q_inp, q_shift = self._proposal(row)
-            d, lw_d, _ = self._sample(q_dir, log_w_dir, rng)
-            j, lw_j, _ = self._sample(q_inp, log_w_inp, rng)
-            s, lw_s, _ = self._sample(q_shift, np.asarray(g.shift_log_weights), rng)
+            if self.has[row]:
+                q_dir, q_inp, q_shift = self._proposal(row)
+            else:
+                # No posterior yet on a large grid: uniform proposals, capped like the others.
+                q_dir = np.full(g.n_dir, 1.0 / g.n_dir)
+                q_inp = np.full(g.n_inp, 1.0 / g.n_inp)
+                q_shift = np.exp(np.asarray(g.shift_log_weights))
+            m_dir, m_inp, m_shift = self._draws(q_dir), self._draws(q_inp), self._draws(q_shift)
+            # A broad posterior (early on, or at low SNR) would ask for most of a huge grid: cap
+            # the rotations per image by drawing fewer samples. Any M keeps the weights unbiased;
+            # only the variance grows.
+            m_dir = m_dir or g.n_dir
+            m_inp = m_inp or g.n_inp
+            while m_dir * m_inp > self.max_rotations and (m_dir > 1 or m_inp > 1):
+                m_dir, m_inp = max(1, int(m_dir * 0.8)), max(1, int(m_inp * 0.8))
+            m_dir = 0 if m_dir >= self.coverage * g.n_dir else m_dir
+            m_inp = 0 if m_inp >= self.coverage * g.n_inp else m_inp
+            m_shift = min(m_shift or g.n_shift, self.max_shifts)
+            m_shift = 0 if m_shift >= self.coverage * g.n_shift else m_shift
+            d, lw_d = self._sample(q_dir, log_w_dir, m_dir, rng)
+            j, lw_j = self._sample(q_inp, log_w_inp, m_inp, rng)
+            s, lw_s = self._sample(q_shift, np.asarray(g.shift_log_weights), m_shift, rng)
             rot_sets.append((d[:, None] * g.n_inp + j[None, :]).ravel())
             rot_logw.append((lw_d[:, None] + lw_j[None, :]).ravel())
             shift_sets.append(s)

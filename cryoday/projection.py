@@ -24,8 +24,8 @@ from cryoday.fourier import ft3, ift3
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _slice_trilinear(cube, centre, rotations, kx, ky, out):
-    """out[r, k] = trilinear interpolation of ``cube`` at 2 * A_r^T (kx, ky, 0) + centre."""
+def _slice_trilinear(cube, centre, rotations, kx, ky, scale, out):
+    """out[r, k] = scale x trilinear interpolation of ``cube`` at 2 A_r^T (kx, ky, 0) + centre."""
     m = cube.shape[0]
     for r in numba.prange(rotations.shape[0]):
         a = rotations[r]
@@ -49,7 +49,7 @@ def _slice_trilinear(cube, centre, rotations, kx, ky, out):
                                            + fx * cube[z0 + 1, y0, x0 + 1])
                                + fy * ((1 - fx) * cube[z0 + 1, y0 + 1, x0]
                                        + fx * cube[z0 + 1, y0 + 1, x0 + 1])))
-            out[r, k] = acc
+            out[r, k] = acc * scale
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
@@ -167,9 +167,10 @@ class SliceOperator:
         """
         cube = self.prepare(volume) if cube is None else cube
         rotations = np.ascontiguousarray(np.asarray(rotations, np.float64).reshape(-1, 3, 3))
-        out = np.empty((len(rotations), self.n_coef), dtype=np.complex128)
-        _slice_trilinear(cube, float(self._half_cube), rotations, self._kx64, self._ky64, out)
-        return (out * self._scale).astype(np.complex64)
+        out = np.empty((len(rotations), self.n_coef), dtype=np.complex64)
+        _slice_trilinear(cube, float(self._half_cube), rotations, self._kx64, self._ky64,
+                         self._scale, out)
+        return out
 
     def adjoint(self, slices: np.ndarray, rotations: np.ndarray) -> np.ndarray:
         """Exact adjoint: ``sum(Re(conj(forward(v)) * weights * y)) == sum(v * adjoint(y))``.
