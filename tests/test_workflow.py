@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from workflow_helpers import REPO, run_snakemake, write_config
 
@@ -83,3 +84,20 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path, config, expected):
     proc = run_snakemake(tmp_path, "-n", "--cores", "1")
     assert proc.returncode != 0
     assert expected in proc.stdout + proc.stderr
+
+
+def test_slurm_profile_plans_with_its_resources(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm",
+                        reason="pip install snakemake-executor-plugin-slurm (in the test extra)")
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+           str(tmp_path), "--workflow-profile", str(REPO / "profiles" / "slurm"), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = proc.stdout.split("rule ")
+    stage_jobs = [j for j in jobs if j.startswith("reconstruct_stage:")]
+    assert stage_jobs
+    assert all("mem_mb=4000" in j and "runtime=240" in j for j in stage_jobs)
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["set-threads"]["reconstruct_stage"] > 2
+    assert all("slurm_partition=CHANGE_ME" in j for j in jobs if j.startswith("preprocess:"))
