@@ -126,7 +126,7 @@ class SliceOperator:
         self.weights = np.where((self.kx == 0) & (self.ky == 0), 1.0, 2.0).astype(np.float32)
         self.n_coef = len(self._flat)
         # Reachable sub-cube of the 2x padded spectrum: |q| <= 2 * radius, plus one voxel.
-        self._half_cube = int(np.ceil(2 * radius)) + 2
+        self._half_cube = min(int(np.ceil(2 * radius)) + 2, self.box - 1)
         self._cube_size = 2 * self._half_cube + 1
         m = 2 * self.box
         x = (np.arange(self.box) - self.box // 2) / m

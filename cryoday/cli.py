@@ -1,0 +1,120 @@
+"""The ``cryoday`` command: tools users run by hand, next to the Snakemake pipeline.
+
+    cryoday reconstruct PARTICLES.star -o MAP.mrc [--box N] [--max-resolution A] [--half 1|2]
+    cryoday fsc MAP1 MAP2 [--align] [--pixel-size A]
+
+Each command is a module-level pair ``add_args(parser)`` / ``main(args)``, as cryoDRGN does.
+Bad input prints one line naming the problem and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from cryoday.errors import InputError
+
+
+def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("particles", help="RELION STAR file with poses (rlnAngleRot/Tilt/Psi)")
+    parser.add_argument("-o", "--output", required=True, help="output map (.mrc)")
+    parser.add_argument("--box", type=int, help="output box in px (default: the images' box)")
+    parser.add_argument("--pixel-size", type=float,
+                        help="pixel size in A, if the STAR file has none")
+    parser.add_argument("--max-resolution", type=float, help="highest resolution used (A)")
+    parser.add_argument("--subset", help="particle rows FIRST:LAST (0-based, LAST excluded)")
+    parser.add_argument("--half", type=int, choices=(1, 2),
+                        help="one of two random halves (gold-standard half maps)")
+    parser.add_argument("--wiener", type=float, default=1e-3,
+                        help="regularisation relative to the mean CTF^2 weight (default 1e-3)")
+    parser.add_argument("--chunk-size", type=int, default=500)
+
+
+def reconstruct_main(args) -> None:
+    from cryoday import io
+    from cryoday.geometry import euler_to_matrix
+    from cryoday.reconstruct import half_sets, reconstruct
+
+    particles = io.read_particles(args.particles, pixel_size=args.pixel_size)
+    pose = io.poses(particles)
+    if pose is None:
+        raise InputError(f"{args.particles}: no rlnAngleRot/rlnAngleTilt/rlnAnglePsi columns; "
+                         "known-pose reconstruction needs poses")
+    rows = np.arange(len(particles))
+    if args.subset:
+        first, _, last = args.subset.partition(":")
+        rows = rows[int(first or 0):int(last) if last else None]
+    if args.half:
+        rows = rows[half_sets(len(rows))[args.half - 1]]
+    if len(rows) == 0:
+        raise InputError("the particle subset is empty")
+    box = args.box or particles.box
+    pixel_size = particles.pixel_size * particles.box / box
+    ctf = {k: v[rows] for k, v in io.ctf_params(particles).items()}
+    shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1)[rows] / pixel_size
+    rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])[rows]
+    with io.ImageSource(particles) as source:
+        volume = reconstruct(lambda r: source.read(rows[r]), len(rows), rotations, shifts, ctf,
+                             pixel_size, box, args.max_resolution, args.wiener, args.chunk_size)
+    io.write_map(args.output, volume, pixel_size)
+    logging.info("wrote %s: %d particles, %d px at %.4f A/px", args.output, len(rows), box,
+                 pixel_size)
+
+
+def add_fsc_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("map1")
+    parser.add_argument("map2")
+    parser.add_argument("--pixel-size", type=float, help="A/px if the headers have none")
+    parser.add_argument("--align", action="store_true",
+                        help="first find the rotation, shift and hand between the maps")
+
+
+def fsc_main(args) -> None:
+    from cryoday import io
+    from cryoday.align import fsc_after_alignment
+    from cryoday.fsc import fsc, resolution_at
+
+    a, pa = io.read_map(args.map1)
+    b, _ = io.read_map(args.map2)
+    pixel_size = args.pixel_size or pa
+    if not pixel_size:
+        raise InputError(f"{args.map1}: no voxel size in the header; pass --pixel-size")
+    if a.shape != b.shape:
+        raise InputError(f"{args.map1} is {a.shape[0]} px but {args.map2} is {b.shape[0]} px")
+    if args.align:
+        alignment, freq, curve, _ = fsc_after_alignment(a, b, pixel_size)
+        print(f"alignment: correlation {alignment.correlation:.3f}, "
+              f"{'mirrored' if alignment.flipped else 'same hand'}")
+    else:
+        freq, curve = fsc(a, b, pixel_size)
+    print(f"FSC 0.143: {resolution_at(freq, curve, 0.143):.2f} A")
+    print(f"FSC 0.5:   {resolution_at(freq, curve, 0.5):.2f} A")
+
+
+COMMANDS = {
+    "reconstruct": (add_reconstruct_args, reconstruct_main,
+                    "known-pose reconstruction of a particle set (like relion_reconstruct)"),
+    "fsc": (add_fsc_args, fsc_main, "Fourier shell correlation between two maps"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cryoday", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        COMMANDS[args.command][1](args)
+    except InputError as exc:
+        print(f"cryoday {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
