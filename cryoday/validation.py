@@ -12,7 +12,7 @@ import numpy as np
 from cryoday import io
 from cryoday.align import fsc_after_alignment
 from cryoday.fourier import rescale_volume
-from cryoday.fsc import fsc, resolution_at
+from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 
 
 def read_history(path) -> list[dict]:
@@ -53,6 +53,49 @@ def write_fsc_table(path, table: dict) -> None:
                 writer.writerow([f"{v:.6g}" for v in row])
 
 
+def pose_errors(true_rotations: np.ndarray, estimated: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Angular errors (degrees) of estimated poses after the best global rotation and hand.
+
+    If the estimated map is the truth rotated by ``R``, poses relate as ``B_i R ~ A_i``; ``R``
+    is the rotation average of ``B_i^T A_i`` (projected onto SO(3) by SVD). A mirrored map sees
+    ``J A_i J`` instead (``J`` flips z); both hands are tried and the better one kept.
+    """
+    flip = np.diag([1.0, 1.0, -1.0])
+    best = None
+    for mirrored in (False, True):
+        a = flip @ true_rotations @ flip if mirrored else true_rotations
+        m = np.einsum("nji,njk->ik", estimated, a)
+        u, _, vt = np.linalg.svd(m)
+        r = u @ np.diag([1, 1, np.linalg.det(u @ vt)]) @ vt
+        relative = np.einsum("nij,jk,nlk->nil", estimated, r, a)
+        cos = np.clip((np.trace(relative, axis1=1, axis2=2) - 1) / 2, -1, 1)
+        errors = np.degrees(np.arccos(cos))
+        if best is None or np.median(errors) < np.median(best[0]):
+            best = (errors, mirrored)
+    return best
+
+
+def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
+    """Gold-standard FSC: two half-maps from disjoint halves with the final poses."""
+    from cryoday.geometry import euler_to_matrix
+    from cryoday.reconstruct import half_sets, reconstruct
+
+    particles = io.read_particles(preprocessed_star)
+    final = io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False)
+    pose = io.poses(final)
+    rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])
+    shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1) / pixel_size
+    ctf = io.ctf_params(particles)
+    maps = []
+    with io.ImageSource(particles) as source:
+        for rows in half_sets(len(particles)):
+            maps.append(reconstruct(lambda r, rows=rows: source.read(rows[r]), len(rows),
+                                    rotations[rows], shifts[rows],
+                                    {k: v[rows] for k, v in ctf.items()}, pixel_size, box))
+    log(f"half maps reconstructed from {len(particles)} particles")
+    return maps
+
+
 def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_volumes, histories,
                 seeds, stages_A, reference=None, simulated=False, log=print):
     """Everything ``metrics.json`` reports, and the FSC table."""
@@ -89,6 +132,36 @@ def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_vol
         table["freq_invA"] = freq
         table["fsc_vs_reference"] = curve
         log(f"FSC 0.143 against the reference: {res:.1f} A")
+    # Gold-standard half maps with the final poses.
+    preprocessed = Path(preprocess_info).with_name("particles.star")
+    half1, half2 = halfmap_fsc(preprocessed, final_star, volume.shape[0], pixel_size, log)
+    freq, unmasked = fsc(half1, half2, pixel_size)
+    mask = soft_spherical_mask(volume.shape[0], 0.4 * volume.shape[0], 3.0)
+    _, masked = fsc(half1, half2, pixel_size, mask=mask)
+    table.setdefault("freq_invA", freq)
+    table["fsc_halfmaps_unmasked"] = unmasked
+    table["fsc_halfmaps_masked"] = masked
+    metrics["halfmap_fsc0143_A"] = resolution_at(freq, unmasked, 0.143)
+    metrics["halfmap_fsc05_A"] = resolution_at(freq, unmasked, 0.5)
+    metrics["halfmap_fsc0143_masked_A"] = resolution_at(freq, masked, 0.143)
+    if metrics["halfmap_fsc0143_masked_A"] > 3 * float(stages_A[-1]):
+        metrics["warnings"].append(
+            f"half maps agree only to {metrics['halfmap_fsc0143_masked_A']:.1f} A (masked "
+            f"FSC 0.143), far from the last stage's {stages_A[-1]} A: the poses are unreliable"
+        )
+    if simulated:
+        truth_star = Path(final_volume).parents[1] / "simulated" / "particles.star"
+        truth = io.poses(io.read_particles(truth_star, check_stacks=False))
+        est = io.poses(io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False))
+        from cryoday.geometry import euler_to_matrix
+
+        errors, mirrored = pose_errors(
+            euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"]),
+            euler_to_matrix(est["rot"], est["tilt"], est["psi"]))
+        metrics["pose_error_median_deg"] = float(np.median(errors))
+        metrics["pose_error_hand_flipped"] = bool(mirrored)
+        metrics["pose_error_histogram"] = np.histogram(errors, bins=18, range=(0, 180))[0].tolist()
+        log(f"median angular error of the poses: {np.median(errors):.1f} degrees")
     # Seed consistency: every pair of final maps, aligned.
     maps = {}
     for seed, path in zip(seeds, seed_volumes):
