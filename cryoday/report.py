@@ -7,6 +7,8 @@ import csv
 import html
 import io as _io
 import json
+import os
+import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,24 +51,35 @@ def map_views(volume: np.ndarray, title: str) -> str:
 
 
 def history_plot(histories: list[str]) -> str:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    """Held-out error, objective, step size, grid fraction and pose KL against iteration.
+
+    Stages follow each other on one iteration axis, so a stage boundary shows as a new colour.
+    """
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     offset = 0
     for path in histories:
         rows = read_history(path)
+        if not rows:
+            continue
         it = np.array([r["iteration"] for r in rows]) + offset
+        label = f"{Path(path).parent.parent.name}/{Path(path).parent.name}"
         held = np.array([r["heldout_nll"] for r in rows])
-        label = Path(path).parent.name
         good = np.isfinite(held)
-        axes[0].plot(it[good], held[good], "o-", label=label)
+        axes[0].plot(it[good], held[good], "o-", ms=3, label=label)
         axes[1].plot(it, [r["objective"] for r in rows], label=label)
-        evaluated = np.array([r["n_evaluated"] / r["n_full"] for r in rows])
-        axes[2].semilogy(it, evaluated, label=label)
-        offset = it[-1] if len(it) else offset
+        axes[2].semilogy(it, [r["step"] for r in rows], label=label)
+        axes[3].semilogy(it, [r["n_evaluated"] / r["n_full"] for r in rows], label=label)
+        kl = np.array([r.get("kl", np.nan) for r in rows])
+        axes[4].plot(it[np.isfinite(kl)], kl[np.isfinite(kl)], ".", ms=3, label=label)
+        offset = it[-1]
     axes[0].set(xlabel="iteration", ylabel="held-out mean -log p(I|V)", title="held-out error")
-    axes[1].set(xlabel="iteration", ylabel="objective (mean -log posterior)", title="objective")
-    axes[2].set(xlabel="iteration", ylabel="fraction of the grid evaluated",
+    axes[1].set(xlabel="iteration", ylabel="mean -log posterior", title="objective")
+    axes[2].set(xlabel="iteration", ylabel="step size eps/L", title="step size")
+    axes[3].set(xlabel="iteration", ylabel="fraction of the grid evaluated",
                 title="importance sampling")
+    axes[4].set(xlabel="iteration", ylabel="KL (nats)", title="pose KL between visits")
     axes[0].legend(fontsize=7)
+    fig.tight_layout()
     return _img(_png(fig), "optimisation history")
 
 
@@ -85,6 +98,128 @@ def fsc_plot(fsc_path) -> str:
     ax.set(xlabel="spatial frequency (1/A)", ylabel="FSC", ylim=(-0.1, 1.05))
     ax.legend()
     return _img(_png(fig), "FSC")
+
+
+def isosurface_views(volume: np.ndarray, title: str) -> str:
+    """Shaded surface views along z, y and x at a threshold enclosing 4% of the box.
+
+    Protein occupies a few per cent of a typical box; the threshold is the density level above
+    which 4% of the voxels lie. Each view is a depth map of the first voxel above it, shaded by
+    the depth gradient (a simple ray cast: no extra dependency).
+    """
+    level = np.quantile(volume, 0.96)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3))
+    n = volume.shape[0]
+    for i, ax in enumerate(axes):
+        v = np.moveaxis(volume, i, 0)
+        above = v > level
+        hit = above.any(axis=0)
+        depth = np.where(hit, np.argmax(above, axis=0), n).astype(float)
+        gy, gx = np.gradient(depth)
+        shade = np.where(hit, 1.0 / np.sqrt(1 + gx**2 + gy**2) * (1.2 - depth / n), 0.0)
+        ax.imshow(shade, cmap="bone", origin="lower")
+        ax.set_title(f"surface seen along {'zyx'[i]}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title} (threshold {level:.3g})")
+    return _img(_png(fig), title)
+
+
+def stage_maps(histories: list[str]) -> str:
+    """Each stage's map projected along z, like the paper's Figure 5."""
+    paths = [Path(h).with_name("volume.mrc") for h in histories]
+    paths = [p for p in paths if p.exists()]
+    if not paths:
+        return ""
+    fig, axes = plt.subplots(1, len(paths), figsize=(2.2 * len(paths), 2.4), squeeze=False)
+    for ax, path in zip(axes[0], paths):
+        v, _ = io.read_map(path)
+        ax.imshow(v.sum(axis=0), cmap="gray", origin="lower")
+        ax.set_title(f"{path.parent.parent.name}/{path.parent.name}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _img(_png(fig), "stage maps")
+
+
+def particles_and_reprojections(star, preprocess_info, volume, pixel_size, count=6) -> str:
+    """Example particles next to the final map projected at their estimated poses with CTF."""
+    from cryoday.ctf import evaluate_ctf
+    from cryoday.fourier import ift2
+    from cryoday.geometry import euler_to_matrix
+    from cryoday.simulate import project_ft, shift_phase
+
+    preprocessed = io.read_particles(Path(preprocess_info).with_name("particles.star"))
+    final = io.read_particles(star, pixel_size=pixel_size, check_stacks=False)
+    rows = np.arange(min(count, len(preprocessed)))
+    with io.ImageSource(preprocessed) as source:
+        images = source.read(rows)
+    pose = io.poses(final)
+    box = images.shape[-1]
+    rotations = euler_to_matrix(pose["rot"][rows], pose["tilt"][rows], pose["psi"][rows])
+    shifts = np.stack([pose["shift_x"][rows], pose["shift_y"][rows]], 1) / pixel_size
+    k = (np.arange(box) - box // 2) / (box * pixel_size)
+    fy, fx = np.meshgrid(k, k, indexing="ij")
+    ctf = {key: v[rows] for key, v in io.ctf_params(preprocessed).items()}
+    c = evaluate_ctf(fx, fy, **ctf)
+    models = ift2(project_ft(volume, rotations) * shift_phase(box, shifts) * c)
+    fig, axes = plt.subplots(2, len(rows), figsize=(1.8 * len(rows), 3.8), squeeze=False)
+    for j in range(len(rows)):
+        axes[0, j].imshow(images[j], cmap="gray", origin="lower")
+        axes[1, j].imshow(models[j], cmap="gray", origin="lower")
+        axes[0, j].set_title(f"particle {rows[j] + 1}", fontsize=8)
+    axes[0, 0].set_ylabel("particle")
+    axes[1, 0].set_ylabel("map x CTF at its pose")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _img(_png(fig), "particles and reprojections")
+
+
+def defocus_histogram(star, pixel_size) -> str:
+    table = io.read_particles(star, pixel_size=pixel_size, check_stacks=False).table
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(table["rlnDefocusU"] / 1e4, bins=30)
+    ax.set(xlabel="defocus U (um)", ylabel="particles", title="CTF defocus")
+    return _img(_png(fig), "defocus histogram")
+
+
+def pose_error_histogram(metrics) -> str:
+    counts = metrics.get("pose_error_histogram")
+    if not counts:
+        return "<p>No pose errors (not a simulation).</p>"
+    fig, ax = plt.subplots(figsize=(5, 3))
+    edges = np.linspace(0, 180, len(counts) + 1)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge")
+    ax.set(xlabel="angular error after global alignment (degrees)", ylabel="particles",
+           title=f"pose error, median {metrics['pose_error_median_deg']:.1f} degrees")
+    return _img(_png(fig), "pose errors")
+
+
+def seed_table(metrics) -> str:
+    """Pairwise FSC between the random starts' maps, and whether they agree."""
+    consistency = metrics.get("seed_consistency", {})
+    pairs = consistency.get("pairwise_fsc0143_A", {})
+    seeds = list(metrics.get("seeds", {}))
+    if not pairs:
+        return (f"<p>Seed consistency: one random start (seed {metrics.get('chosen_seed')}); "
+                "run two or more (<code>reconstruction: seeds</code>) to check that the "
+                "answer does not depend on the start.</p>")
+    rows = "".join(f"<tr><td>{html.escape(pair)}</td><td>{res:.1f}</td></tr>"
+                   for pair, res in pairs.items())
+    verdict = ("the maps agree" if consistency.get("agree")
+               else "<b>the maps disagree: the structure is not reproducible</b>")
+    return (f"<p>Seed consistency over seeds {', '.join(seeds)}: {verdict}; the final map is "
+            f"seed {metrics.get('chosen_seed')}'s (lowest held-out error).</p>"
+            "<table><tr><th>seeds</th><th>FSC 0.143 between their maps (A)</th></tr>"
+            f"{rows}</table>")
+
+
+def _versions() -> str:
+    import numba
+    import snakemake
+
+    return (f"cryoday {__version__}, numpy {np.__version__}, numba {numba.__version__}, "
+            f"snakemake {snakemake.__version__}")
 
 
 def _speedup(value) -> str:
@@ -118,17 +253,25 @@ def write_report(path, dataset, metrics, fsc, volume, star, preprocess_info, his
         f"<p>{info['n_particles']} particles ({info['n_heldout']} held out), box {info['box']} px,"
         f" {info['pixel_size']:.3f} A/px, contrast sign {info['contrast_sign']:+d} "
         f"(z = {info['contrast_z']:.1f}).</p>",
+        defocus_histogram(star, info["pixel_size"]),
+        particles_and_reprojections(star, preprocess_info, vol, info["pixel_size"]),
         "<h2>Run</h2><table><tr><th>stage</th><th>resolution (A)</th><th>box</th>"
         "<th>iterations</th><th>wall (s)</th><th>held-out nll</th><th>IS speed-up</th></tr>",
         stage_rows, "</table>", history_plot(histories),
-        "<h2>Map</h2>", map_views(vol, "final map"),
+        "<h2>Map</h2>", map_views(vol, "final map"), isosurface_views(vol, "final map"),
+        "<h3>Maps of the stages</h3>", stage_maps(histories),
         "<h2>Validation</h2>",
         f"<p>FSC 0.143 against the reference: "
         f"{'n/a' if resolution is None else f'{resolution:.1f} A'}. "
-        f"Seed consistency: {html.escape(json.dumps(m.get('seed_consistency', {})))}</p>",
-        fsc_plot(fsc),
+        "</p>", seed_table(m),
+        f"<p>Half-map FSC 0.143: {m.get('halfmap_fsc0143_A', float('nan')):.1f} A unmasked, "
+        f"{m.get('halfmap_fsc0143_masked_A', float('nan')):.1f} A masked (the half maps share "
+        "the poses found against one map, so this is an optimistic figure).</p>",
+        fsc_plot(fsc), pose_error_histogram(m),
         "<h2>Provenance</h2>",
-        f"<p>cryoday {__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
+        f"<p>{_versions()}; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on "
+        f"{html.escape(platform.node())} in <code>{html.escape(os.getcwd())}</code> by "
+        "<code>snakemake</code> with this configuration:</p>",
         f"<pre>{html.escape(yaml.safe_dump(dict(config), sort_keys=False))}</pre>",
         "</body></html>",
     ]

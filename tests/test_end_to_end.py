@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
+import os
+import re
+import shutil
+import subprocess
 
+import matplotlib.image
 import mrcfile
 import numpy as np
 import pytest
@@ -81,3 +87,71 @@ def test_tiny_run_recovers_the_molecule_far_better_than_the_random_start(tiny_ru
     band = (freq >= 1 / 60) & (freq <= 1 / 30)
     assert fsc_final[band].mean() > 0.75
     assert fsc_final[band].mean() > fsc_start[band].mean() + 0.25
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("CI"):
+        pytest.fail("chromium is missing under CI (.ci/run installs Debian's chromium)")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+# Appended to a copy of the report: after load, every image must have decoded to a real size and
+# no script error may have fired; the verdict is written into the DOM that --dump-dom prints.
+PROBE = """<script>
+var errors = [];
+window.addEventListener('error', function (e) { errors.push(String(e.message)); }, true);
+window.addEventListener('load', function () {
+  var imgs = Array.from(document.images);
+  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  var links = Array.from(document.querySelectorAll('a[href]')).map(function (a) {
+    return a.getAttribute('href'); }).filter(function (h) { return !/^(#|data:|https?:)/.test(h); });
+  var out = document.createElement('pre');
+  out.id = 'probe';
+  out.textContent = JSON.stringify({images: imgs.length, broken: broken.length,
+                                    local_links: links, errors: errors,
+                                    height: document.body.scrollHeight});
+  document.body.appendChild(out);
+});
+</script>"""
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+@pytest.mark.slow
+def test_report_renders_offline_in_a_real_browser(tiny_run, tmp_path):
+    chromium = _chromium()
+    report = (tiny_run / "results/tiny/report.html").read_text()
+    # Self-contained: nothing fetched from elsewhere, every image embedded.
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", report), "external reference"
+    for section in ("Inputs", "Run", "Map", "Validation", "Provenance"):
+        assert f"<h2>{section}</h2>" in report
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(report.replace("</body>", PROBE + "</body>"))
+    profile = tmp_path / "profile"
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+         "--dump-dom", probe_page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
+    assert found, "the page never finished loading: " + dom.stderr[-2000:]
+    verdict = json.loads(html.unescape(found.group(1)))
+    assert verdict["images"] >= 8, verdict  # every figure of the report
+    assert verdict["broken"] == 0, verdict
+    assert verdict["errors"] == [] and verdict["local_links"] == [], verdict
+
+    screenshot = tiny_run / "report_first_screen.png"
+    shot = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,1600",
+         f"--screenshot={screenshot}", (tiny_run / "results/tiny/report.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
+    pixels = matplotlib.image.imread(screenshot)[..., :3]
+    # A rendered page has text and plots: many distinct grey levels, not a blank canvas.
+    assert pixels.std() > 0.05 and (pixels.mean(axis=2) < 0.5).mean() > 0.005
+    print(f"report screenshot: {screenshot}")

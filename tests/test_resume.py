@@ -45,6 +45,10 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path):
     assert stage1_volume.exists() and not (stage2 / "volume.mrc").exists()
     stage1_mtime = stage1_volume.stat().st_mtime
 
+    # A killed Snakemake cannot remove its lock; the user clears it as Snakemake's message says.
+    unlock = subprocess.run(snakemake_cmd(tmp_path) + ["--unlock"], capture_output=True,
+                            text=True, timeout=120)
+    assert unlock.returncode == 0, unlock.stderr[-3000:]
     rerun = subprocess.run(snakemake_cmd(tmp_path), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = (tmp_path / "logs/reconstruct_stage/r_seed1_stage2.log").read_text()
