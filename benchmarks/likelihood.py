@@ -1,7 +1,8 @@
 """Throughput of the marginal likelihood (and gradient) against numpy, and against matmul peak.
 
-For 64-px and 128-px images at max frequency 1/40 A and 1/10 A (pixel sizes as METHOD.md: 5.6
-and 2.8 A/px), on each stage's cropped box:
+For 64-px and 128-px images at 2.8 A/px (a 180-A and a 360-A box; 64 px at 5.6 A/px could not
+reach 10 A, its Nyquist being 11.2 A) at max frequency 1/40 A and 1/10 A, on each stage's
+cropped box:
 
 * evaluations per second: (image, rotation, shift, Fourier coefficient) terms evaluated, with the
   full grid at 1/40 A and an importance-sized sample (rotations x shifts per image) at 1/10 A,
@@ -131,7 +132,7 @@ def main():
     peak = matmul_gflops()
     print(f"numpy float32 matmul: {peak:.1f} GFLOP/s on this machine")
     rows = []
-    for full_box, psize in ((64, 5.6), (128, 2.8)):
+    for full_box, psize in ((64, 2.8), (128, 2.8)):
         for resolution in (40.0, 10.0):
             row = case(full_box, psize, resolution, rng)
             row["fraction_of_matmul_peak"] = row["gflops"] / peak

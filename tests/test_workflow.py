@@ -46,8 +46,8 @@ def test_default_config_plans_the_whole_pipeline(tmp_path):
     assert proc.returncode == 0, proc.stderr
     jobs = planned_jobs(proc.stdout)
     assert set(jobs) == RULES
-    n_stages = 6
-    assert jobs["reconstruct_stage"] == n_stages and jobs["downsample"] == n_stages
+    n_stages, n_seeds = 6, 2
+    assert jobs["reconstruct_stage"] == n_stages * n_seeds and jobs["downsample"] == n_stages
 
 
 def test_several_datasets_and_seeds_side_by_side(tmp_path, shared_data):
@@ -101,3 +101,33 @@ def test_slurm_profile_plans_with_its_resources(tmp_path):
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     assert profile["executor"] == "slurm" and profile["set-threads"]["reconstruct_stage"] > 2
     assert all("slurm_partition=CHANGE_ME" in j for j in jobs if j.startswith("preprocess:"))
+
+
+def test_stage_memory_and_time_scale_with_the_stage_data(tmp_path):
+    # Snakemake evaluates a stage's resources again once its images exist; here they exist
+    # already (sparse files), as they would when a 46,000-particle stage is about to be submitted.
+    config = {"datasets": {"d": {"simulate": {"box": 128, "pixel_size": 2.8}}},
+              "reconstruction": {"stages_A": [40, 10], "seeds": [1]}}
+    write_config(tmp_path, config)
+    pre = tmp_path / "results/d/preprocess"
+    pre.mkdir(parents=True)
+    n_images = 46_000
+    for stage, box in ((1, 20), (2, 76)):
+        (pre / f"stage{stage}.json").write_text(f'{{"box": {box}}}')
+        with open(pre / f"stage{stage}.mrcs", "wb") as f:
+            f.truncate(1024 + n_images * box * box * 4)
+    proc = run_snakemake(tmp_path, "-n", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resources = {}
+    for job in proc.stdout.split("rule ")[1:]:
+        if job.startswith("reconstruct_stage:"):
+            stage = int(job.split("stage=")[1].split(",")[0].split()[0])
+            mem = int(job.split("mem_mb=")[1].split(",")[0])
+            runtime = int(job.split("runtime=")[1].split(",")[0].split()[0])
+            resources[stage] = (mem, runtime)
+    assert set(resources) == {1, 2}, proc.stdout[-3000:]
+    # Stage 2: 230 stored float32 gradients of 76^3 voxels (404 MB) and 2 GiB of images at most,
+    # besides the likelihood's working set; stage 1 is far smaller.
+    assert resources[2][0] > resources[1][0] + 2000
+    assert resources[2][0] >= 1000 + 404 + 1062
+    assert resources[2][1] > resources[1][1]

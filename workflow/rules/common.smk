@@ -1,5 +1,6 @@
 # All Python of the workflow lives here (snakemake --lint asks rules and functions apart).
 import copy
+import json
 from pathlib import Path
 
 import yaml
@@ -93,9 +94,39 @@ def all_stage_dirs(wildcards):
     ]
 
 
-def stage_mem_mb(wildcards, attempt):
-    """Memory for a stage grows with its box; doubled on each retry."""
-    return 4000 * attempt
+def stage_mem_mb(wildcards, input, attempt):
+    """Memory (MB) a stage needs, from its image count and box; doubled on each retry.
+
+    Snakemake evaluates this again once the stage's images exist (before it submits the job),
+    so the figure is the estimate for the real data; before that, a 4 GB placeholder. The
+    terms: SAGD's stored gradients (one float32 volume per minibatch), the images kept in memory
+    (at most 2 GiB, streamed beyond), and the likelihood's working set (at most 30,000
+    rotations of ~40 bytes per Fourier pixel inside the cutoff, METHOD.md section 3).
+    """
+    info_path, stack_path = Path(input.info), Path(input.stack)
+    if not (info_path.exists() and stack_path.exists()):
+        return 4000 * attempt
+    box = int(json.loads(info_path.read_text())["box"])
+    n_images = max(1, (stack_path.stat().st_size - 1024) // (4 * box * box))
+    n_batches = -(-n_images // RECON["minibatch_size"])
+    gradients = n_batches * box**3 * 4
+    images = min(n_images * box * box * 4, 2 << 30)
+    likelihood = 30000 * 0.8 * box * box * 40
+    return int(1000 + (gradients + images + likelihood) / 1e6) * attempt
+
+
+def stage_runtime(wildcards, input, attempt):
+    """Minutes a stage may run: 10 ms per image and iteration at 64 px, as box^2; doubled on retry.
+
+    Measured on the demo (2 cores, importance sampling on); a cluster's time limit beyond this
+    is harmless, one below it kills the job (which then resumes from its checkpoint).
+    """
+    info_path, stack_path = Path(input.info), Path(input.stack)
+    if not (info_path.exists() and stack_path.exists()):
+        return 240 * attempt
+    box = int(json.loads(info_path.read_text())["box"])
+    per_iteration_s = RECON["minibatch_size"] * 1e-2 * (box / 64) ** 2
+    return int(30 + RECON["max_iterations"] * per_iteration_s / 60) * attempt
 
 
 def final_outputs():

@@ -19,7 +19,7 @@ rule reconstruct_stage:
     threads: 2
     resources:
         mem_mb=stage_mem_mb,
-        runtime=240,
+        runtime=stage_runtime,
     params:
         resolution=stage_resolution,
         options=RECON,
