@@ -109,7 +109,21 @@ def _read_star_blocks(path: Path) -> dict[str, pd.DataFrame]:
     except Exception as exc:  # starfile raises a variety of parser errors
         raise InputError(f"{path}: not a readable STAR file ({exc})") from exc
     blocks = {name: df for name, df in data.items() if isinstance(df, pd.DataFrame)}
+    _refuse_duplicate_blocks(path)
     return blocks
+
+
+def _refuse_duplicate_blocks(path: Path) -> None:
+    """A block named twice (two files concatenated, a bad merge) would be silently dropped."""
+    seen = set()
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.startswith("data_"):
+                name = line.split()[0]
+                if name in seen:
+                    raise InputError(f"{path}: block {name} appears twice (again on line "
+                                     f"{number}); merge the tables or keep one")
+                seen.add(name)
 
 
 def _particle_block(path: Path, blocks: dict[str, pd.DataFrame]) -> tuple[str, pd.DataFrame]:
@@ -303,8 +317,12 @@ def _stack_shape(file: str) -> tuple[tuple[int, int, int], float]:
                 raise InputError(f"{file}: not a readable MRC file (bad header)")
             shape = mrc.data.shape
             voxel = float(mrc.voxel_size.x)
+            mode, complex_values = int(mrc.header.mode), mrc.data.dtype.kind == "c"
     except ValueError as exc:
         raise InputError(f"{file}: not a readable MRC stack ({exc})") from exc
+    if complex_values:
+        raise InputError(f"{file}: MRC mode {mode} holds complex values (Fourier transforms), "
+                         "not particle images")
     if len(shape) == 2:
         shape = (1,) + shape
     return shape, voxel
@@ -411,6 +429,30 @@ def read_map(path) -> tuple[np.ndarray, float | None]:
     if not np.isfinite(volume).all():
         raise InputError(f"{path}: map has NaN or infinite values")
     return volume, (voxel if voxel > 0 else None)
+
+
+def check_reference(path, box: int, pixel_size: float) -> str:
+    """Refuse, before any reconstruction, a reference map that validation could not compare.
+
+    A reference in another box or at another voxel size is resampled at validation, which needs
+    its voxel size; one without a voxel size must match the particles' box. Returns a sentence for
+    the log.
+    """
+    volume, voxel = read_map(path)
+    n = volume.shape[0]
+    if voxel is None:
+        if n != box:
+            raise InputError(
+                f"{path}: reference map is {n} px with no voxel size in its header, the "
+                f"particles {box} px at {pixel_size:.4f} A/px; set its voxel size (e.g. "
+                "relion_image_handler --angpix, or mrcfile) so it can be resampled")
+        return f"{path}: reference {n} px, voxel size taken as the particles' {pixel_size:.4f} A"
+    if n * voxel < 0.5 * box * pixel_size:
+        raise InputError(
+            f"{path}: reference map spans {n * voxel:.0f} A ({n} px at {voxel:.4f} A), less than "
+            f"half the particles' {box * pixel_size:.0f} A box; is its voxel size right?")
+    return (f"{path}: reference {n} px at {voxel:.4f} A/px, resampled to {box} px at "
+            f"{pixel_size:.4f} A/px for validation")
 
 
 def write_map(path, volume: np.ndarray, voxel_size: float) -> None:

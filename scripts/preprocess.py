@@ -17,6 +17,9 @@ opts = snakemake.params.options
 particles = io.read_particles(snakemake.input.star, pixel_size=snakemake.params.pixel_size)
 n, box, pixel_size = len(particles.table), particles.box, particles.pixel_size
 log.info("%s: %d particles, %d px, %.4f A/px", snakemake.input.star, n, box, pixel_size)
+# A bad reference map is refused now rather than after hours of reconstruction.
+for reference in snakemake.input.reference:
+    log.info(io.check_reference(reference, box, pixel_size))
 
 mask_radius = opts["mask_radius_fraction"] * box / 2
 with io.ImageSource(particles) as source:

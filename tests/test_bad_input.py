@@ -160,3 +160,61 @@ def test_wrong_config_type_names_the_key(tmp_path):
     good_particles(tmp_path)
     proc = run_preprocess(tmp_path, pixel_size="two")
     assert_refused(proc, tmp_path, "pixel_size")
+
+
+def test_duplicated_star_block(tmp_path):
+    star = good_particles(tmp_path)
+    text = star.read_text()
+    star.write_text(text + "\n" + text[text.index("data_particles"):])
+    assert_refused(run_preprocess(tmp_path), tmp_path, "particles.star", "data_particles",
+                   "twice")
+
+
+def test_complex_mode_stack(tmp_path):
+    star = good_particles(tmp_path)
+    with mrcfile.new(tmp_path / "fourier.mrcs") as mrc:
+        mrc.set_data(np.ones((12, 24, 24), np.complex64))
+        mrc.set_image_stack()
+    edit_star(star, "000001@stack.mrcs", "000001@fourier.mrcs")
+    assert_refused(run_preprocess(tmp_path), tmp_path, "fourier.mrcs", "complex")
+
+
+def test_optics_groups_with_other_pixel_sizes(tmp_path):
+    star = good_particles(tmp_path)
+    blocks = starfile.read(star, always_dict=True)
+    optics = blocks["optics"]
+    second = optics.copy()
+    second["rlnOpticsGroup"] = 2
+    second["rlnOpticsGroupName"] = "opticsGroup2"
+    second["rlnImagePixelSize"] = 2.5
+    import pandas as pd
+
+    blocks["optics"] = pd.concat([optics, second], ignore_index=True)
+    blocks["particles"].loc[6:, "rlnOpticsGroup"] = 2
+    starfile.write(blocks, star, overwrite=True)
+    assert_refused(run_preprocess(tmp_path), tmp_path, "particles.star", "pixel sizes",
+                   "2.5")
+
+
+def test_reference_in_another_box_without_voxel_size(tmp_path):
+    good_particles(tmp_path)
+    with mrcfile.new(tmp_path / "reference.mrc") as mrc:
+        mrc.set_data(np.zeros((40, 40, 40), np.float32))
+    proc = run_preprocess(tmp_path, reference="reference.mrc")
+    assert_refused(proc, tmp_path, "reference.mrc", "40 px", "voxel size")
+
+
+def test_reference_in_another_box_with_its_voxel_size_is_resampled(tmp_path):
+    good_particles(tmp_path)
+    with mrcfile.new(tmp_path / "reference.mrc") as mrc:
+        mrc.set_data(np.zeros((16, 16, 16), np.float32))
+        mrc.voxel_size = 3.0
+    proc = run_preprocess(tmp_path, reference="reference.mrc")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "logs/preprocess/bad.log").read_text()
+    assert "resampled to 24 px at 2.0000 A/px" in log
+
+
+def test_missing_reference_map(tmp_path):
+    good_particles(tmp_path)
+    assert_refused(run_preprocess(tmp_path, reference="nowhere.mrc"), tmp_path, "nowhere.mrc")

@@ -59,6 +59,12 @@ def reference_map(wildcards):
     return [ref] if ref else []
 
 
+def user_reference(wildcards):
+    """The user's reference map, checked at preprocessing (none for simulations)."""
+    ref = config["datasets"][wildcards.dataset].get("reference")
+    return [ref] if ref else []
+
+
 def stage_resolution(wildcards):
     return float(RECON["stages_A"][int(wildcards.stage) - 1])
 

@@ -1,6 +1,7 @@
 rule preprocess:
     input:
         star=input_particles,
+        reference=user_reference,
     output:
         star="results/{dataset}/preprocess/particles.star",
         stack="results/{dataset}/preprocess/particles.mrcs",
