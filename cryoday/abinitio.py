@@ -20,7 +20,8 @@ import numpy as np
 
 from cryoday import importance as importance_mod
 from cryoday.initial import low_pass
-from cryoday.likelihood import exhaustive_subsets, make_batch, marginal_nll
+from cryoday.likelihood import (exhaustive_subsets, make_batch, marginal_nll,
+                                single_pose_subsets)
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
@@ -42,6 +43,8 @@ class StageResult:
     rotations: np.ndarray | None = None
     shifts_px: np.ndarray | None = None
     nll: np.ndarray | None = None
+    null_nll: np.ndarray | None = None
+    heldout_rows: np.ndarray | None = None
 
     def save_state(self, path) -> None:
         self.optimiser.save(path, **self.sampler.state())
@@ -51,7 +54,8 @@ class StageResult:
 
     def save_poses(self, path, pixel_size: float) -> None:
         _atomic_savez(path, rotations=self.rotations, shifts_A=self.shifts_px * pixel_size,
-                      nll=self.nll)
+                      nll=self.nll, null_nll=self.null_nll,
+                      heldout_rows=np.asarray(self.heldout_rows, dtype=np.int64))
 
 
 def _atomic_savez(path, **arrays) -> None:
@@ -265,16 +269,24 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     rotations = np.empty((len(images), 3, 3))
     shifts = np.empty((len(images), 2))
     nll = np.empty(len(images))
+    # -log p(I | V = 0), the images explained as pure noise: validation asks whether the map
+    # explains the held-out images better than that (a likelihood-ratio test for signal).
+    null_nll = np.empty(len(images))
     cube = op.prepare(volume)
+    empty = np.zeros_like(volume)
+    empty_cube = op.prepare(empty)
     for rows in np.array_split(np.arange(len(images)), max(1, len(images) // batch_size)):
+        batch = data.batch(rows)
         subsets = sampler.subsets(grid, rows, optimiser.t)
-        result = marginal_nll(op, volume, data.batch(rows), grid, subsets, want_grad=False,
-                              cube=cube)
+        result = marginal_nll(op, volume, batch, grid, subsets, want_grad=False, cube=cube)
         sampler.update(grid, rows, subsets, result)
         rotations[rows] = grid.rotations[result.best_rot]
         shifts[rows] = grid.shifts[result.best_shift]
         nll[rows] = result.nll
-    return StageResult(volume, optimiser, sampler, history, rotations, shifts, nll)
+        null_nll[rows] = marginal_nll(op, empty, batch, grid, single_pose_subsets(len(rows)),
+                                      want_grad=False, cube=empty_cube).nll
+    return StageResult(volume, optimiser, sampler, history, rotations, shifts, nll, null_nll,
+                       heldout_rows)
 
 
 def _history_array(history) -> np.ndarray:

@@ -103,6 +103,17 @@ def exhaustive_subsets(grid, n_images: int) -> PoseSubsets:
     )
 
 
+def single_pose_subsets(n_images: int) -> PoseSubsets:
+    """One pose (the first rotation and shift) of unit weight per image.
+
+    With an empty volume every pose predicts the same (zero) image, so this one pose gives the
+    exact -log p(I | V = 0): the likelihood of the images as pure noise.
+    """
+    one = np.arange(n_images + 1, dtype=np.int64)
+    zeros_i, zeros_w = np.zeros(n_images, np.int64), np.zeros(n_images, np.float64)
+    return PoseSubsets(one, zeros_i, zeros_w, one.copy(), zeros_i.copy(), zeros_w.copy())
+
+
 @dataclass
 class LikelihoodResult:
     """Output of :func:`marginal_nll` (see ``docs/engine_api.md``)."""

@@ -195,6 +195,18 @@ def pose_error_histogram(metrics) -> str:
     return _img(_png(fig), "pose errors")
 
 
+def signal_paragraph(metrics) -> str:
+    """The held-out likelihood-ratio test of the map against empty density."""
+    signal = metrics.get("heldout_signal")
+    if not signal:
+        return ""
+    verdict = ("evidence of a structure" if signal["z"] >= 3
+               else "<b>no evidence of a structure</b>")
+    return (f"<p>Held-out test: on {signal['n_heldout']} images never used for fitting, the map "
+            f"explains the data {signal['gain_nats_per_image']:+.2f} nats per image better than "
+            f"empty density (z = {signal['z']:.1f}): {verdict}.</p>")
+
+
 def seed_table(metrics) -> str:
     """Pairwise FSC between the random starts' maps, and whether they agree."""
     consistency = metrics.get("seed_consistency", {})
@@ -263,7 +275,7 @@ def write_report(path, dataset, metrics, fsc, volume, star, preprocess_info, his
         "<h2>Validation</h2>",
         f"<p>FSC 0.143 against the reference: "
         f"{'n/a' if resolution is None else f'{resolution:.1f} A'}. "
-        "</p>", seed_table(m),
+        "</p>", signal_paragraph(m), seed_table(m),
         f"<p>Half-map FSC 0.143: {m.get('halfmap_fsc0143_A', float('nan')):.1f} A unmasked, "
         f"{m.get('halfmap_fsc0143_masked_A', float('nan')):.1f} A masked (the half maps share "
         "the poses found against one map, so this is an optimistic figure).</p>",

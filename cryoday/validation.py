@@ -96,6 +96,34 @@ def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
     return maps
 
 
+SIGNAL_Z = 3.0  # held-out log-likelihood gain, in standard errors, that counts as signal
+
+
+def histories_of(histories: list[str], seed: int) -> list[str]:
+    """One seed's ``history.tsv`` paths, stage order kept."""
+    return [h for h in histories if f"/seed{seed}/" in str(h)]
+
+
+def heldout_signal_test(poses_path) -> dict | None:
+    """Does the map explain images it never saw better than empty density does?
+
+    For each held-out image the gain is ``-log p(I | 0) - (-log p(I | V))``, the log-likelihood
+    ratio of the map against pure noise. On images with no signal its expectation is at most 0
+    (Jensen: the ratio itself averages 1 under noise), whatever the map was fitted to, so a mean
+    gain many standard errors above 0 is evidence of signal, and one near 0 is its absence.
+    """
+    with np.load(poses_path) as f:
+        if "null_nll" not in f or "heldout_rows" not in f:
+            return None
+        rows = f["heldout_rows"]
+        gain = f["null_nll"][rows] - f["nll"][rows]
+    if len(gain) < 2:
+        return None
+    standard_error = gain.std(ddof=1) / np.sqrt(len(gain))
+    z = float(gain.mean() / standard_error) if standard_error > 0 else 0.0
+    return {"gain_nats_per_image": float(gain.mean()), "z": z, "n_heldout": int(len(gain))}
+
+
 def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_volumes, histories,
                 seeds, stages_A, reference=None, simulated=False, log=print):
     """Everything ``metrics.json`` reports, and the FSC table."""
@@ -104,7 +132,7 @@ def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_vol
     chosen = int(choice["chosen_seed"])
     per_seed = {}
     for seed in seeds:
-        paths = [h for h in histories if f"/seed{seed}/" in h]
+        paths = histories_of(histories, seed)
         per_seed[str(seed)] = [stage_figures(p, float(r)) for p, r in zip(paths, stages_A)]
     metrics = {
         "dataset": Path(final_volume).parts[-3] if len(Path(final_volume).parts) >= 3 else "",
@@ -162,6 +190,17 @@ def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_vol
         metrics["pose_error_hand_flipped"] = bool(mirrored)
         metrics["pose_error_histogram"] = np.histogram(errors, bins=18, range=(0, 180))[0].tolist()
         log(f"median angular error of the poses: {np.median(errors):.1f} degrees")
+    signal = heldout_signal_test(Path(histories_of(histories, chosen)[-1]).with_name("poses.npz"))
+    if signal is not None:
+        metrics["heldout_signal"] = signal
+        log(f"held-out images: the map explains them {signal['gain_nats_per_image']:.2f} nats "
+            f"per image better than empty density (z = {signal['z']:.1f})")
+        if signal["z"] < SIGNAL_Z:
+            metrics["warnings"].append(
+                f"the final map explains the {signal['n_heldout']} held-out images no better than "
+                f"empty density ({signal['gain_nats_per_image']:+.2f} nats per image, "
+                f"z = {signal['z']:.1f} < {SIGNAL_Z}): there is no evidence of a structure in "
+                "these particles (too few, too noisy, or not particles)")
     # Seed consistency: every pair of final maps, aligned.
     maps = {}
     for seed, path in zip(seeds, seed_volumes):

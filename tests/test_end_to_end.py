@@ -70,6 +70,8 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert [s["resolution_A"] for s in metrics["stages"]] == [40, 25]
     for stage in metrics["stages"]:
         assert stage["iterations"] >= 1 and stage["wall_s"] > 0
+    # Real signal: the map explains held-out images far better than empty density.
+    assert metrics["heldout_signal"]["z"] > 5 and metrics["status"] == "ok", metrics
 
 
 @pytest.mark.slow
@@ -155,3 +157,28 @@ def test_report_renders_offline_in_a_real_browser(tiny_run, tmp_path):
     # A rendered page has text and plots: many distinct grey levels, not a blank canvas.
     assert pixels.std() > 0.05 and (pixels.mean(axis=2) < 0.5).mean() > 0.005
     print(f"report screenshot: {screenshot}")
+
+
+@pytest.mark.slow
+def test_pure_noise_run_is_flagged_not_presented_as_a_success(tmp_path):
+    # No signal at all: whatever map comes out, the validation must say it is not to be trusted.
+    config = {
+        "datasets": {"noise": {"simulate": {"box": 32, "pixel_size": 5.0, "n_particles": 300,
+                                            "snr": 1e-6, "seed": 5}}},
+        "preprocess": {"n_heldout": 30},
+        "reconstruction": {"stages_A": [40, 25], "seeds": [1, 2], "minibatch_size": 60,
+                           "max_iterations": 20, "heldout_every": 5},
+    }
+    write_config(tmp_path, config)
+    proc = run_snakemake(tmp_path, "--cores", "2", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    metrics = json.loads((tmp_path / "results/noise/validation/metrics.json").read_text())
+    assert metrics["status"] == "warning", metrics
+    # The held-out likelihood-ratio test against empty density finds no signal (the FSC figures
+    # alone would not say so: any two centred blobs agree at low resolution).
+    assert metrics["heldout_signal"]["z"] < 3, metrics["heldout_signal"]
+    assert any("no evidence of a structure" in w for w in metrics["warnings"]), metrics
+    report = (tmp_path / "results/noise/report.html").read_text()
+    assert "Status: warning" in report
+    for warning in metrics["warnings"]:
+        assert html.escape(warning) in report
