@@ -37,7 +37,21 @@ PARTICLE_FILES = [
     ("simplecryoem/pyem.star", 24, 3.54),
     ("scipion-em-esrf/input_particles.star", 2021, 3.0),
     ("starfile/rln3.1_data_style.star", 2, 1.04),
+    ("aspire/rln_proj_64_centered.star", 4, 1.0),
+    ("aspire/rln_proj_64_shifted.star", 4, 1.0),
+    ("cryodrgn/sta_testing_bin8.star", 219, 1.96),
+    ("cryodrgn/toy_projections_13.star", 13, 1.035),
+    ("cryojax/example_particles.star", 4, 4.4),
+    ("cryojax/ribosome_4ug0_particles.star", 5, 4.0),
+    ("cryojax/test_starfile.star", 3, 12.0),
 ]
+
+# Particle files whose pixel size is nowhere (STAR nor stack header): refused by name unless the
+# config gives one.
+NO_PIXEL_SIZE = [("aspire/rln_proj_64.star", 5), ("aspire/rln_proj_65.star", 5)]
+# Particle files whose stacks the shared folder does not hold: refused, naming the stack.
+STACKS_ABSENT = [("cryodrgn/toy.star", "toy_projections.mrcs"),
+                 ("cryodrgn/toy_projections_dir.star", "toy_images_a.mrcs")]
 
 
 @pytest.mark.parametrize(("name", "count", "pixel_size"), PARTICLE_FILES)
@@ -48,6 +62,20 @@ def test_every_dialect_is_read(shared_data, name, count, pixel_size):
         assert particles.pixel_size == pytest.approx(pixel_size, rel=2e-3)
     assert (particles.stack_index >= 0).all()
     assert all(p.startswith(str(shared_data)) or p.startswith("/") for p in particles.stack_paths)
+
+
+@pytest.mark.parametrize(("name", "count"), NO_PIXEL_SIZE)
+def test_a_file_without_pixel_size_needs_the_config(shared_data, name, count):
+    with pytest.raises(InputError, match="pixel size found nowhere"):
+        io.read_particles(shared_data / name, require_ctf=False)
+    particles = io.read_particles(shared_data / name, pixel_size=1.5, require_ctf=False)
+    assert len(particles) == count and particles.pixel_size == 1.5
+
+
+@pytest.mark.parametrize(("name", "stack"), STACKS_ABSENT)
+def test_a_file_whose_stack_is_absent_is_refused_by_name(shared_data, name, stack):
+    with pytest.raises(InputError, match=stack):
+        io.read_particles(shared_data / name, require_ctf=False)
 
 
 def test_optics_groups_are_merged_per_particle(shared_data):
