@@ -182,3 +182,45 @@ def test_pure_noise_run_is_flagged_not_presented_as_a_success(tmp_path):
     assert "Status: warning" in report
     for warning in metrics["warnings"]:
         assert html.escape(warning) in report
+
+
+@pytest.mark.slow
+def test_simulated_set_round_trips_through_the_engine_operator(tiny_run):
+    """Read the simulated STAR/stack back; the engine's slice operator at the true poses, with the
+    CTF and shift phases, must explain the images up to exactly the noise."""
+    from cryoday import io
+    from cryoday.geometry import euler_to_matrix
+    from cryoday.likelihood import make_batch, shift_phases
+    from cryoday.projection import SliceOperator
+
+    simulated = tiny_run / "results/tiny/simulated"
+    particles = io.read_particles(simulated / "particles.star")
+    truth, _ = io.read_map(simulated / "truth.mrc")
+    rows = np.arange(100)
+    with io.ImageSource(particles) as source:
+        images = source.read(rows)
+    box, pixel_size = particles.box, particles.pixel_size
+    op = SliceOperator(box, box / 2 - 2)
+    batch = make_batch(op, images, {k: v[rows] for k, v in io.ctf_params(particles).items()},
+                       pixel_size, 1.0)
+    pose = io.poses(particles)
+    slices = op.forward(truth, euler_to_matrix(pose["rot"][rows], pose["tilt"][rows],
+                                               pose["psi"][rows]), op.prepare(truth))
+    shifts_px = np.stack([pose["shift_x"][rows], pose["shift_y"][rows]], 1) / pixel_size
+    w = op.weights
+
+    def fit(model):
+        cross = (w * (np.conj(model) * batch.data).real).sum(1)
+        scale = cross.sum() / (w * np.abs(model) ** 2).sum()
+        residual = (w * np.abs(batch.data - model) ** 2).sum() / (w.sum() * len(rows))
+        corr = cross / np.sqrt((w * np.abs(model) ** 2).sum(1) * (w * np.abs(batch.data) ** 2).sum(1))
+        return scale, residual, corr.mean()
+
+    re, im = shift_phases(op, shifts_px)
+    scale, residual, corr = fit(batch.ctf * slices * (re + 1j * im))
+    noise_variance = images[:, :4, :].var()  # the corners hold noise only
+    assert scale == pytest.approx(1.0, abs=0.05)
+    assert residual == pytest.approx(noise_variance, rel=0.05)
+    re, im = shift_phases(op, -shifts_px)
+    assert corr > fit(batch.ctf * slices * (re + 1j * im))[2] + 0.05  # RELION's shift sign
+    assert corr > fit(batch.ctf * slices[np.roll(rows, 1)])[2] + 0.2  # another image's pose
