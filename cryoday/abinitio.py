@@ -20,8 +20,7 @@ import numpy as np
 
 from cryoday import importance as importance_mod
 from cryoday.initial import low_pass
-from cryoday.likelihood import (exhaustive_subsets, make_batch, marginal_nll,
-                                single_pose_subsets)
+from cryoday.likelihood import make_batch, marginal_nll, single_pose_subsets
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cryoday._simulate_kernels import slice_cubic
 from cryoday.ctf import evaluate_ctf
-from cryoday.fourier import ft2, ft3, ift2
+from cryoday.fourier import ft3, ift2
 from cryoday.geometry import euler_to_matrix, matrix_to_euler
 
 

@@ -14,6 +14,8 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from cryoday.align import fsc_after_alignment
 from cryoday.fourier import rescale_volume
@@ -213,7 +215,8 @@ def test_simulated_set_round_trips_through_the_engine_operator(tiny_run):
         cross = (w * (np.conj(model) * batch.data).real).sum(1)
         scale = cross.sum() / (w * np.abs(model) ** 2).sum()
         residual = (w * np.abs(batch.data - model) ** 2).sum() / (w.sum() * len(rows))
-        corr = cross / np.sqrt((w * np.abs(model) ** 2).sum(1) * (w * np.abs(batch.data) ** 2).sum(1))
+        power = (w * np.abs(model) ** 2).sum(1) * (w * np.abs(batch.data) ** 2).sum(1)
+        corr = cross / np.sqrt(power)
         return scale, residual, corr.mean()
 
     re, im = shift_phases(op, shifts_px)
@@ -224,3 +227,81 @@ def test_simulated_set_round_trips_through_the_engine_operator(tiny_run):
     re, im = shift_phases(op, -shifts_px)
     assert corr > fit(batch.ctf * slices * (re + 1j * im))[2] + 0.05  # RELION's shift sign
     assert corr > fit(batch.ctf * slices[np.roll(rows, 1)])[2] + 0.2  # another image's pose
+
+
+# An independent check of validation's figures on the tiny simulated run: the global rotation
+# from the poses alone (scipy's rotation mean, not the map search of cryoday.align), the map
+# rotated with scipy.ndimage, FSC by a plain shell loop.
+def _relion_matrices(table):
+    """Rotations from RELION's ZYZ angles by scipy (rotating the view back onto the map)."""
+    angles = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    return Rotation.from_euler("ZYZ", angles, degrees=True).inv().as_matrix()
+
+
+def _independent_pose_error(true, est):
+    """Median angular error (degrees) after scipy's mean global rotation, the better hand."""
+    best = None
+    flip = np.diag([1.0, 1.0, -1.0])
+    for mirrored in (False, True):
+        a = flip @ true @ flip if mirrored else true
+        q = Rotation.from_matrix(np.einsum("nji,njk->nik", est, a)).mean()
+        relative = np.einsum("nij,jk,nlk->nil", est, q.as_matrix(), a)
+        median = np.degrees(np.median(Rotation.from_matrix(relative).magnitude()))
+        if best is None or median < best[0]:
+            best = (median, mirrored, q.as_matrix())
+    return best
+
+
+def _numpy_fsc(a, b):
+    """FSC in shells of one Fourier pixel, by a plain loop over shells."""
+    fa, fb = np.fft.fftshift(np.fft.fftn(a)), np.fft.fftshift(np.fft.fftn(b))
+    n = a.shape[0]
+    k = np.arange(n) - n // 2
+    radius = np.rint(np.sqrt(sum(g**2 for g in np.meshgrid(k, k, k, indexing="ij")))).astype(int)
+    curve = []
+    for shell in range(n // 2 + 1):
+        m = radius == shell
+        power = (abs(fa[m]) ** 2).sum() * (abs(fb[m]) ** 2).sum()
+        curve.append((fa[m] * np.conj(fb[m])).real.sum() / np.sqrt(power))
+    return np.array(curve)
+
+
+def _overlay_by_poses(est, truth, q):
+    """The estimated map rotated by the poses' global rotation (either hand, either sense: the
+    best correlation decides) and translated by an FFT cross-correlation peak."""
+    n = est.shape[0]
+    c = np.full(3, n // 2, float)
+    perm = [2, 1, 0]  # arrays are (z, y, x)
+    best = None
+    for v in (est, est[::-1]):
+        for m in (q, q.T):
+            mz = m[np.ix_(perm, perm)]
+            moved = ndimage.affine_transform(v.astype(float), mz, offset=c - mz @ c, order=3)
+            cc = np.fft.ifftn(np.fft.fftn(truth) * np.conj(np.fft.fftn(moved))).real
+            moved = np.roll(moved, np.unravel_index(np.argmax(cc), cc.shape), axis=(0, 1, 2))
+            corr = np.corrcoef(moved.ravel(), truth.ravel())[0, 1]
+            if best is None or corr > best[0]:
+                best = (corr, moved)
+    return best
+
+
+@pytest.mark.slow
+def test_validation_figures_agree_with_an_independent_check(tiny_run):
+    root = tiny_run / "results/tiny"
+    metrics = json.loads((root / "validation/metrics.json").read_text())
+    truth_table = starfile.read(root / "simulated/particles.star")["particles"]
+    final_table = starfile.read(root / "final/particles.star")["particles"]
+    median, mirrored, rotation = _independent_pose_error(_relion_matrices(truth_table),
+                                                         _relion_matrices(final_table))
+    assert median == pytest.approx(metrics["pose_error_median_deg"], abs=0.5)
+    assert mirrored == metrics["pose_error_hand_flipped"]
+    truth = mrcfile.read(root / "simulated/truth.mrc").astype(float)
+    final = mrcfile.read(root / "final/volume.mrc").astype(float)
+    correlation, overlaid = _overlay_by_poses(final, truth, rotation)
+    assert correlation > 0.8
+    curve = _numpy_fsc(overlaid, truth)
+    below = np.flatnonzero(curve[1:] < 0.143) + 1
+    shell = below[0]
+    crossing = shell - 1 + (curve[shell - 1] - 0.143) / (curve[shell - 1] - curve[shell])
+    resolution = 32 * 5.0 / crossing
+    assert resolution == pytest.approx(metrics["fsc0143_vs_reference_A"], rel=0.1)
