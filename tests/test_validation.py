@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from cryoday import molecule, simulate
 from cryoday.align import _transform, fsc_after_alignment
@@ -38,6 +39,25 @@ def test_alignment_recovers_rotation_shift_and_hand():
     assert alignment.flipped
     assert alignment.correlation > 0.95
     assert res < 4 * 5.0
+    # Undoing a mirror (J flips z) then R: the rotation found is J R^T J.
+    mirror = np.diag([1.0, 1.0, -1.0])
+    expected = mirror @ rotation.T @ mirror
+    assert np.degrees(Rotation.from_matrix(alignment.rotation @ expected.T).magnitude()) < 3.0
+
+
+@pytest.mark.parametrize("seed", [7, 11])
+def test_alignment_finds_the_known_rotation_and_shift(seed):
+    # moved(x) = v(R^T (x - c - t) + c) is undone by R^T and the shift -R^T t, exactly.
+    v = molecule.synthetic_molecule(32, 5.0)
+    rotation = simulate.random_rotations(1, np.random.default_rng(seed))[0]
+    shift = np.array([1.5, -2.0, 1.0])
+    moved = _transform(np.ascontiguousarray(v, dtype=np.float64), rotation, shift,
+                       order=3).astype(np.float32)
+    alignment, _, _, _ = fsc_after_alignment(moved, v, 5.0)
+    assert not alignment.flipped
+    error_deg = np.degrees(Rotation.from_matrix(alignment.rotation @ rotation).magnitude())
+    assert error_deg < 3.0  # the local refinement's tolerance; the search grid is 15 degrees
+    assert np.allclose(alignment.shift_px, -rotation.T @ shift, atol=0.25)
 
 
 def test_pose_errors_after_a_global_rotation_and_hand():
