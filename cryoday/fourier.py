@@ -60,9 +60,11 @@ def radial_index_3d(n: int) -> np.ndarray:
 def fourier_crop_2d(images: np.ndarray, new_n: int) -> np.ndarray:
     """Downsample ``[..., n, n]`` images to ``new_n`` by cropping their centred spectra.
 
-    Pixel values keep their meaning as a local mean (what RELION's ``--rescale_angpix`` does), so
-    a projection of a volume resampled by :func:`fourier_crop_3d` to the same box still matches the
-    cropped image. White noise of standard deviation ``s`` per pixel becomes ``s * new_n / n``.
+    Pixel values keep their meaning as a local mean (what RELION's ``--rescale_angpix`` does). A
+    projection sums a volume's voxels along each ray, so a volume resampled by
+    :func:`fourier_crop_3d` to the same box projects ``new_n / n`` times brighter than the cropped
+    image (see :func:`cryoday.initial.resample_for_stage`). White noise of standard deviation
+    ``s`` per pixel becomes ``s * new_n / n``.
     """
     n = images.shape[-1]
     if new_n > n:

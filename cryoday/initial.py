@@ -46,6 +46,17 @@ def resample_volume(volume: np.ndarray, new_box: int) -> np.ndarray:
     return np.maximum(fourier_crop_3d(volume, new_box), 0).astype(np.float32)
 
 
+def resample_for_stage(volume: np.ndarray, new_box: int) -> np.ndarray:
+    """The previous stage's map at the next stage's box, its projections at the images' scale.
+
+    Stage images are Fourier-cropped keeping pixel values (a local mean), while a projection sums
+    ``box`` voxels along each ray: a map resampled the same way from ``n`` to ``new_box`` voxels
+    would project ``new_box / n`` times too bright, so its density is scaled by ``n / new_box``.
+    """
+    n = volume.shape[0]
+    return resample_volume(volume, new_box) * np.float32(n / new_box)
+
+
 def resample_to(volume: np.ndarray, voxel_size: float, box: int, pixel_size: float) -> np.ndarray:
     """A user's map resampled to ``box`` voxels of ``pixel_size`` A, clipped at 0."""
     return np.maximum(rescale_volume(volume, voxel_size, box, pixel_size), 0).astype(np.float32)

@@ -33,7 +33,9 @@ index = seeds.index(best)
 log.info("held-out nll per seed: %s; final map from seed %d", scores, best)
 
 volume, stage_pixel_size = io.read_map(snakemake.input.volumes[index])
+# Scaled as a stage map is between stages, so its projections match the input images.
 final = rescale_volume(volume, stage_pixel_size, info["box"], info["pixel_size"])
+final *= volume.shape[0] / info["box"]
 io.write_map(snakemake.output.volume, final, info["pixel_size"])
 
 poses = np.load(snakemake.input.poses[index])

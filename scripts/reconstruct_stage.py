@@ -38,7 +38,7 @@ if stage == 1:
 else:
     previous_volume, previous_state = snakemake.input.previous
     volume, _ = io.read_map(previous_volume)
-    volume0 = initial.resample_volume(volume, box)
+    volume0 = initial.resample_for_stage(volume, box)
     sagd_state = previous_state
     log.info("stage %d starts from stage %d's volume, resampled %d -> %d px",
              stage, stage - 1, volume.shape[0], box)

@@ -65,3 +65,25 @@ def test_slices_at_rotations_about_the_viewing_axis_are_rotated_images():
             assert np.conj(lookup[(-y, x)]) == pytest.approx(v, rel=1e-3, abs=1e-4 * np.abs(a).max())
             matched += 1
     assert matched == op.n_coef
+
+
+@pytest.mark.parametrize("new_box", [20, 30, 44])
+def test_a_map_resampled_for_a_stage_projects_at_the_cropped_images_scale(new_box):
+    # Clean 64-px projections of a map, Fourier-cropped as a stage's images are, against the
+    # engine's slices of the map resampled for that stage: the least-squares scale must be 1.
+    from cryoday import molecule, simulate
+    from cryoday.fourier import fourier_crop_2d
+    from cryoday.initial import resample_for_stage
+    from cryoday.likelihood import make_batch
+
+    volume = molecule.synthetic_molecule(64, 3.0)
+    rotations = simulate.random_rotations(20, np.random.default_rng(1))
+    images = fourier_crop_2d(simulate.project(volume, rotations), new_box)
+    op = SliceOperator(new_box, new_box / 2 - 2)
+    no_ctf = {"defocus_u": np.zeros(20), "defocus_v": np.zeros(20), "defocus_angle": np.zeros(20),
+              "voltage": 300.0, "cs": 0.0, "amplitude_contrast": 1.0}
+    batch = make_batch(op, images, no_ctf, 64 * 3.0 / new_box, 1.0)
+    model = op.forward(resample_for_stage(volume, new_box), rotations)
+    w = op.weights
+    scale = (w * (np.conj(model) * batch.data).real).sum() / (w * np.abs(model) ** 2).sum()
+    assert scale == pytest.approx(1.0, abs=0.03)
