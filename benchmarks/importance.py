@@ -331,7 +331,7 @@ def run_stages(images, ctf, box, pixel_size, stages, train, heldout, args, impor
         if volume is None:
             volume0 = initial.random_blobs(sbox, spsize, seed=args.seed + 1)
         else:
-            volume0 = initial.resample_volume(volume, sbox)
+            volume0 = initial.resample_for_stage(volume, sbox)
         config = {"minibatch_size": args.minibatch, "max_iterations": args.iterations,
                   "min_iterations": args.iterations, "patience": 10**6,
                   "heldout_every": args.heldout_every, "checkpoint_every": 10**6,
