@@ -91,6 +91,16 @@ class Particles:
     def __len__(self) -> int:
         return len(self.table)
 
+    def image_names_from(self, directory) -> list[str]:
+        """``rlnImageName`` values that find the same images from a STAR file in ``directory``.
+
+        Image paths in a STAR file are relative to the file; one written elsewhere (the final
+        particles, next to the map) must point back at the user's stacks.
+        """
+        directory = Path(directory).resolve()
+        return [f"{index + 1:06d}@{os.path.relpath(path, directory)}"
+                for index, path in zip(self.stack_index, self.stack_paths)]
+
     def original_table(self, table: pd.DataFrame | None = None) -> pd.DataFrame:
         """``table`` (default: ours) without the optics columns merged in, for writing back."""
         table = self.table if table is None else table

@@ -53,32 +53,39 @@ def map_views(volume: np.ndarray, title: str) -> str:
 def history_plot(histories: list[str]) -> str:
     """Held-out error, objective, step size, grid fraction and pose KL against iteration.
 
-    Stages follow each other on one iteration axis, so a stage boundary shows as a new colour.
+    Each random start runs its stages one after another on one iteration axis (a stage boundary
+    shows as a new colour); seeds share the axis, told apart by line style.
     """
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
-    offset = 0
+    offsets: dict[str, int] = {}
+    seeds = sorted({Path(p).parent.parent.name for p in histories})
+    styles = ["-", "--", ":", "-."]
     for path in histories:
         rows = read_history(path)
         if not rows:
             continue
-        it = np.array([r["iteration"] for r in rows]) + offset
-        label = f"{Path(path).parent.parent.name}/{Path(path).parent.name}"
+        seed, stage = Path(path).parent.parent.name, Path(path).parent.name
+        style = styles[seeds.index(seed) % len(styles)]
+        colour = f"C{int(stage.removeprefix('stage')) - 1 if stage[5:].isdigit() else 0}"
+        it = np.array([r["iteration"] for r in rows]) + offsets.get(seed, 0)
+        label = stage if seed == seeds[0] else None
         held = np.array([r["heldout_nll"] for r in rows])
         good = np.isfinite(held)
-        axes[0].plot(it[good], held[good], "o-", ms=3, label=label)
-        axes[1].plot(it, [r["objective"] for r in rows], label=label)
-        axes[2].semilogy(it, [r["step"] for r in rows], label=label)
-        axes[3].semilogy(it, [r["n_evaluated"] / r["n_full"] for r in rows], label=label)
+        axes[0].plot(it[good], held[good], style, marker="o", ms=3, color=colour, label=label)
+        axes[1].plot(it, [r["objective"] for r in rows], style, color=colour)
+        axes[2].semilogy(it, [r["step"] for r in rows], style, color=colour)
+        axes[3].semilogy(it, [r["n_evaluated"] / r["n_full"] for r in rows], style, color=colour)
         kl = np.array([r.get("kl", np.nan) for r in rows])
-        axes[4].plot(it[np.isfinite(kl)], kl[np.isfinite(kl)], ".", ms=3, label=label)
-        offset = it[-1]
+        axes[4].plot(it[np.isfinite(kl)], kl[np.isfinite(kl)], ".", ms=3, color=colour)
+        offsets[seed] = int(it[-1])
     axes[0].set(xlabel="iteration", ylabel="held-out mean -log p(I|V)", title="held-out error")
     axes[1].set(xlabel="iteration", ylabel="mean -log posterior", title="objective")
     axes[2].set(xlabel="iteration", ylabel="step size eps/L", title="step size")
     axes[3].set(xlabel="iteration", ylabel="fraction of the grid evaluated",
                 title="importance sampling")
     axes[4].set(xlabel="iteration", ylabel="KL (nats)", title="pose KL between visits")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, title=" / ".join(f"{s} {styles[i % 4]}" for i, s in
+                                               enumerate(seeds)), title_fontsize=7)
     fig.tight_layout()
     return _img(_png(fig), "optimisation history")
 

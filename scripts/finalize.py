@@ -47,6 +47,7 @@ table["rlnAngleRot"], table["rlnAngleTilt"], table["rlnAnglePsi"] = rot, tilt, p
 table["rlnOriginXAngst"] = poses["shifts_A"][:, 0]
 table["rlnOriginYAngst"] = poses["shifts_A"][:, 1]
 table = table.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in table])
+table["rlnImageName"] = source.image_names_from(Path(snakemake.output.star).parent)
 io.write_particles(snakemake.output.star, source.original_table(table), source.optics)
 
 with io.atomic_path(snakemake.output.choice) as tmp:

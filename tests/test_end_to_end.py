@@ -68,6 +68,12 @@ def test_tiny_run_writes_every_output(tiny_run):
     for column in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
                    "rlnOriginYAngst"):
         assert np.isfinite(particles[column]).all()
+    # Ready for relion_reconstruct: its image names find the stacks from where it is.
+    from cryoday import io
+
+    final = io.read_particles(results / "final/particles.star")
+    with io.ImageSource(final) as source:
+        assert source.read(np.arange(len(final))).shape == (400, 32, 32)
     metrics = json.loads((results / "validation/metrics.json").read_text())
     assert [s["resolution_A"] for s in metrics["stages"]] == [40, 25]
     for stage in metrics["stages"]:
