@@ -248,7 +248,7 @@ def shift_phases(op: SliceOperator, shifts_px: np.ndarray) -> tuple[np.ndarray, 
             np.ascontiguousarray(np.sin(angle), dtype=np.float32))
 
 
-MAX_ROTATIONS_PER_BLOCK = 30000  # bounds slice and accumulator memory (~K x 40 bytes each)
+MAX_ROTATIONS_PER_BLOCK = 30000  # distinct rotations per block: bounds slices and accumulators
 
 
 def _subset_block(subsets: PoseSubsets, lo: int, hi: int) -> PoseSubsets:
@@ -263,20 +263,27 @@ def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
                  subsets: PoseSubsets, want_grad: bool = True, cube=None) -> LikelihoodResult:
     """Negative log marginal likelihood of each image, with posteriors and the gradient.
 
-    Images are processed in blocks whose rotation subsets add up to at most
-    ``MAX_ROTATIONS_PER_BLOCK``, so memory stays bounded whatever the batch and its subsets;
+    Images are processed in blocks that sample at most ``MAX_ROTATIONS_PER_BLOCK`` distinct
+    rotations between them, so memory stays bounded whatever the batch and its subsets;
     see :func:`_marginal_nll_block` for the parameters.
     """
     cube = op.prepare(volume) if cube is None else cube
-    counts = np.diff(subsets.rot_offsets)
+    # Memory follows the block's *distinct* rotations (slices and accumulators are per distinct
+    # rotation, shared by the images that sample it): images sharing a grid, as on an exhaustive
+    # stage, go in one block and are sliced once, not one image at a time.
+    seen = np.zeros(len(grid.rotations), dtype=bool)
     bounds = [0]
-    total = 0
-    for i, c in enumerate(counts):
-        if total and total + c > MAX_ROTATIONS_PER_BLOCK:
+    distinct = 0
+    for i in range(len(subsets.rot_offsets) - 1):
+        rows = subsets.rot_index[subsets.rot_offsets[i]:subsets.rot_offsets[i + 1]]
+        new = int(np.count_nonzero(~seen[rows]))
+        if distinct and distinct + new > MAX_ROTATIONS_PER_BLOCK:
             bounds.append(i)
-            total = 0
-        total += c
-    bounds.append(len(counts))
+            seen[:] = False
+            distinct, new = 0, len(np.unique(rows))
+        seen[rows] = True
+        distinct += new
+    bounds.append(len(subsets.rot_offsets) - 1)
     if len(bounds) == 2:
         return _marginal_nll_block(op, volume, batch, grid, subsets, want_grad, cube)
     parts = []

@@ -160,14 +160,41 @@ def test_single_pose_nll_is_the_energy(problem):
 
 
 def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
-    volume, grid, op, batch, _, _ = problem
-    subsets = exhaustive_subsets(grid, len(batch))
-    whole = marginal_nll(op, volume, batch, grid, subsets)
     import cryoday.likelihood as likelihood
 
-    monkeypatch.setattr(likelihood, "MAX_ROTATIONS_PER_BLOCK", grid.n_rot * 2)
+    volume, grid, op, batch, _, _ = problem
+    rng = np.random.default_rng(5)
+    n_pick = grid.n_rot // 2
+    picks = [np.sort(rng.choice(grid.n_rot, n_pick, replace=False)) for _ in range(len(batch))]
+    subsets = PoseSubsets(
+        np.arange(len(batch) + 1, dtype=np.int64) * n_pick, np.concatenate(picks),
+        np.concatenate([grid.rot_log_weights[r] for r in picks]),
+        np.arange(len(batch) + 1, dtype=np.int64) * grid.n_shift,
+        np.tile(np.arange(grid.n_shift, dtype=np.int64), len(batch)),
+        np.tile(np.asarray(grid.shift_log_weights, np.float64), len(batch)))
+    whole = marginal_nll(op, volume, batch, grid, subsets)
+    calls = []
+    block = likelihood._marginal_nll_block
+    monkeypatch.setattr(likelihood, "_marginal_nll_block",
+                        lambda *a, **k: calls.append(1) or block(*a, **k))
+    # Each image samples half the grid: about two images fit under this bound.
+    monkeypatch.setattr(likelihood, "MAX_ROTATIONS_PER_BLOCK", n_pick + n_pick // 2)
     blocks = marginal_nll(op, volume, batch, grid, subsets)
+    assert len(calls) >= len(batch) // 2
     assert np.allclose(blocks.nll, whole.nll)
     assert np.allclose(blocks.grad, whole.grad, rtol=1e-4, atol=1e-6 * np.abs(whole.grad).max())
     assert np.allclose(blocks.rot_post, whole.rot_post)
     assert np.array_equal(blocks.best_rot, whole.best_rot)
+
+
+def test_images_sharing_the_grid_are_sliced_once(problem, monkeypatch):
+    import cryoday.likelihood as likelihood
+
+    volume, grid, op, batch, _, _ = problem
+    calls = []
+    block = likelihood._marginal_nll_block
+    monkeypatch.setattr(likelihood, "_marginal_nll_block",
+                        lambda *a, **k: calls.append(1) or block(*a, **k))
+    monkeypatch.setattr(likelihood, "MAX_ROTATIONS_PER_BLOCK", grid.n_rot)
+    marginal_nll(op, volume, batch, grid, exhaustive_subsets(grid, len(batch)))
+    assert len(calls) == 1  # the bound counts distinct rotations, not image-rotation pairs
