@@ -10,8 +10,6 @@ so a killed stage resumes where it was.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 
 from cryoday import importance as importance_mod
 from cryoday.initial import low_pass
+from cryoday.io import atomic_path
 from cryoday.likelihood import make_batch, marginal_nll, single_pose_subsets
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
@@ -58,30 +57,18 @@ class StageResult:
 
 
 def _atomic_savez(path, **arrays) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_history(path, history) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tsv")
-    os.close(fd)
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, delimiter="\t",
                                 extrasaction="ignore")
         writer.writeheader()
         for row in history:
             writer.writerow({k: ("" if v is None or (isinstance(v, float) and np.isnan(v))
                                  else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 class _Data:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +37,21 @@ NUMERIC_COLUMNS = (
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def temporary_beside(path: Path, suffix: str) -> Path:
+    """A new empty file next to ``path``, with the permissions a plain new file would get.
+
+    ``mkstemp`` makes files only their owner can read; results renamed from them into place
+    must be readable as the user's umask allows (a facility's group, a cluster's other nodes).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it into place only on clean exit.
@@ -43,10 +59,7 @@ def atomic_path(path):
     A killed or failing writer therefore never leaves a half-written ``path`` behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
-                               dir=path.parent)
-    os.close(fd)
+    tmp = temporary_beside(path, ".tmp" + path.suffix)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -484,8 +497,37 @@ def open_stack(path) -> np.ndarray:
     return data if data.ndim == 3 else data[np.newaxis]
 
 
+class _StackRows:
+    """Write access to a stack's images by row (``rows[a:b] = images``), through the file.
+
+    Plain file writes, not a memory map: written pages belong to the page cache, not to the
+    process, so filling a 100,000-image stack keeps the writer's memory at one chunk.
+    """
+
+    def __init__(self, file, n: int, box: int, offset: int):
+        self._file, self._offset = file, offset
+        self.shape = (n, box, box)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __setitem__(self, key, images) -> None:
+        n, box, _ = self.shape
+        if isinstance(key, (int, np.integer)):
+            key = int(key) + (n if key < 0 else 0)
+            key = slice(key, key + 1)
+        if not isinstance(key, slice):
+            raise TypeError("stack rows are written by index or contiguous slice")
+        start, stop, step = key.indices(n)
+        if step != 1:
+            raise TypeError("stack rows are written by contiguous slice")
+        block = np.broadcast_to(np.asarray(images, dtype="<f4"), (stop - start, box, box))
+        self._file.seek(self._offset + start * box * box * 4)
+        self._file.write(np.ascontiguousarray(block).tobytes())
+
+
 class StackWriter:
-    """Create a memory-mapped ``.mrcs`` stack to fill in chunks; renamed into place on success.
+    """Create a ``.mrcs`` stack to fill in chunks; renamed into place on success.
 
     >>> with StackWriter("out.mrcs", n, box, 1.2) as w:   # doctest: +SKIP
     ...     w.data[0:100] = images
@@ -493,27 +535,63 @@ class StackWriter:
 
     def __init__(self, path, n: int, box: int, pixel_size: float):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                   dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        self.mrc = mrcfile.new_mmap(self.tmp, shape=(n, box, box), mrc_mode=2, overwrite=True)
-        self.mrc.set_image_stack()
-        self.mrc.voxel_size = pixel_size
-        self.data = self.mrc.data
+        self.tmp = temporary_beside(self.path, ".tmp")
+        self.n, self.box = int(n), int(box)
+        with mrcfile.new_mmap(self.tmp, shape=(n, box, box), mrc_mode=2, overwrite=True) as mrc:
+            mrc.set_image_stack()
+            mrc.voxel_size = pixel_size
+        self._offset = self.tmp.stat().st_size - self.n * self.box * self.box * 4
+        self._file = open(self.tmp, "r+b")
+        self.data = _StackRows(self._file, self.n, self.box, self._offset)
 
     def __enter__(self) -> StackWriter:
         return self
 
+    def _header_stats(self, chunk: int = 1000) -> tuple[float, float, float, float]:
+        """min, max, mean, rms of the written images, read back a chunk at a time."""
+        lo, hi, total, total2 = np.inf, -np.inf, 0.0, 0.0
+        frame = self.box * self.box
+        for start in range(0, self.n, chunk):
+            count = min(chunk, self.n - start) * frame
+            values = np.fromfile(self.tmp, dtype="<f4", count=count,
+                                 offset=self._offset + start * frame * 4).astype(np.float64)
+            lo, hi = min(lo, values.min()), max(hi, values.max())
+            total += values.sum()
+            total2 += (values * values).sum()
+        size = float(self.n * frame)
+        mean = total / size
+        return lo, hi, mean, float(np.sqrt(max(total2 / size - mean * mean, 0.0)))
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.mrc.update_header_stats()
-            self.mrc.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self.mrc.close()
+        self._file.close()
+        if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
+            return
+        lo, hi, mean, rms = self._header_stats()
+        with mrcfile.mmap(self.tmp, mode="r+", permissive=True) as mrc:
+            mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean
+            mrc.header.rms = rms
+        os.replace(self.tmp, self.path)
+
+
+def _drop_mapped_pages(array: np.ndarray) -> None:
+    """Let go of the pages of a read-only memory-mapped stack that a read touched.
+
+    They stay in the page cache, but no longer count in the process's resident memory, which
+    would otherwise grow to the whole stack as a pass reads it (and a scheduler counts it).
+    """
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+def read_rows(stack: np.ndarray, rows) -> np.ndarray:
+    """``stack[rows]`` as float32, a copy, from a memory map without keeping its pages."""
+    out = np.array(stack[rows], dtype=np.float32)
+    _drop_mapped_pages(stack)
+    return out
 
 
 class ImageSource:
@@ -558,6 +636,7 @@ class ImageSource:
                 out[sel] = stack[self.particles.stack_index[rows[sel]]]
             except (ValueError, IndexError) as exc:
                 raise InputError(f"{file}: cannot read images ({exc}); is it truncated?") from exc
+            _drop_mapped_pages(stack)
         bad = ~np.isfinite(out).all(axis=(1, 2))
         if bad.any():
             row = int(rows[np.flatnonzero(bad)[0]])

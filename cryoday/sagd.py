@@ -14,11 +14,9 @@ every ``line_search_every`` iterations; between searches ``L`` decays slowly so 
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
+
+from cryoday.io import atomic_path
 
 
 class SAGD:
@@ -127,16 +125,8 @@ class SAGD:
 
     def save(self, path, **extra) -> None:
         """Save to ``.npz`` atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             np.savez(tmp, **self.state(), **extra)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path) -> tuple[SAGD, dict]:

@@ -20,7 +20,11 @@ stack = io.open_stack(snakemake.input.stack)
 n = len(stack)
 with io.StackWriter(snakemake.output.stack, n, new_box, new_pixel_size) as writer:
     preprocess.downsample_stream(
-        lambda rows: stack[rows], n, writer.data, new_box, chunk_size=snakemake.params.chunk_size
+        lambda rows: io.read_rows(stack, rows),
+        n,
+        writer.data,
+        new_box,
+        chunk_size=snakemake.params.chunk_size,
     )
 stage_info = {
     "resolution_A": resolution,

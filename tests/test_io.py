@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import os
 import tracemalloc
 import warnings
 
@@ -257,3 +258,29 @@ def test_empty_and_missing(tmp_path):
     (tmp_path / "e.star").write_text("data_particles\n\nloop_\n_rlnImageName #1\n")
     with pytest.raises(InputError, match="empty|no particle table"):
         io.read_particles(tmp_path / "e.star")
+
+
+def test_written_results_are_readable_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with io.StackWriter(tmp_path / "s.mrcs", 2, 8, 1.0) as writer:
+            writer.data[:] = 1.0
+        with io.atomic_path(tmp_path / "x.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    for name in ("s.mrcs", "x.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_stack_header_statistics_are_those_of_the_images(tmp_path, rng):
+    images = rng.standard_normal((30, 16, 16)).astype(np.float32) * 2 + 5
+    with io.StackWriter(tmp_path / "s.mrcs", 30, 16, 1.0) as writer:
+        writer.data[0:10] = images[:10]
+        writer.data[10:] = images[10:]
+    with mrcfile.open(tmp_path / "s.mrcs", header_only=True) as mrc:
+        header = mrc.header
+        assert float(header.dmin) == pytest.approx(images.min())
+        assert float(header.dmax) == pytest.approx(images.max())
+        assert float(header.dmean) == pytest.approx(images.mean(), abs=1e-5)
+        assert float(header.rms) == pytest.approx(images.std(), rel=1e-5)
