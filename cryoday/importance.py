@@ -33,6 +33,8 @@ K_STORED = 32
 class ImportanceSampler:
     """Per-image proposals over the current grid; see the module docstring."""
 
+    CACHED_BATCHES = 2  # sample sets kept per iteration: the minibatch, and one more
+
     def __init__(self, n_particles: int, enabled: bool = True, s0: float = 10.0, seed: int = 0,
                  alpha: float = 0.05, min_grid_points: int = 20000, coverage: float = 0.95,
                  max_rotations: int = 3000, max_shifts: int = 64):
@@ -136,7 +138,10 @@ class ImportanceSampler:
         key = (int(iteration), rows.tobytes())
         if key in self._cache:
             return self._cache[key]
-        if self._cache_key != int(iteration):
+        # Only the minibatch being optimised needs its samples kept (its line search asks again);
+        # a pass over every particle at one iteration (held-out, final poses) must not keep them
+        # all: at 100,000 particles that was tens of GB.
+        if len(self._cache) >= self.CACHED_BATCHES or self._cache_key != int(iteration):
             self._cache = {}
             self._cache_key = int(iteration)
         g = self.grid
@@ -214,7 +219,7 @@ class ImportanceSampler:
             p_shift = np.zeros(g.n_shift)
             p_shift[shift_index] = result.shift_post[s0:s1] * np.exp(
                 g.shift_log_weights[shift_index] - subsets.shift_logw[s0:s1])
-            proposal = self._proposals.get(row)
+            proposal = self._proposals.pop(row, None)  # kept only until this visit's update
             if proposal is not None:
                 q_dir = proposal[2]
                 p = p_dir / max(p_dir.sum(), 1e-300)

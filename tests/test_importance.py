@@ -97,3 +97,33 @@ def test_state_round_trip(tmp_path):
     b = restored.subsets(grid, np.arange(3), 5)
     assert np.array_equal(a.rot_index, b.rot_index)
     assert logsumexp(a.rot_logw) == pytest.approx(logsumexp(b.rot_logw))
+
+
+def test_state_between_visits_does_not_grow_with_passes_over_the_data():
+    """A pass over every particle at one iteration (held-out, final poses) keeps no per-batch
+    samples, and per-visit proposals are dropped once the visit is stored."""
+    from cryoday.importance import ImportanceSampler
+    from cryoday.quadrature import pose_grid
+
+    grid = pose_grid(15.0, 30, 6.4, 1.0)
+    n = 600
+    sampler = ImportanceSampler(n, seed=0, min_grid_points=0)
+    sampler.set_grid(grid)
+    rng = np.random.default_rng(0)
+    for row in range(n):
+        sampler.dir_xyz[row, 0] = grid.directions[rng.integers(grid.n_dir)]
+        sampler.dir_p[row, 0] = 1.0
+        sampler.inp_p[row, 0] = 1.0
+        sampler.shift_p[row, 0] = 1.0
+        sampler.has[row] = True
+
+    class Flat:  # a posterior spread evenly over the sampled points
+        def __init__(self, subsets):
+            self.rot_post = np.ones(len(subsets.rot_index))
+            self.shift_post = np.ones(len(subsets.shift_index))
+
+    for rows in np.array_split(np.arange(n), 12):
+        subsets = sampler.subsets(grid, rows, iteration=7)
+        sampler.update(grid, rows, subsets, Flat(subsets))
+    assert len(sampler._cache) <= ImportanceSampler.CACHED_BATCHES
+    assert len(sampler._proposals) == 0
