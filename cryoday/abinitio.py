@@ -18,7 +18,7 @@ import numpy as np
 
 from cryoday import importance as importance_mod
 from cryoday.initial import low_pass
-from cryoday.io import atomic_path
+from cryoday.io import atomic_path, read_rows
 from cryoday.likelihood import make_batch, marginal_nll, single_pose_subsets
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
@@ -90,7 +90,7 @@ class _Data:
             return ImageBatch(self.cache.data[rows], self.cache.ctf[rows],
                               self.cache.sigma2[rows])
         ctf = {k: (v[rows] if np.ndim(v) else v) for k, v in self.ctf.items()}
-        images = np.asarray(self.images[np.sort(rows)])[np.argsort(np.argsort(rows))]
+        images = read_rows(self.images, np.sort(rows))[np.argsort(np.argsort(rows))]
         return make_batch(self.op, images, ctf, self.pixel_size, self.sigma[rows])
 
 
