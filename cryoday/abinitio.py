@@ -261,7 +261,10 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     cube = op.prepare(volume)
     empty = np.zeros_like(volume)
     empty_cube = op.prepare(empty)
-    for rows in np.array_split(np.arange(len(images)), max(1, len(images) // batch_size)):
+    chunks = np.array_split(np.arange(len(images)), max(1, len(images) // batch_size))
+    log(f"final poses of all {len(images)} particles at the stage's map")
+    next_report = 0.1
+    for done, rows in enumerate(chunks, 1):
         batch = data.batch(rows)
         subsets = sampler.subsets(grid, rows, optimiser.t)
         result = marginal_nll(op, volume, batch, grid, subsets, want_grad=False, cube=cube)
@@ -271,6 +274,10 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         nll[rows] = result.nll
         null_nll[rows] = marginal_nll(op, empty, batch, grid, single_pose_subsets(len(rows)),
                                       want_grad=False, cube=empty_cube).nll
+        if done / len(chunks) >= next_report:
+            log(f"final poses: {rows[-1] + 1} / {len(images)} particles, "
+                f"{time.perf_counter() - start_time:.1f} s")
+            next_report += 0.1
     return StageResult(volume, optimiser, sampler, history, rotations, shifts, nll, null_nll,
                        heldout_rows)
 
