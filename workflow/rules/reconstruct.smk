@@ -41,6 +41,7 @@ rule finalize:
         choice="results/{dataset}/final/seed_choice.json",
     log:
         "logs/finalize/{dataset}.log",
+    localrule: True
     conda:
         ENV
     threads: 1
