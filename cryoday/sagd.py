@@ -58,15 +58,23 @@ class SAGD:
         return int(self._order.pop())
 
     def _line_search(self, volume, f0, grad, objective, batch_id, max_tries=20):
-        g2 = float(np.sum(grad.astype(np.float64) ** 2))
-        if g2 == 0.0:
+        """Double ``L`` until the projected step satisfies the descent condition.
+
+        The test is the projected-gradient one, ``f(x+) <= f(x) + <g, d> + L/2 |d|^2`` with
+        ``d = x+ - x`` after clipping at zero. The unconstrained ``f(x) - |g|^2 / 2L`` counts
+        the gradient at voxels the clip holds at zero, so where much of the map is at zero (a
+        real map's solvent) no ``L`` could satisfy it: L grew a millionfold and the step died.
+        """
+        grad64 = grad.astype(np.float64)
+        if not np.any(grad64):
             return 0
         tries = 0
         while tries < max_tries:
             trial = np.maximum(volume - grad / self.L, 0).astype(np.float32)
             f1, _ = objective(trial, batch_id, False)
             tries += 1
-            if f1 <= f0 - g2 / (2 * self.L):
+            d = trial.astype(np.float64) - volume
+            if f1 <= f0 + float(np.sum(grad64 * d)) + 0.5 * self.L * float(np.sum(d * d)):
                 break
             self.L *= 2.0
         return tries

@@ -91,3 +91,24 @@ def test_random_start_is_seeded_nonnegative_and_inside_the_particle():
     r = np.sqrt(sum(g**2 for g in np.meshgrid(k, k, k, indexing="ij")))
     assert a[r > 15].max() < 0.05  # particle diameter 0.6 x box: nothing at the box edge
     assert resample_volume(a, 16).shape == (16, 16, 16)
+
+
+def test_line_search_accepts_a_step_when_the_clip_holds_most_voxels_at_zero():
+    # f(V) = |V - T|^2 / 2 + sum(V) (an exponential prior): at V = 0 on the solvent the gradient
+    # is +1 and the clip keeps V there. f is 1-smooth, so L ~ 1 must be accepted; the old test
+    # |g|^2 / 2L counted the solvent's gradient and no L passed it.
+    from cryoday.sagd import SAGD
+
+    target = np.zeros((8, 8, 8), np.float32)
+    target[3:5, 3:5, 3:5] = 3.0
+    start = np.zeros_like(target)
+
+    def objective(volume, batch_id, want_grad):
+        diff = volume.astype(np.float64) - target
+        value = 0.5 * float(np.sum(diff * diff)) + float(np.sum(volume))
+        return value, ((diff + 1.0).astype(np.float32) if want_grad else None)
+
+    sagd = SAGD(1, target.shape, eps=1.0, L=1.0)
+    volume, figures = sagd.step(start, 0, objective)
+    assert figures["L"] <= 2.0
+    assert np.allclose(volume, np.maximum(target - 1.0, 0))  # the exact minimiser, in one step
