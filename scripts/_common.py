@@ -28,7 +28,7 @@ def use_rule_threads(threads: int) -> int:
 
 def setup_logging(snakemake) -> logging.Logger:
     """Send log records and uncaught exceptions to the rule's log file (and stderr); use the
-    rule's thread count."""""
+    rule's thread count."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if snakemake.log:
         handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))

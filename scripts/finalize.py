@@ -11,7 +11,7 @@ from _common import setup_logging
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
-from cryoday import io
+from cryoday import io, validation
 from cryoday.fourier import rescale_volume
 from cryoday.geometry import matrix_to_euler
 
@@ -22,7 +22,7 @@ info = json.loads(Path(snakemake.input.info).read_text())
 def final_heldout_nll(seed: int) -> float:
     """Held-out error at the end of a seed's last stage: lower means the model explains unseen
     images better, so it chooses between random starts without a reference."""
-    history = [h for h in snakemake.input.histories if f"/seed{seed}/" in h][-1]
+    history = validation.histories_of(snakemake.input.histories, seed)[-1]
     with open(history) as f:
         rows = [r for r in csv.DictReader(f, delimiter="\t") if r["heldout_nll"] not in ("", "nan")]
     return float(rows[-1]["heldout_nll"]) if rows else float("inf")

@@ -100,6 +100,15 @@ def all_stage_dirs(wildcards):
     ]
 
 
+def stage_size(input):
+    """(images, box) of a stage's cropped stack, or None before the stack exists."""
+    info_path, stack_path = Path(input.info), Path(input.stack)
+    if not (info_path.exists() and stack_path.exists()):
+        return None
+    box = int(json.loads(info_path.read_text())["box"])
+    return max(1, (stack_path.stat().st_size - 1024) // (4 * box * box)), box
+
+
 def stage_mem_mb(wildcards, input, attempt):
     """Memory (MB) a stage needs, from its image count and box; doubled on each retry.
 
@@ -109,11 +118,10 @@ def stage_mem_mb(wildcards, input, attempt):
     (at most 2 GiB, streamed beyond), and the likelihood's working set (at most 30,000
     rotations of ~40 bytes per Fourier pixel inside the cutoff, METHOD.md section 3).
     """
-    info_path, stack_path = Path(input.info), Path(input.stack)
-    if not (info_path.exists() and stack_path.exists()):
+    size = stage_size(input)
+    if size is None:
         return 4000 * attempt
-    box = int(json.loads(info_path.read_text())["box"])
-    n_images = max(1, (stack_path.stat().st_size - 1024) // (4 * box * box))
+    n_images, box = size
     n_batches = -(-n_images // RECON["minibatch_size"])
     gradients = n_batches * box**3 * 4
     images = min(n_images * box * box * 4, 2 << 30)
@@ -128,10 +136,10 @@ def stage_runtime(wildcards, input, attempt):
     with another job, 78 ms per image scaled to 64 px. A time limit beyond the need is harmless;
     one below it kills the job, which then resumes from its checkpoint. Doubled on each retry.
     """
-    info_path, stack_path = Path(input.info), Path(input.stack)
-    if not (info_path.exists() and stack_path.exists()):
+    size = stage_size(input)
+    if size is None:
         return 240 * attempt
-    box = int(json.loads(info_path.read_text())["box"])
+    _, box = size
     per_iteration_s = RECON["minibatch_size"] * 0.1 * (box / 64) ** 2
     return int(30 + RECON["max_iterations"] * per_iteration_s / 60) * attempt
 
