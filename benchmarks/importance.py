@@ -17,8 +17,11 @@ and without it.
   overstated compared with a fully normalised likelihood.
 * ``--run DIR`` (Figures 7 and 3): from a finished run's ``DIR/abinitio/seed*/stage*/
   history.tsv``, the fraction of the grid evaluated over each stage's last epoch, the speed-up
-  ``n_full / n_evaluated``, and the KL column (posterior against proposal over directions,
-  minibatch mean) per epoch; ``--plot PATH`` saves both as a PNG.
+  ``n_full / n_evaluated``, and per epoch the mean of the ``kl_epoch`` column (Figure 3: each
+  image's pose posterior against its previous visit's, minibatch mean; see
+  :mod:`cryoday.importance`) and of the ``kl`` column (posterior against proposal over
+  directions); ``--plot PATH`` saves both figures as a PNG. Histories written before
+  ``kl_epoch`` existed read it as missing.
 * ``--compare``: the same simulated data set and stages run through
   :func:`cryoday.abinitio.run_stage` (chained as ``scripts/reconstruct_stage.py`` does: random
   start, resampled volume and SAGD state passed on) with and without importance sampling, the
@@ -146,7 +149,9 @@ def figure6(args):
           f"(median; {np.mean(map_error < 3 * np.degrees(grid.angular_step)):.0%} within 3 "
           f"grid steps), MAP shift {np.median(shift_error):.1f} A off; posterior ESS over "
           f"rotations median {np.median(rot_ess):.1f} of {grid.n_rot:,}", flush=True)
-    base = ImportanceSampler(n)
+    # The converged regime (T = 1, alpha at its floor, no antipodal term): Figure 6 is about
+    # images of a converged run, whatever iteration number the sampler is asked at.
+    base = ImportanceSampler(n, anneal=False)
     base.set_grid(grid)
     base.update(grid, rows, exact_subsets, exact)
     state = base.state()
@@ -190,7 +195,7 @@ def is_estimates(state, caps, s0, args, grid, op, volume, batch, cube, exact, ro
     rel, err, frac, n_rot, n_shift, times = [], [], [], [], [], []
     for rep in range(args.repeats):
         sampler = ImportanceSampler.from_state(state, s0=s0, seed=1000 * args.seed + rep,
-                                               **caps)
+                                               anneal=False, **caps)
         sampler.set_grid(grid)
         subsets = sampler.subsets(grid, rows, iteration=1)
         start = time.perf_counter()
@@ -241,7 +246,8 @@ def run_figures(run_dir, plot_path=None):
     out = {"run": str(run_dir), "seeds": {}}
     print(f"Figures 7 and 3 from {run_dir}")
     print(f"{'seed':>5} {'stage':>5} {'iters':>5} {'epochs':>6} {'full/iter':>11} "
-          f"{'last-epoch fraction':>19} {'speed-up':>9} {'wall s':>7}  KL per epoch (mean)")
+          f"{'last-epoch fraction':>19} {'speed-up':>9} {'wall s':>7}  KL between epochs / "
+          f"KL posterior-proposal, per epoch (means)")
     for seed_dir in seeds:
         stages = []
         for stage_dir in sorted(seed_dir.glob("stage*"), key=_stage_number):
@@ -256,20 +262,21 @@ def run_figures(run_dir, plot_path=None):
             fraction = float(h["n_evaluated"][last].sum() / h["n_full"][last].sum())
             full_per_iteration = float(np.median(h["n_full"]))  # grid size x minibatch
             bins = np.ceil(epoch - 1e-9).astype(int)
-            kl_epochs = []
-            for b in np.unique(bins):
-                values = h["kl"][bins == b]
-                values = values[np.isfinite(values)]
-                kl_epochs.append(float(values.mean()) if len(values) else float("nan"))
-            row = {"stage": _stage_number(stage_dir), "iterations": int(len(epoch)),
+            missing = np.full(len(epoch), np.nan)
+            kl_visits = h.get("kl_epoch", missing)
+            row = {"stage": _stage_number(stage_dir), "iterations": len(epoch),
                    "epochs": float(epoch.max()), "n_full_per_iteration": full_per_iteration,
                    "last_epoch_fraction": fraction, "speedup": 1.0 / fraction,
-                   "wall_s": float(np.nanmax(h["wall_s"])), "kl_per_epoch": kl_epochs,
+                   "wall_s": float(np.nanmax(h["wall_s"])),
+                   "kl_epoch_per_epoch": _per_epoch(kl_visits, bins),
+                   "kl_per_epoch": _per_epoch(h.get("kl", missing), bins),
                    "fraction_per_iteration": (h["n_evaluated"] / h["n_full"]).tolist(),
-                   "kl": h["kl"].tolist(), "epoch": epoch.tolist()}
+                   "kl": h.get("kl", missing).tolist(), "kl_epoch": kl_visits.tolist(),
+                   "epoch": epoch.tolist()}
             stages.append(row)
-            kl_text = " ".join("  nan" if not np.isfinite(k) else f"{k:.3f}"
-                               for k in kl_epochs)
+            kl_text = " ".join(
+                f"{_fmt(a)}/{_fmt(b)}"
+                for a, b in zip(row["kl_epoch_per_epoch"], row["kl_per_epoch"]))
             print(f"{seed_dir.name:>5} {row['stage']:5d} {row['iterations']:5d} "
                   f"{row['epochs']:6.2f} {row['n_full_per_iteration']:11.3g} "
                   f"{fraction:19.3e} {row['speedup']:9.1f} {row['wall_s']:7.1f}  {kl_text}")
@@ -280,9 +287,23 @@ def run_figures(run_dir, plot_path=None):
     # The JSON keeps the per-stage summaries, not the per-iteration series.
     for stages in out["seeds"].values():
         for row in stages:
-            for key in ("fraction_per_iteration", "kl", "epoch"):
+            for key in ("fraction_per_iteration", "kl", "kl_epoch", "epoch"):
                 row.pop(key)
     return out
+
+
+def _per_epoch(values, bins):
+    """Mean of the finite ``values`` in each epoch bin (NaN where there are none)."""
+    out = []
+    for b in np.unique(bins):
+        v = values[bins == b]
+        v = v[np.isfinite(v)]
+        out.append(float(v.mean()) if len(v) else float("nan"))
+    return out
+
+
+def _fmt(value):
+    return "nan" if not np.isfinite(value) else f"{value:.3f}"
 
 
 def plot_run(out, path):
@@ -291,26 +312,31 @@ def plot_run(out, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     colours = plt.get_cmap("tab20").colors
-    for ax in (ax1, ax2):
+    for ax in (ax1, ax2, ax3):
         ax.set_prop_cycle(color=colours)
     for seed, stages in out["seeds"].items():
         offset = 0.0
         for row in stages:
             epoch = np.array(row["epoch"]) + offset
-            ax1.semilogy(epoch, row["fraction_per_iteration"], ".-", ms=3,
-                         label=f"{seed} stage {row['stage']}")
-            ax2.plot(np.array(row["epoch"]), row["kl"], ".-", ms=3,
-                     label=f"{seed} stage {row['stage']}")
+            label = f"{seed} stage {row['stage']}"
+            ax1.semilogy(epoch, row["fraction_per_iteration"], ".-", ms=3, label=label)
+            for ax, key in ((ax2, "kl_epoch"), (ax3, "kl")):
+                values = np.array(row[key])
+                good = np.isfinite(values)
+                ax.plot(np.array(row["epoch"])[good], values[good], ".-", ms=3, label=label)
             offset += row["epochs"]
     ax1.set_xlabel("epoch (cumulative over stages)")
     ax1.set_ylabel("fraction of the pose grid evaluated")
     ax1.set_title("Figure 7: importance sampling cost")
     ax2.set_xlabel("epoch within the stage")
-    ax2.set_ylabel("KL(posterior || proposal), directions")
-    ax2.set_title("Figure 3: pose-distribution KL")
+    ax2.set_ylabel("KL(this visit || previous visit), nats")
+    ax2.set_title("Figure 3: pose posterior KL between epochs")
     ax2.legend(fontsize=6, ncol=2)
+    ax3.set_xlabel("epoch within the stage")
+    ax3.set_ylabel("KL(posterior || proposal), directions, nats")
+    ax3.set_title("posterior against its proposal")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -26,7 +26,7 @@ from cryoday.quadrature import pose_grid
 from cryoday.sagd import SAGD
 
 HISTORY_COLUMNS = ("iteration", "epoch", "objective", "heldout_nll", "eps", "L", "step", "wall_s",
-                   "n_evaluated", "n_full", "kl")
+                   "n_evaluated", "n_full", "kl", "kl_epoch")
 IMAGE_CACHE_BYTES = 2 << 30  # stage images kept in memory below this size; streamed above it
 
 
@@ -156,11 +156,12 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     iteration0 = 0
     eps = float(config.get("learning_rate", 1.0))
     sampler_kwargs = {"enabled": bool(config.get("importance_sampling", True)),
-                      "s0": float(config.get("s0", 10.0)), "seed": int(config.get("seed", 0))}
+                      "s0": float(config.get("s0", 10.0)), "seed": int(config.get("seed", 0)),
+                      "iterations_per_epoch": n_batches}
     if checkpoint_path and Path(checkpoint_path).exists():
         optimiser, extra = SAGD.load(checkpoint_path)
         volume = extra.pop("volume").astype(np.float32)
-        history = [dict(zip(HISTORY_COLUMNS, row)) for row in extra.pop("history").tolist()]
+        history = _history_from_array(extra.pop("history"))
         sampler = importance_mod.ImportanceSampler.from_state(extra, **sampler_kwargs)
         iteration0 = len(history)
         log(f"resuming from checkpoint {checkpoint_path} at iteration {iteration0}")
@@ -228,7 +229,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         row = {"iteration": iteration, "epoch": iteration * batch_size / n_train,
                "heldout_nll": float("nan"), "n_evaluated": last.n_evaluated,
                "n_full": len(partition[batch_id]) * grid.size, "kl": sampler.last_kl,
-               **figures}
+               "kl_epoch": sampler.last_kl_epochs, **figures}
         stop = False
         if iteration % heldout_every == 0 or iteration == max_iterations:
             value = heldout_nll(volume)
@@ -285,3 +286,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
 def _history_array(history) -> np.ndarray:
     return np.array([[np.nan if h.get(c) is None else float(h.get(c)) for c in HISTORY_COLUMNS]
                      for h in history], dtype=np.float64)
+
+
+def _history_from_array(array) -> list[dict]:
+    """A checkpoint's history rows; columns added since it was written (appended to
+    ``HISTORY_COLUMNS``) are absent from its rows and read as missing."""
+    return [dict(zip(HISTORY_COLUMNS, row)) for row in np.asarray(array).tolist()]

@@ -1,120 +1,390 @@
 """Importance sampling over the pose and shift quadrature (paper Section 3.3, METHOD.md 5).
 
-Each image keeps, from its previous visit, its posterior marginals over viewing directions,
-in-plane angles and shifts, **sparse**: the ``K`` points with the most mass, as coordinates (unit
-vectors, angles, shifts in A), so they carry over to the finer grid of the next stage. At the next
-visit, each dimension's proposal on the current grid is that posterior diffused by a kernel
-(von Mises-Fisher on directions with kappa = ln 4 / (1 - cos a), value 1/4 at one grid spacing
-a; circular von Mises in-plane, 1/2 at one spacing; Gaussian on shifts, sigma = 0.67 spacings),
-mixed with a uniform floor ``alpha``. ``M = ceil(s0 * ESS)`` points are drawn with replacement
-(ESS = 1 / sum q^2); a point drawn ``c`` times gets weight ``W c / (M q)``, which makes the
-log-sum-exp over the evaluated product set an unbiased estimate of the marginal likelihood. A
-dimension whose sample would cover more than 95% of it is evaluated whole.
+Stored state
+    Each image keeps, from its previous visit, its posterior marginals over viewing directions,
+    in-plane angles and shifts, **sparse**: the ``K`` points with the most mass, as coordinates
+    (unit vectors, angles, shifts in A) with their untempered log masses, so they carry over to
+    the finer grid of the next stage. Memory per image: ``K x (3 + 1 + 2 + 3) x 4`` bytes plus a
+    flag (K = 32: ~1.2 kB), independent of the grid size: 100,000 particles cost ~120 MB.
 
-Memory per image: ``K x (3 + 1 + 2 + 3) x 4`` bytes plus flags (K = 32: ~1.2 kB), independent of
-the grid size: 100,000 particles cost ~120 MB.
+Proposals
+    At the next visit each dimension's proposal on the current grid is the mixture
 
-Small grids (below ``min_grid_points`` per image) are evaluated exhaustively: exact and cheap.
-A broad posterior would ask for most of a huge grid, so the draws per image are capped
-(``max_rotations`` rotations, ``max_shifts`` shifts): the estimate stays unbiased, with more
-variance, and the cost per image stays bounded.
+        q = (1 - alpha) q_kernel + alpha [(1 - g) W + g * dataset-average posterior]
+
+    ``q_kernel`` is the stored marginal, tempered (masses to the power 1/T) and diffused by a
+    kernel tied to the grid spacing ``a``: von Mises-Fisher on directions with
+    kappa = ln 4 / (1 - cos a) (value 1/4 at one spacing), plus the same kernel at the antipodal
+    directions while the hand is undecided (views from ``u`` and ``-u`` are mirror images, which
+    a low-resolution map cannot tell apart); circular von Mises in-plane (1/2 at one spacing);
+    Gaussian on shifts, sigma = 0.67 spacings. Every kernel is ``exp(-c |x - y|^2)`` in an
+    embedding (unit vectors for angles, A for shifts); stored points are snapped to their nearest
+    current grid point and spread with the grid's own sparse kernel matrix (exact on the grid
+    they were stored from, within half a spacing after a refinement). ``W`` is the quadrature's
+    base measure (uniform for angles, the Gaussian prior for shifts). ``g`` is 0.9 for directions
+    and shifts, 0 in-plane.
+
+    The dataset-average posterior is the mean over all images of their stored marginals (images
+    not seen yet count as ``W``), smoothed by the same kernel. It lives on the current grid only
+    (``n_dir + n_inp + n_shift`` floats): it is rebuilt from the per-image state when the grid
+    changes and kept up to date at each ``update`` by replacing the visited images'
+    contributions, so it adds nothing to the saved state.
+
+Schedules, in epochs of the data
+    The paper's code uses T = max(1, 2^(750 / max(1, t - 50))) and
+    alpha = max(0.05, 2^(-0.005 max(0, t - 50))), and keeps the antipodal term while t < 2500,
+    for ~10,000 iterations of ~200 images over 46,000 (230 iterations per epoch). Our stages
+    run a few hundred iterations in all, so those constants would keep T astronomically high
+    (2^15 at t = 100) and every proposal flat for the whole run. What the schedules really track
+    is how often each image's posterior has been refreshed and how far the map has come in
+    passes over the data, so we count epochs, ``tau = t / iterations_per_epoch``, and keep the
+    paper's values in those units:
+
+        T(tau)     = max(1, 2^(tau_T / (tau - tau_0)))            tau_T = 3 epochs (paper 3.3)
+        alpha(tau) = max(alpha_min, 2^(-(tau - tau_0) / h))       h = 0.9 epochs (paper 0.87),
+                                                                  alpha_min = 0.05
+        antipodal term while tau < tau_flip                       tau_flip = 10 epochs (10.9)
+
+    with tau_0 = 0.2 epochs (the paper's first 50 iterations, 0.22 epochs), before which alpha =
+    1 and proposals are the prior alone. On the 5,000-image demo (25 iterations per epoch, ~2.4
+    epochs per stage) alpha reaches its floor in the second stage, T falls from ~2.6 where the
+    grids first become large enough to sample (30 A) to ~1.2 at the last stage, and the
+    antipodal term is dropped for the last stage, as the paper drops it once the resolution
+    ramp ends. A data set too large for several epochs per run stays in the early, cautious
+    regime (flat proposals, capped draws: unbiased, but less saving): lower
+    ``iterations_per_epoch`` there. The tempering is applied when a proposal is built, with T at
+    that time, not when the posterior is stored: that is the paper's schedule one visit later,
+    and it keeps ``update`` free of the clock and the stored masses untempered, which the
+    between-visit KL needs.
+
+Samples
+    ``M = ceil(s0 * ESS)`` points are drawn with replacement (ESS = 1 / sum q^2); a point drawn
+    ``c`` times gets weight ``W c / (M q)``, which makes the log-sum-exp over the evaluated
+    product set an unbiased estimate of the marginal likelihood. A dimension whose sample would
+    cover more than 95% of it is evaluated whole. Small grids (below ``min_grid_points`` per
+    image) are evaluated exhaustively: exact and cheap. A broad posterior would ask for most of a
+    huge grid, so the draws per image are capped (``max_rotations`` rotations, ``max_shifts``
+    shifts): the estimate stays unbiased, with more variance, and the cost per image stays
+    bounded.
+
+Between-visit KL (the paper's Figure 3)
+    ``last_kl_epochs`` is the minibatch mean of each image's KL(new || previous) between the pose
+    posteriors of its two latest visits, taken as the product of the three marginals (so the
+    KL is the sum of the three). Both visits' top-``K`` marginals (untempered, renormalised over
+    their ``K`` points) are smoothed by the current grid's kernel and compared as discrete
+    distributions on the union of their ``2K`` support points, from their coordinates (the
+    previous visit may be on another grid). It is 0 for an unchanged posterior and grows as
+    ``c d^2`` (``ln 4 (d / a)^2`` for directions) when a sharp posterior moves by ``d``.
+    ``last_kl`` (posterior against proposal over directions) is kept as well.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import csr_matrix
 from scipy.spatial import cKDTree
+from scipy.special import logsumexp
 
 from cryoday.likelihood import PoseSubsets
 
 K_STORED = 32
+KERNEL_CUTOFF = 20.0  # kernel values below e^-20 of the peak are left out
+MAX_LOG2_TEMPERATURE = 64.0  # beyond this every stored point weighs the same anyway
+# Per dimension: the state arrays holding coordinates and log masses.
+_STATE = (("dir_xyz", "dir_logp"), ("inp_angle", "inp_logp"), ("shift_A", "shift_logp"))
+
+
+class _Domain:
+    """One factor of the grid, embedded in R^k so that its kernel is ``exp(-c |x - y|^2)``.
+
+    Parameters
+    ----------
+    points : (n, k) the grid's points in the embedding
+    c : float, the kernel's scale per squared distance
+    base_logw : (n,) log quadrature weights: the "uniform" part of the proposal mixture
+    """
+
+    def __init__(self, points: np.ndarray, c: float, base_logw: np.ndarray):
+        self.points = np.ascontiguousarray(points, dtype=np.float64)
+        self.n = len(self.points)
+        self.c = float(c)
+        base = np.exp(np.asarray(base_logw, np.float64) - np.max(base_logw))
+        self.base = base / base.sum()
+        self._tree = cKDTree(self.points)
+        self._smoothing = None
+
+    def nearest(self, x: np.ndarray) -> np.ndarray:
+        """Index of the nearest grid point to each ``x[..., :]``."""
+        x = np.asarray(x, dtype=np.float64)
+        _, idx = self._tree.query(x.reshape(-1, x.shape[-1]))
+        return idx.reshape(x.shape[:-1]).astype(np.int64)
+
+    @property
+    def smoothing(self) -> csr_matrix:
+        """The kernel between grid points within its cut-off, sparse and symmetric."""
+        if self._smoothing is None:
+            radius = np.sqrt(KERNEL_CUTOFF / self.c)
+            pairs = self._tree.query_pairs(radius, output_type="ndarray")
+            i = np.concatenate([pairs[:, 0], pairs[:, 1], np.arange(self.n)])
+            j = np.concatenate([pairs[:, 1], pairs[:, 0], np.arange(self.n)])
+            value = np.exp(-self.c * np.sum((self.points[i] - self.points[j]) ** 2, axis=1))
+            self._smoothing = csr_matrix((value, (i, j)), shape=(self.n, self.n))
+        return self._smoothing
+
+    def spread(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """``sum_k w_k kernel(., grid[idx_k])`` on the grid: gathers ``K`` sparse rows."""
+        s = self.smoothing
+        keep = w > 0
+        idx, w = idx[keep], w[keep]
+        starts = s.indptr[idx]
+        lens = s.indptr[idx + 1] - starts
+        pos = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+        return np.bincount(s.indices[pos], weights=s.data[pos] * np.repeat(w, lens),
+                           minlength=self.n)
+
+
+def _normalised_logw(logp: np.ndarray) -> np.ndarray:
+    """Log weights renormalised over each row's finite entries (``-inf`` pads stay ``-inf``)."""
+    with np.errstate(invalid="ignore"):
+        return logp - logsumexp(logp, axis=-1, keepdims=True)
 
 
 class ImportanceSampler:
-    """Per-image proposals over the current grid; see the module docstring."""
+    """Per-image proposals over the current grid; see the module docstring.
+
+    Parameters
+    ----------
+    n_particles : int
+        Images whose posteriors are kept.
+    enabled : bool
+        False: every image is evaluated on the whole grid (posteriors are still stored).
+    s0 : float
+        Draws per unit of the proposal's effective sample size.
+    seed : int
+        Seeds the draws (with the iteration and the image's row).
+    alpha_min : float
+        Floor of the prior's share ``alpha`` (METHOD.md: 0.05).
+    min_grid_points, coverage, max_rotations, max_shifts
+        Exhaustive below ``min_grid_points`` per image; a dimension is taken whole when its
+        draws would cover ``coverage`` of it; per-image caps on the draws.
+    iterations_per_epoch : float
+        SAGD iterations per pass over the training images: the unit of the schedules (the stage
+        driver passes its number of minibatches). The default 1 reads ``iteration`` as epochs.
+    schedule_offset : float
+        ``tau_0``, epochs before the stored posteriors are used at all (alpha = 1 until then).
+    temperature_epochs : float
+        ``tau_T`` in ``T = max(1, 2^(tau_T / (tau - tau_0)))``.
+    alpha_halflife : float
+        ``h`` in ``alpha = max(alpha_min, 2^(-(tau - tau_0) / h))``, epochs.
+    flip_epochs : float
+        The antipodal direction term is used while ``tau < flip_epochs``.
+    dataset_prior : tuple of 3 floats
+        ``g`` for directions, in-plane angles and shifts: the dataset average's share of the
+        prior part of the mixture.
+    anneal : bool
+        False: the converged regime throughout (T = 1, alpha = alpha_min, no antipodal term),
+        for measurements on a converged map.
+    """
 
     CACHED_BATCHES = 2  # sample sets kept per iteration: the minibatch, and one more
 
     def __init__(self, n_particles: int, enabled: bool = True, s0: float = 10.0, seed: int = 0,
-                 alpha: float = 0.05, min_grid_points: int = 20000, coverage: float = 0.95,
-                 max_rotations: int = 3000, max_shifts: int = 64):
+                 alpha_min: float = 0.05, min_grid_points: int = 20000, coverage: float = 0.95,
+                 max_rotations: int = 3000, max_shifts: int = 64,
+                 iterations_per_epoch: float = 1.0, schedule_offset: float = 0.2,
+                 temperature_epochs: float = 3.0, alpha_halflife: float = 0.9,
+                 flip_epochs: float = 10.0, dataset_prior=(0.9, 0.0, 0.9),
+                 anneal: bool = True):
         self.n = int(n_particles)
         self.enabled = enabled
         self.s0 = float(s0)
-        self.alpha = float(alpha)
+        self.alpha_min = float(alpha_min)
         self.min_grid_points = int(min_grid_points)
         self.coverage = float(coverage)
         self.max_rotations = int(max_rotations)
         self.max_shifts = int(max_shifts)
         self.seed = int(seed)
+        self.iterations_per_epoch = float(iterations_per_epoch)
+        self.schedule_offset = float(schedule_offset)
+        self.temperature_epochs = float(temperature_epochs)
+        self.alpha_halflife = float(alpha_halflife)
+        self.flip_epochs = float(flip_epochs)
+        self.dataset_prior = tuple(float(g) for g in dataset_prior)
+        self.anneal = bool(anneal)
         self.has = np.zeros(self.n, dtype=bool)
         self.dir_xyz = np.zeros((self.n, K_STORED, 3), dtype=np.float32)
-        self.dir_p = np.zeros((self.n, K_STORED), dtype=np.float32)
+        self.dir_logp = np.full((self.n, K_STORED), -np.inf, dtype=np.float32)
         self.inp_angle = np.zeros((self.n, K_STORED), dtype=np.float32)
-        self.inp_p = np.zeros((self.n, K_STORED), dtype=np.float32)
+        self.inp_logp = np.full((self.n, K_STORED), -np.inf, dtype=np.float32)
         self.shift_A = np.zeros((self.n, K_STORED, 2), dtype=np.float32)
-        self.shift_p = np.zeros((self.n, K_STORED), dtype=np.float32)
+        self.shift_logp = np.full((self.n, K_STORED), -np.inf, dtype=np.float32)
         self.grid = None
+        self._domains = None
+        self._deposit = None
+        self._average = [None, None, None]
         self._cache_key = None
         self._cache: dict = {}
         self._proposals: dict = {}
         self.last_kl = float("nan")
+        self.last_kl_epochs = float("nan")
+        self.last_kl_epochs_parts = {"dir": float("nan"), "inp": float("nan"),
+                                     "shift": float("nan")}
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict:
-        return {"is_has": self.has, "is_dir_xyz": self.dir_xyz, "is_dir_p": self.dir_p,
-                "is_inp_angle": self.inp_angle, "is_inp_p": self.inp_p,
-                "is_shift_A": self.shift_A, "is_shift_p": self.shift_p}
+        return {"is_has": self.has, "is_dir_xyz": self.dir_xyz, "is_dir_logp": self.dir_logp,
+                "is_inp_angle": self.inp_angle, "is_inp_logp": self.inp_logp,
+                "is_shift_A": self.shift_A, "is_shift_logp": self.shift_logp}
 
     @classmethod
     def from_state(cls, state: dict, **kwargs) -> ImportanceSampler:
         has = state["is_has"]
         sampler = cls(len(has), **kwargs)
-        for key in ("has", "dir_xyz", "dir_p", "inp_angle", "inp_p", "shift_A", "shift_p"):
+        for key in ("has", "dir_xyz", "inp_angle", "shift_A"):
             setattr(sampler, key, np.array(state[f"is_{key}"]))
+        for prefix in ("dir", "inp", "shift"):
+            if f"is_{prefix}_logp" in state:
+                logp = np.array(state[f"is_{prefix}_logp"], dtype=np.float32)
+            else:
+                # Saved before log masses were kept: normalised masses, 0 for empty slots.
+                with np.errstate(divide="ignore"):
+                    logp = np.log(np.array(state[f"is_{prefix}_p"], dtype=np.float32))
+            setattr(sampler, f"{prefix}_logp", logp)
         return sampler
 
     def set_grid(self, grid) -> None:
         self.grid = grid
-        self._tree = cKDTree(grid.directions)
+        a = grid.angular_step
+        step_inp = 2 * np.pi / grid.n_inp
+        sigma = 0.67 * grid.shift_step_px * grid.pixel_size
+        # vMF exp(kappa (u.v - 1)) is exp(-kappa |u - v|^2 / 2) on unit vectors.
+        kappa_dir = np.log(4.0) / (1.0 - np.cos(a))
+        kappa_inp = np.log(2.0) / max(1.0 - np.cos(step_inp), 1e-12)
+        self._domains = (
+            _Domain(grid.directions, kappa_dir / 2, np.zeros(grid.n_dir)),
+            _Domain(np.stack([np.cos(grid.inplane), np.sin(grid.inplane)], axis=1),
+                    kappa_inp / 2, np.zeros(grid.n_inp)),
+            _Domain(grid.shifts * grid.pixel_size, 1.0 / (2 * sigma * sigma),
+                    grid.shift_log_weights),
+        )
+        self._grid_coords = (grid.directions, grid.inplane, grid.shifts * grid.pixel_size)
         self._cache_key = None
         self._cache = {}
+        self._rebuild_average()
 
     @property
     def active(self) -> bool:
         return self.enabled and self.grid is not None and self.grid.size > self.min_grid_points
 
+    # ------------------------------------------------------------------ schedules
+
+    def epoch(self, iteration: float) -> float:
+        """``tau``: passes over the data at SAGD iteration ``iteration``."""
+        return float(iteration) / self.iterations_per_epoch
+
+    def temperature(self, iteration: float) -> float:
+        """``T``: stored posteriors enter the proposals as ``p^(1/T)``."""
+        if not self.anneal:
+            return 1.0
+        since = self.epoch(iteration) - self.schedule_offset
+        log2_t = self.temperature_epochs / since if since > 0 else np.inf
+        return float(2.0 ** min(log2_t, MAX_LOG2_TEMPERATURE))
+
+    def alpha(self, iteration: float) -> float:
+        """The prior's share of the proposals."""
+        if not self.anneal:
+            return self.alpha_min
+        since = max(0.0, self.epoch(iteration) - self.schedule_offset)
+        return float(max(self.alpha_min, 2.0 ** (-since / self.alpha_halflife)))
+
+    def flip(self, iteration: float) -> bool:
+        """Whether direction proposals also cover the antipodes of the stored directions."""
+        return self.anneal and self.epoch(iteration) < self.flip_epochs
+
+    # ------------------------------------------------------------------ dataset average
+
+    def _embedded(self, dim: int, rows) -> np.ndarray:
+        """Stored coordinates of ``rows`` in dimension ``dim``'s embedding, ``(B, K, k)``."""
+        x = getattr(self, _STATE[dim][0])[rows].astype(np.float64)
+        return np.stack([np.cos(x), np.sin(x)], axis=-1) if dim == 1 else x
+
+    def _deposits(self, dim: int, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Grid indices and untempered normalised masses of ``rows``' stored points."""
+        w = np.exp(_normalised_logw(getattr(self, _STATE[dim][1])[rows].astype(np.float64)))
+        return self._domains[dim].nearest(self._embedded(dim, rows)), np.nan_to_num(w)
+
+    def _rebuild_average(self, chunk: int = 20000) -> None:
+        """Every stored image's marginals, summed on the current grid (snapped to its points)."""
+        self._deposit = [np.zeros(dom.n) for dom in self._domains]
+        self._average = [None, None, None]
+        seen = np.flatnonzero(self.has)
+        for lo in range(0, len(seen), chunk):
+            self._deposit_rows(seen[lo:lo + chunk], 1.0)
+
+    def _deposit_rows(self, rows, sign: float) -> None:
+        for dim in range(3):
+            idx, w = self._deposits(dim, rows)
+            self._deposit[dim] += sign * np.bincount(idx.ravel(), weights=w.ravel(),
+                                                     minlength=self._domains[dim].n)
+            self._average[dim] = None
+
+    def dataset_average(self, dim: int) -> np.ndarray:
+        """Mean posterior over all images in dimension ``dim`` (0 directions, 1 in-plane,
+        2 shifts), kernel-smoothed; images without a posterior count as the base measure."""
+        if self._average[dim] is None:
+            dom = self._domains[dim]
+            seen = int(self.has.sum())
+            # Replacing contributions leaves rounding residue around zero.
+            smoothed = dom.smoothing @ np.maximum(self._deposit[dim], 0.0)
+            total = smoothed.sum()
+            average = (1.0 - seen / self.n) * dom.base
+            if total > 0 and seen:
+                average = average + (seen / self.n) * smoothed / total
+            self._average[dim] = average / average.sum()
+        return self._average[dim]
+
     # ------------------------------------------------------------------ proposals
 
-    def _proposal(self, row: int):
-        g = self.grid
-        a = g.angular_step
-        # The direction kernel is below 4^-16 beyond 4 grid spacings: evaluate it only on the
-        # grid directions within that distance of a stored point (a k-d tree query), so the
-        # cost follows the posterior's support, not the grid size.
-        kappa_dir = np.log(4.0) / (1.0 - np.cos(a))
-        stored = self.dir_p[row] > 0
-        xyz = self.dir_xyz[row][stored].astype(np.float64)
-        q_dir = np.zeros(g.n_dir)
-        neighbours = self._tree.query_ball_point(xyz, 2 * np.sin(2 * a))
-        for u, p, idx in zip(xyz, self.dir_p[row][stored], neighbours):
-            idx = np.asarray(idx, dtype=np.int64)
-            q_dir[idx] += p * np.exp(kappa_dir * (g.directions[idx] @ u - 1.0))
-        step_inp = 2 * np.pi / g.n_inp
-        kappa_inp = np.log(2.0) / (1.0 - np.cos(step_inp))
-        dangle = g.inplane[:, None] - self.inp_angle[row][None, :]
-        q_inp = np.exp(kappa_inp * (np.cos(dangle) - 1.0)) @ self.inp_p[row]
-        sigma = 0.67 * g.shift_step_px * g.pixel_size
-        shifts_A = g.shifts * g.pixel_size
-        d2 = ((shifts_A[:, None, :] - self.shift_A[row][None]) ** 2).sum(-1)
-        q_shift = np.exp(-d2 / (2 * sigma * sigma)) @ self.shift_p[row]
-        out = []
-        for q in (q_dir, q_inp, q_shift):
-            total = q.sum()
-            q = q / total if total > 0 and np.isfinite(total) else np.full_like(q, 1.0 / len(q))
-            out.append((1 - self.alpha) * q + self.alpha / len(q))
-        return out
+    def _prior(self, dim: int) -> np.ndarray:
+        g = self.dataset_prior[dim]
+        base = self._domains[dim].base
+        return base if g <= 0 else (1.0 - g) * base + g * self.dataset_average(dim)
+
+    def proposals(self, rows, iteration: float):
+        """Each row's proposals ``(q_dir, q_inp, q_shift)`` on the current grid, as a function
+        of the row's position in ``rows`` (the batch's snapping is done at once)."""
+        rows = np.asarray(rows)
+        temperature, alpha = self.temperature(iteration), self.alpha(iteration)
+        flip = self.flip(iteration)
+        priors = [self._prior(dim) for dim in range(3)]
+        if alpha >= 1.0:
+            return lambda i: tuple(priors)
+        kernels = []
+        for dim in range(3):
+            idx, _ = self._deposits(dim, rows)
+            logp = getattr(self, _STATE[dim][1])[rows].astype(np.float64)
+            w = np.nan_to_num(np.exp(_normalised_logw(logp / temperature)))
+            flipped = self._domains[0].nearest(-self._embedded(0, rows)) if (
+                dim == 0 and flip) else None
+            kernels.append((idx, w, flipped))
+        has = self.has[rows]
+
+        def proposal(i: int):
+            if not has[i]:
+                return tuple(priors)
+            out = []
+            for dim, (idx, w, flipped) in enumerate(kernels):
+                dom = self._domains[dim]
+                q = dom.spread(idx[i], w[i])
+                if flipped is not None:
+                    q = q + dom.spread(flipped[i], w[i])
+                total = q.sum()
+                q = q / total if total > 0 and np.isfinite(total) else priors[dim]
+                out.append((1.0 - alpha) * q + alpha * priors[dim])
+            return tuple(out)
+
+        return proposal
 
     def _draws(self, q: np.ndarray) -> int:
         """``ceil(s0 * ESS)`` draws, or the whole dimension (0) when they would cover it."""
@@ -148,6 +418,8 @@ class ImportanceSampler:
         rot_sets, rot_logw, shift_sets, shift_logw = [], [], [], []
         log_w_dir = np.full(g.n_dir, -np.log(g.n_dir))
         log_w_inp = np.full(g.n_inp, -np.log(g.n_inp))
+        proposal = self.proposals(rows, iteration) if self.active else None
+        position = {int(r): i for i, r in enumerate(rows)}
         for row in rows:
             if not self.active:
                 rot_sets.append(np.arange(g.n_rot))
@@ -157,13 +429,7 @@ class ImportanceSampler:
                 self._proposals[row] = None
                 continue
             rng = np.random.default_rng([self.seed, int(iteration), int(row)])
-            if self.has[row]:
-                q_dir, q_inp, q_shift = self._proposal(row)
-            else:
-                # No posterior yet on a large grid: uniform proposals, capped like the others.
-                q_dir = np.full(g.n_dir, 1.0 / g.n_dir)
-                q_inp = np.full(g.n_inp, 1.0 / g.n_inp)
-                q_shift = np.exp(np.asarray(g.shift_log_weights))
+            q_dir, q_inp, q_shift = proposal(position[int(row)])
             m_dir, m_inp, m_shift = self._draws(q_dir), self._draws(q_inp), self._draws(q_shift)
             # A broad posterior (early on, or at low SNR) would ask for most of a huge grid: cap
             # the rotations per image by drawing fewer samples. Any M keeps the weights unbiased;
@@ -200,10 +466,17 @@ class ImportanceSampler:
     # ------------------------------------------------------------------ updates
 
     def update(self, grid, rows, subsets: PoseSubsets, result) -> None:
-        """Store each image's posterior marginals (top ``K`` per dimension, as coordinates)."""
-        g = self.grid if grid is self.grid else grid
+        """Store each image's posterior marginals (top ``K`` per dimension, as coordinates),
+        refresh the dataset average and measure the KL to the previous visit."""
+        if grid is not self.grid:
+            self.set_grid(grid)
+        g = self.grid
+        rows = np.asarray(rows)
+        new_idx = [np.zeros((len(rows), K_STORED), np.int64) for _ in range(3)]
+        new_logp = [np.full((len(rows), K_STORED), -np.inf) for _ in range(3)]
+        valid = np.ones(len(rows), dtype=bool)
         kls = []
-        for i, row in enumerate(np.asarray(rows)):
+        for i, row in enumerate(rows):
             r0, r1 = subsets.rot_offsets[i], subsets.rot_offsets[i + 1]
             s0, s1 = subsets.shift_offsets[i], subsets.shift_offsets[i + 1]
             rot_index = subsets.rot_index[r0:r1]
@@ -225,21 +498,89 @@ class ImportanceSampler:
                 p = p_dir / max(p_dir.sum(), 1e-300)
                 nz = p > 0
                 kls.append(float(np.sum(p[nz] * np.log(p[nz] / (q_dir[nz] / q_dir[nz].sum())))))
-            self._store(row, g, p_dir, p_inp, p_shift)
+            for dim, p in enumerate((p_dir, p_inp, p_shift)):
+                total = p.sum()
+                if not (total > 0 and np.isfinite(total)):
+                    valid[i] = False
+                    break
+                top = np.argpartition(p, -K_STORED)[-K_STORED:] if len(p) > K_STORED else \
+                    np.arange(len(p))
+                new_idx[dim][i, :len(top)] = top
+                with np.errstate(divide="ignore"):
+                    new_logp[dim][i, :len(top)] = np.log(p[top] / total)
         self.last_kl = float(np.mean(kls)) if kls else float("nan")
+        self._between_visits(rows, valid, new_idx, new_logp)
+        # A visit without a usable posterior leaves the image uninformed, not misinformed.
+        self._deposit_rows(rows[self.has[rows]], -1.0)
+        self.has[rows[~valid]] = False
+        stored = rows[valid]
+        for dim, (coord_attr, logp_attr) in enumerate(_STATE):
+            getattr(self, coord_attr)[stored] = self._grid_coords[dim][new_idx[dim][valid]]
+            getattr(self, logp_attr)[stored] = new_logp[dim][valid]
+        self.has[stored] = True
+        self._deposit_rows(stored, 1.0)
 
-    def _store(self, row, g, p_dir, p_inp, p_shift) -> None:
-        for p, coords, xyz_attr, p_attr in (
-            (p_dir, g.directions, "dir_xyz", "dir_p"),
-            (p_inp, g.inplane, "inp_angle", "inp_p"),
-            (p_shift, g.shifts * g.pixel_size, "shift_A", "shift_p"),
-        ):
-            top = np.argsort(p)[::-1][:K_STORED]
-            mass = p[top]
-            total = mass.sum()
-            stored_p = getattr(self, p_attr)
-            stored_x = getattr(self, xyz_attr)
-            stored_p[row] = 0.0
-            stored_p[row, :len(top)] = mass / total if total > 0 else 1.0 / len(top)
-            stored_x[row, :len(top)] = coords[top]
-        self.has[row] = True
+    def _between_visits(self, rows, valid, new_idx, new_logp) -> None:
+        """``last_kl_epochs``: mean KL(new || previous visit) of the batch's pose posteriors."""
+        before = valid & self.has[rows]
+        parts = {}
+        for dim, name in enumerate(("dir", "inp", "shift")):
+            if not before.any():
+                parts[name] = float("nan")
+                continue
+            # Compare what will be stored (float32), so an unchanged posterior gives exactly 0.
+            coords = self._grid_coords[dim][new_idx[dim][before]].astype(np.float32)
+            coords = coords.astype(np.float64)
+            x_new = np.stack([np.cos(coords), np.sin(coords)], -1) if dim == 1 else coords
+            x_old = self._embedded(dim, rows[before])
+            lp_old = getattr(self, _STATE[dim][1])[rows[before]].astype(np.float64)
+            lp_new = new_logp[dim][before].astype(np.float32).astype(np.float64)
+            parts[name] = kl_on_union(x_new, lp_new, x_old, lp_old, self._domains[dim].c)
+        if before.any():
+            total = parts["dir"] + parts["inp"] + parts["shift"]
+            self.last_kl_epochs = float(np.mean(total))
+            parts = {k: float(np.mean(v)) for k, v in parts.items()}
+        else:
+            self.last_kl_epochs = float("nan")
+        self.last_kl_epochs_parts = parts
+
+
+def kl_on_union(x_p, logp_p, x_q, logp_q, c: float) -> np.ndarray:
+    """KL(p || q) between kernel-smoothed weighted point sets, on the union of their points.
+
+    Parameters
+    ----------
+    x_p, x_q : (B, K, k) points in a kernel's embedding
+    logp_p, logp_q : (B, K) log masses, ``-inf`` for empty slots (renormalised here)
+    c : float, the kernel ``exp(-c |x - y|^2)``
+
+    Returns
+    -------
+    (B,) KL in nats: each set is smoothed by the kernel, evaluated at the ``2K`` points of both,
+    and renormalised over the valid ones.
+    """
+    union = np.concatenate([x_p, x_q], axis=1)
+    present = np.concatenate([np.isfinite(logp_p), np.isfinite(logp_q)], axis=1)
+
+    def smoothed(x, logp):
+        # |u - x|^2 = |u|^2 + |x|^2 - 2 u.x: one batched product instead of a (B, 2K, K, k)
+        # difference array.
+        d2 = (np.sum(union**2, -1)[:, :, None] + np.sum(x**2, -1)[:, None, :]
+              - 2.0 * union @ np.swapaxes(x, 1, 2))
+        log_terms = _normalised_logw(logp)[:, None, :] - c * np.maximum(d2, 0.0)
+        log_density = _lse(log_terms, axis=2)
+        log_density = np.where(present, log_density, -np.inf)
+        return log_density - _lse(log_density, axis=1)[:, None]
+
+    log_p, log_q = smoothed(x_p, logp_p), smoothed(x_q, logp_q)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(present, np.exp(log_p) * (log_p - log_q), 0.0)
+    return terms.sum(axis=1)
+
+
+def _lse(a: np.ndarray, axis: int) -> np.ndarray:
+    """log-sum-exp along ``axis`` (``-inf`` when every entry is ``-inf``)."""
+    peak = np.max(a, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(a - peak), axis=axis)) + np.squeeze(peak, axis=axis)

@@ -9,18 +9,18 @@ import io as _io
 import json
 import os
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
 
-from cryoday import __version__, io  # noqa: E402
-from cryoday.validation import read_history  # noqa: E402
+from cryoday import __version__, io
+from cryoday.validation import read_history
 
 
 def _png(fig) -> str:
@@ -54,7 +54,10 @@ def history_plot(histories: list[str]) -> str:
     """Held-out error, objective, step size, grid fraction and pose KL against iteration.
 
     Each random start runs its stages one after another on one iteration axis (a stage boundary
-    shows as a new colour); seeds share the axis, told apart by line style.
+    shows as a new colour); seeds share the axis, told apart by line style. The KL panel shows
+    the paper's Figure 3 measure, each image's pose posterior against its previous visit's
+    (``kl_epoch``, dots), and the posterior against its importance proposal (``kl``, crosses);
+    histories written before ``kl_epoch`` existed show the crosses only.
     """
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     offsets: dict[str, int] = {}
@@ -75,15 +78,19 @@ def history_plot(histories: list[str]) -> str:
         axes[1].plot(it, [r["objective"] for r in rows], style, color=colour)
         axes[2].semilogy(it, [r["step"] for r in rows], style, color=colour)
         axes[3].semilogy(it, [r["n_evaluated"] / r["n_full"] for r in rows], style, color=colour)
-        kl = np.array([r.get("kl", np.nan) for r in rows])
-        axes[4].plot(it[np.isfinite(kl)], kl[np.isfinite(kl)], ".", ms=3, color=colour)
+        for column, marker in (("kl_epoch", "."), ("kl", "x")):
+            kl = np.array([r.get(column, np.nan) for r in rows])
+            axes[4].plot(it[np.isfinite(kl)], kl[np.isfinite(kl)], marker, ms=3, color=colour,
+                         alpha=1.0 if column == "kl_epoch" else 0.4)
         offsets[seed] = int(it[-1])
     axes[0].set(xlabel="iteration", ylabel="held-out mean -log p(I|V)", title="held-out error")
     axes[1].set(xlabel="iteration", ylabel="mean -log posterior", title="objective")
     axes[2].set(xlabel="iteration", ylabel="step size eps/L", title="step size")
     axes[3].set(xlabel="iteration", ylabel="fraction of the grid evaluated",
                 title="importance sampling")
-    axes[4].set(xlabel="iteration", ylabel="KL (nats)", title="pose KL between visits")
+    axes[4].set(xlabel="iteration", ylabel="KL (nats)",
+                title="pose KL: between visits (.), posterior vs proposal (x)")
+    axes[4].set_yscale("symlog", linthresh=0.1)
     axes[0].legend(fontsize=7, title=" / ".join(f"{s} {styles[i % 4]}" for i, s in
                                                enumerate(seeds)), title_fontsize=7)
     fig.tight_layout()
@@ -262,35 +269,35 @@ def write_report(path, dataset, metrics, fsc, volume, star, preprocess_info, his
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>cryoday report: {html.escape(dataset)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-        ".ok{background:#e6f4e6}.warning{background:#fbe9d0}img{max-width:100%}</style>",
+        ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+         ".ok{background:#e6f4e6}.warning{background:#fbe9d0}img{max-width:100%}</style>"),
         "</head><body>",
         f"<h1>cryoday report: {html.escape(dataset)}</h1>",
         f"<p class='{status}'><b>Status: {status}</b></p><ul>{warnings}</ul>",
         "<h2>Inputs</h2>",
-        f"<p>{info['n_particles']} particles ({info['n_heldout']} held out), box {info['box']} px,"
-        f" {info['pixel_size']:.3f} A/px, contrast sign {info['contrast_sign']:+d} "
-        f"(z = {info['contrast_z']:.1f}).</p>",
+        (f"<p>{info['n_particles']} particles ({info['n_heldout']} held out), box {info['box']} px,"
+         f" {info['pixel_size']:.3f} A/px, contrast sign {info['contrast_sign']:+d} "
+         f"(z = {info['contrast_z']:.1f}).</p>"),
         defocus_histogram(star, info["pixel_size"]),
         particles_and_reprojections(star, preprocess_info, vol, info["pixel_size"]),
-        "<h2>Run</h2><table><tr><th>stage</th><th>resolution (A)</th><th>box</th>"
-        "<th>iterations</th><th>wall (s)</th><th>held-out nll</th><th>IS speed-up</th></tr>",
+        ("<h2>Run</h2><table><tr><th>stage</th><th>resolution (A)</th><th>box</th>"
+         "<th>iterations</th><th>wall (s)</th><th>held-out nll</th><th>IS speed-up</th></tr>"),
         stage_rows, "</table>", history_plot(histories),
         "<h2>Map</h2>", map_views(vol, "final map"), isosurface_views(vol, "final map"),
         "<h3>Maps of the stages</h3>", stage_maps(histories),
         "<h2>Validation</h2>",
-        f"<p>FSC 0.143 against the reference: "
-        f"{'n/a' if resolution is None else f'{resolution:.1f} A'}. "
-        "</p>", signal_paragraph(m), seed_table(m),
-        f"<p>Half-map FSC 0.143: {m.get('halfmap_fsc0143_A', float('nan')):.1f} A unmasked, "
-        f"{m.get('halfmap_fsc0143_masked_A', float('nan')):.1f} A masked (the half maps share "
-        "the poses found against one map, so this is an optimistic figure).</p>",
+        (f"<p>FSC 0.143 against the reference: "
+         f"{'n/a' if resolution is None else f'{resolution:.1f} A'}. "
+         "</p>"), signal_paragraph(m), seed_table(m),
+        (f"<p>Half-map FSC 0.143: {m.get('halfmap_fsc0143_A', float('nan')):.1f} A unmasked, "
+         f"{m.get('halfmap_fsc0143_masked_A', float('nan')):.1f} A masked (the half maps share "
+         "the poses found against one map, so this is an optimistic figure).</p>"),
         fsc_plot(fsc), pose_error_histogram(m),
         "<h2>Provenance</h2>",
-        f"<p>{_versions()}; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on "
-        f"{html.escape(platform.node())} in <code>{html.escape(os.getcwd())}</code> by "
-        "<code>snakemake</code> with this configuration:</p>",
+        (f"<p>{_versions()}; written {datetime.now(UTC):%Y-%m-%d %H:%M UTC} on "
+         f"{html.escape(platform.node())} in <code>{html.escape(os.getcwd())}</code> by "
+         "<code>snakemake</code> with this configuration:</p>"),
         f"<pre>{html.escape(yaml.safe_dump(dict(config), sort_keys=False))}</pre>",
         "</body></html>",
     ]

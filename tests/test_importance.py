@@ -1,13 +1,16 @@
-"""Importance sampling: unbiased weights, exhaustive fall-backs, caching, bounded state."""
+"""Importance sampling: unbiased weights, exhaustive fall-backs, caching, bounded state,
+schedules, the dataset prior, the antipodal term and the KL between visits."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy.special import logsumexp
 
 from cryoday import molecule, simulate
-from cryoday.importance import ImportanceSampler
+from cryoday.importance import ImportanceSampler, kl_on_union
 from cryoday.likelihood import exhaustive_subsets, make_batch, marginal_nll
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
@@ -79,7 +82,7 @@ def test_state_per_image_does_not_grow_with_the_grid():
     fine = ImportanceSampler(100)
     coarse.set_grid(pose_grid(40.0, 64, 3.0))
     fine.set_grid(pose_grid(10.0, 64, 3.0))
-    size = lambda s: sum(v.nbytes for v in s.state().values())  # noqa: E731
+    size = lambda s: sum(v.nbytes for v in s.state().values())
     assert size(coarse) == size(fine) < 100 * 2000
 
 
@@ -112,10 +115,11 @@ def test_state_between_visits_does_not_grow_with_passes_over_the_data():
     rng = np.random.default_rng(0)
     for row in range(n):
         sampler.dir_xyz[row, 0] = grid.directions[rng.integers(grid.n_dir)]
-        sampler.dir_p[row, 0] = 1.0
-        sampler.inp_p[row, 0] = 1.0
-        sampler.shift_p[row, 0] = 1.0
+        sampler.dir_logp[row, 0] = 0.0
+        sampler.inp_logp[row, 0] = 0.0
+        sampler.shift_logp[row, 0] = 0.0
         sampler.has[row] = True
+    sampler.set_grid(grid)  # the dataset average is rebuilt from the state written above
 
     class Flat:  # a posterior spread evenly over the sampled points
         def __init__(self, subsets):
@@ -127,3 +131,214 @@ def test_state_between_visits_does_not_grow_with_passes_over_the_data():
         sampler.update(grid, rows, subsets, Flat(subsets))
     assert len(sampler._cache) <= ImportanceSampler.CACHED_BATCHES
     assert len(sampler._proposals) == 0
+
+
+# ---------------------------------------------------------------------- schedules and mixture
+
+
+def peaked_state(grid, dirs, inps, shifts, spread=0.0):
+    """Exhaustive subsets and a likelihood-result stand-in whose posteriors are products of
+    marginals peaked at the given grid indices (``spread`` > 0: a vMF of that concentration
+    over directions instead of a single point)."""
+    n = len(dirs)
+    subsets = exhaustive_subsets(grid, n)
+    rot_post, shift_post = [], []
+    for d, j, s in zip(dirs, inps, shifts):
+        if spread > 0:
+            p_dir = np.exp(spread * (grid.directions @ grid.directions[d] - 1.0))
+        else:
+            p_dir = np.eye(grid.n_dir)[d]
+        p_inp, p_shift = np.eye(grid.n_inp)[j], np.eye(grid.n_shift)[s]
+        rot_post.append((p_dir[:, None] / p_dir.sum() * p_inp[None, :]).ravel())
+        shift_post.append(p_shift)
+    return subsets, SimpleNamespace(rot_post=np.concatenate(rot_post),
+                                    shift_post=np.concatenate(shift_post))
+
+
+def test_schedules_are_cautious_early_and_converge_late():
+    sampler = ImportanceSampler(10, iterations_per_epoch=25)
+    # Before tau_0 (0.2 epochs = 5 iterations) the stored posteriors are not used at all.
+    assert sampler.alpha(0) == sampler.alpha(5) == 1.0
+    assert sampler.temperature(5) >= 2.0**60
+    t = np.arange(0, 25 * 200)
+    alpha = np.array([sampler.alpha(i) for i in t])
+    temperature = np.array([sampler.temperature(i) for i in t])
+    assert np.all(np.diff(alpha) <= 0) and np.all(np.diff(temperature) <= 0)
+    assert alpha[-1] == sampler.alpha_min == 0.05 and 1.0 <= temperature[-1] < 1.02
+    assert sampler.alpha(25 * 5) == 0.05  # the floor within five epochs
+    # On the demo's scale (25 iterations per epoch, 6 stages of ~2.4 epochs): T is moderate
+    # where grids become large enough to sample and near 1 at the end, unlike the paper's
+    # iteration constants (2^15 at t = 100).
+    assert 2.0 < sampler.temperature(60) < 4.0
+    assert sampler.temperature(360) < 1.3
+    assert sampler.flip(25 * 9.9) and not sampler.flip(25 * 10)
+    converged = ImportanceSampler(10, anneal=False)
+    assert (converged.temperature(0), converged.alpha(0), converged.flip(0)) == (1.0, 0.05, False)
+
+
+def test_early_proposals_are_flatter_and_draw_more():
+    grid = pose_grid(25.0, 24, 6.0)
+    n = 4
+    sampler = ImportanceSampler(n, min_grid_points=0, iterations_per_epoch=10)
+    sampler.update(grid, np.arange(n), *peaked_state(grid, [3, 100, 200, 300], [0, 5, 9, 20],
+                                                     [0, 2, 4, 6], spread=50.0))
+    ess = {}
+    points = {}
+    for epoch in (0.5, 2, 5, 40):
+        propose = sampler.proposals(np.arange(n), 10 * epoch)
+        ess[epoch] = [1.0 / np.sum(q * q) for q in propose(1)]
+        points[epoch] = sampler.subsets(grid, np.arange(n), int(10 * epoch)).n_points
+    for dim in range(3):
+        values = np.array([ess[e][dim] for e in (0.5, 2, 5, 40)])
+        assert np.all(np.diff(values) <= 1e-9) and values[0] > 1.5 * values[-1], (dim, values)
+    # Directions hold several points, so tempering keeps flattening them after alpha's floor.
+    assert ess[5][0] > ess[40][0]
+    assert points[0.5] > 2 * points[40]
+
+
+def test_dataset_prior_puts_mass_where_the_data_is():
+    grid = pose_grid(25.0, 24, 6.0)
+    n = 40
+    common_dir = 10
+    # The lone image's direction at 90 degrees from the common one (not antipodal).
+    lone_dir = int(np.argmin(np.abs(grid.directions @ grid.directions[common_dir])))
+    common_shift = int(np.argmax(grid.shifts[:, 0]))  # far off centre: low prior weight
+    lone_shift = int(np.argmin(np.hypot(*grid.shifts.T)))
+    dirs = [common_dir] * (n - 1) + [lone_dir]
+    shifts = [common_shift] * (n - 1) + [lone_shift]
+    state = peaked_state(grid, dirs, [3] * n, shifts)
+    mixed = ImportanceSampler(n, min_grid_points=0, anneal=False)
+    plain = ImportanceSampler(n, min_grid_points=0, anneal=False, dataset_prior=(0, 0, 0))
+    for sampler in (mixed, plain):
+        sampler.update(grid, np.arange(n), *state)
+    q_dir, q_inp, q_shift = mixed.proposals([n - 1], 0)(0)
+    p_dir, p_inp, p_shift = plain.proposals([n - 1], 0)(0)
+    base_shift = np.exp(grid.shift_log_weights)
+    # Never seen by this image, common in the data: more than the uniform / prior mass.
+    assert q_dir[common_dir] > 5.0 / grid.n_dir
+    assert q_dir[common_dir] > 50 * p_dir[common_dir]
+    assert p_dir[common_dir] == pytest.approx(0.05 / grid.n_dir, rel=1e-3)
+    assert q_shift[common_shift] > 2 * base_shift[common_shift]
+    assert q_shift[common_shift] > 3 * p_shift[common_shift]
+    # In-plane has no dataset prior (g = 0).
+    assert np.allclose(q_inp, p_inp)
+    # The average carries over to a finer grid: still peaked at the common direction.
+    fine = pose_grid(20.0, 24, 8.0)
+    mixed.set_grid(fine)
+    average = mixed.dataset_average(0)
+    near = int(np.argmax(fine.directions @ grid.directions[common_dir]))
+    assert average[near] > 20.0 / fine.n_dir
+    assert average.sum() == pytest.approx(1.0)
+
+
+def test_dataset_average_is_kept_up_to_date_by_updates():
+    grid = pose_grid(25.0, 24, 6.0)
+    n = 30
+    rng = np.random.default_rng(3)
+    sampler = ImportanceSampler(n, min_grid_points=0)
+    for _ in range(3):
+        rows = rng.choice(n, 12, replace=False)
+        sampler.update(grid, rows, *peaked_state(
+            grid, rng.integers(0, grid.n_dir, 12), rng.integers(0, grid.n_inp, 12),
+            rng.integers(0, grid.n_shift, 12), spread=30.0))
+    incremental = [d.copy() for d in sampler._deposit]
+    sampler.set_grid(grid)  # rebuilt from the stored state alone
+    for a, b in zip(incremental, sampler._deposit):
+        assert np.allclose(a, b, atol=1e-9)
+
+
+def test_antipodal_term_early_only():
+    grid = pose_grid(25.0, 24, 6.0)
+    sampler = ImportanceSampler(1, min_grid_points=0, iterations_per_epoch=1)
+    sampler.update(grid, [0], *peaked_state(grid, [50], [0], [0]))
+    u = grid.directions[50]
+    opposite = int(np.argmax(-grid.directions @ u))
+    early = sampler.proposals([0], 5)(0)[0]
+    late = sampler.proposals([0], 20)(0)[0]
+    assert early[opposite] > 0.5 * early[50] and early[opposite] > 50.0 / grid.n_dir
+    assert late[opposite] < 1e-3 * late[50]
+
+
+def test_kl_between_visits_is_zero_unchanged_and_large_when_moved():
+    grid = pose_grid(25.0, 24, 6.0)
+    rows = np.arange(3)
+    sampler = ImportanceSampler(3, min_grid_points=0)
+    first = peaked_state(grid, [5, 60, 120], [1, 2, 3], [0, 1, 2], spread=40.0)
+    sampler.update(grid, rows, *first)
+    assert np.isnan(sampler.last_kl_epochs)  # no previous visit
+    sampler.update(grid, rows, *first)
+    assert abs(sampler.last_kl_epochs) < 1e-6
+    # One grid step away: of order ln 4; far away: much more.
+    near = [int(np.argsort(-(grid.directions @ grid.directions[d]))[1]) for d in (5, 60, 120)]
+    sampler.update(grid, rows, *peaked_state(grid, near, [1, 2, 3], [0, 1, 2], spread=40.0))
+    step = sampler.last_kl_epochs
+    far = [int(np.argmin(np.abs(grid.directions @ grid.directions[d]))) for d in near]
+    sampler.update(grid, rows, *peaked_state(grid, far, [1, 2, 3], [0, 1, 2], spread=40.0))
+    assert 0.05 < step < 5.0
+    assert sampler.last_kl_epochs > 20 * step
+    assert sampler.last_kl_epochs_parts["dir"] == pytest.approx(sampler.last_kl_epochs)
+
+
+def test_kl_on_union_of_point_sets():
+    x = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    logp = np.log([[0.7, 0.3]])
+    assert kl_on_union(x, logp, x, logp, 5.0)[0] == pytest.approx(0.0, abs=1e-12)
+    swapped = kl_on_union(x, logp, x, np.log([[0.3, 0.7]]), 5.0)[0]
+    assert swapped > 0.1
+    padded = np.concatenate([logp, [[-np.inf]]], axis=1)
+    xp = np.concatenate([x, [[[0.0, 0.0, 1.0]]]], axis=1)
+    assert kl_on_union(xp, padded, xp, padded, 5.0)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_annealed_mixture_proposals_stay_unbiased():
+    """Tempered, flipped, dataset-mixed proposals: the weighted sum over the sampled product set
+    is an unbiased estimate of the full quadrature sum of any function of the pose."""
+    grid = pose_grid(25.0, 24, 6.0)
+    n = 2000
+    rng = np.random.default_rng(5)
+    sampler = ImportanceSampler(n, min_grid_points=0, iterations_per_epoch=1, seed=2,
+                                max_rotations=400)
+    # Every image shares one stored posterior (each still draws its own sample); the dataset
+    # average follows the same state.
+    sampler.update(grid, [0], *peaked_state(grid, [40], [7], [3], spread=20.0))
+    for key in sampler.state():
+        array = getattr(sampler, key.removeprefix("is_"))
+        array[1:] = array[0]
+    sampler.set_grid(grid)
+    iteration = 3  # T ~ 2.4, alpha ~ 0.18, antipodal term on
+    assert sampler.temperature(iteration) > 1.5 and 0.1 < sampler.alpha(iteration) < 0.5
+    u0 = grid.directions[40]
+    log_f_dir = 6.0 * (grid.directions @ u0) + rng.normal(0, 0.3, grid.n_dir)
+    log_f_inp = 2.0 * np.cos(grid.inplane - grid.inplane[9])
+    log_f_shift = -np.sum((grid.shifts - grid.shifts[5]) ** 2, axis=1) / 8.0
+    log_f = (log_f_dir[:, None] + log_f_inp[None, :]).ravel()[:, None] + log_f_shift[None, :]
+    log_f += rng.normal(0, 0.2, log_f.shape)  # not separable
+    f = np.exp(log_f - log_f.max())
+    exact = np.exp(grid.rot_log_weights)[:, None] * np.exp(grid.shift_log_weights)[None, :]
+    exact = float(np.sum(exact * f))
+    subsets = sampler.subsets(grid, np.arange(n), iteration)
+    estimates = []
+    for i in range(n):
+        r = slice(subsets.rot_offsets[i], subsets.rot_offsets[i + 1])
+        s = slice(subsets.shift_offsets[i], subsets.shift_offsets[i + 1])
+        w = np.exp(subsets.rot_logw[r])[:, None] * np.exp(subsets.shift_logw[s])[None, :]
+        estimates.append(np.sum(w * f[np.ix_(subsets.rot_index[r], subsets.shift_index[s])]))
+    estimates = np.array(estimates)
+    error = estimates.std() / np.sqrt(n)
+    print(estimates.mean() / exact, error / exact)
+    assert error < 0.05 * exact  # the check has power
+    assert abs(estimates.mean() - exact) < 4 * error
+    assert subsets.n_points < 0.5 * n * grid.size
+
+
+def test_state_saved_before_log_masses_still_loads():
+    grid = pose_grid(25.0, 24, 6.0)
+    sampler = ImportanceSampler(2, min_grid_points=0)
+    sampler.update(grid, [0, 1], *peaked_state(grid, [5, 9], [1, 1], [0, 0], spread=30.0))
+    old = {k: v for k, v in sampler.state().items() if not k.endswith("_logp")}
+    for prefix in ("dir", "inp", "shift"):
+        old[f"is_{prefix}_p"] = np.exp(sampler.state()[f"is_{prefix}_logp"]).astype(np.float32)
+    restored = ImportanceSampler.from_state(old, min_grid_points=0)
+    restored.set_grid(grid)
+    for a, b in zip(sampler.proposals([0, 1], 50)(1), restored.proposals([0, 1], 50)(1)):
+        assert np.allclose(a, b, rtol=1e-4)
