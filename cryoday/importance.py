@@ -49,13 +49,13 @@ Schedules, in epochs of the data
     1 and proposals are the prior alone. On the 5,000-image demo (25 iterations per epoch, ~2.4
     epochs per stage) alpha reaches its floor in the second stage, T falls from ~2.6 where the
     grids first become large enough to sample (30 A) to ~1.2 at the last stage, and the
-    antipodal term is dropped for the last stage, as the paper drops it once the resolution
-    ramp ends. A data set too large for several epochs per run stays in the early, cautious
-    regime (flat proposals, capped draws: unbiased, but less saving): lower
-    ``iterations_per_epoch`` there. The tempering is applied when a proposal is built, with T at
-    that time, not when the posterior is stored: that is the paper's schedule one visit later,
-    and it keeps ``update`` free of the clock and the stored masses untempered, which the
-    between-visit KL needs.
+    antipodal term goes at epoch 10, in the fifth of six stages, near the end of the resolution
+    ramp, where the paper drops it. A data set too large for several epochs per run stays in
+    the early, cautious regime (flat proposals, capped draws: unbiased, but less saving):
+    lower ``iterations_per_epoch`` there. The tempering is applied when a proposal is built,
+    with T at that time, not when the posterior is stored: that is the paper's schedule one
+    visit later, and it keeps ``update`` free of the clock and the stored masses untempered,
+    which the between-visit KL needs.
 
 Samples
     ``M = ceil(s0 * ESS)`` points are drawn with replacement (ESS = 1 / sum q^2); a point drawn
