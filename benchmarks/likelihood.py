@@ -35,7 +35,8 @@ from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 
 N_IMAGES = 40
-SAMPLE_ROTATIONS, SAMPLE_SHIFTS = 2000, 25
+# An importance sample per image at 1/10 A: directions x in-plane angles x shifts (2,000 rotations).
+SAMPLE_DIRECTIONS, SAMPLE_INPLANE, SAMPLE_SHIFTS = 100, 20, 25
 
 
 def best_time(fn, repeats=3):
@@ -66,15 +67,16 @@ def numpy_nll(slices, batch, op, shifts, rot_logw, shift_logw):
     return out
 
 
-def random_subsets(grid, n_images, n_rot, n_shift, rng):
-    n_rot, n_shift = min(n_rot, grid.n_rot), min(n_shift, grid.n_shift)
-    rots = [np.sort(rng.choice(grid.n_rot, n_rot, replace=False)) for _ in range(n_images)]
-    shifts = [np.sort(rng.choice(grid.n_shift, n_shift, replace=False)) for _ in range(n_images)]
-    return PoseSubsets(
-        np.arange(n_images + 1, dtype=np.int64) * n_rot, np.concatenate(rots),
-        np.concatenate([grid.rot_log_weights[r] for r in rots]),
-        np.arange(n_images + 1, dtype=np.int64) * n_shift, np.concatenate(shifts),
-        np.concatenate([grid.shift_log_weights[s] for s in shifts]))
+def random_subsets(grid, n_images, rng):
+    def pick(n_grid, n_pick, logw):
+        sets = [np.sort(rng.choice(n_grid, min(n_pick, n_grid), replace=False))
+                for _ in range(n_images)]
+        return sets, [logw[x] for x in sets]
+
+    return PoseSubsets.from_sets(
+        grid.n_inp, *pick(grid.n_dir, SAMPLE_DIRECTIONS, grid.dir_log_weights),
+        *pick(grid.n_inp, SAMPLE_INPLANE, grid.inp_log_weights),
+        *pick(grid.n_shift, SAMPLE_SHIFTS, grid.shift_log_weights))
 
 
 def case(full_box, pixel_size, resolution, rng):
@@ -93,18 +95,18 @@ def case(full_box, pixel_size, resolution, rng):
     if exhaustive:
         subsets = exhaustive_subsets(grid, N_IMAGES)
     else:
-        subsets = random_subsets(grid, N_IMAGES, SAMPLE_ROTATIONS, SAMPLE_SHIFTS, rng)
+        subsets = random_subsets(grid, N_IMAGES, rng)
     cube = op.prepare(volume)
     points = subsets.n_points
     t_nll = best_time(lambda: marginal_nll(op, volume, batch, grid, subsets, False, cube))
     t_grad = best_time(lambda: marginal_nll(op, volume, batch, grid, subsets, True, cube), 2)
-    union = np.unique(subsets.rot_index)
-    rotations = grid.rotations[union]
+    union = np.unique(subsets.dir_index)
+    rotations = grid.direction_rotations[union]
     t_forward = best_time(lambda: op.forward(volume, rotations, cube))
     slices = op.forward(volume, rotations, cube)
     t_adjoint = best_time(lambda: op.adjoint(slices, rotations), 2)
     # numpy on the first few images' first rotations (it materialises every model image).
-    n_np_rot = min(len(union), 1500)
+    n_np_rot = min(len(np.unique(subsets.rot_index)), 1500)
     n_np_img = 4
     shift_sel = subsets.shift_index[:subsets.shift_offsets[1]]
     np_slices = op.forward(volume, grid.rotations[:n_np_rot], cube)

@@ -72,7 +72,14 @@ def _write_history(path, history) -> None:
 
 
 class _Data:
-    """Stage images and CTFs, cached in memory when small, read per batch otherwise."""
+    """Stage images and CTFs: held in memory when small, read per batch otherwise.
+
+    Batches are built on demand (transforms, padded transforms for in-plane turning, CTFs), which
+    costs a few FFTs per image; the last few are kept because an SAGD step evaluates the same
+    minibatch several times (line search), and the held-out set is evaluated repeatedly.
+    """
+
+    KEPT_BATCHES = 4
 
     def __init__(self, op, images, ctf, sigma, pixel_size):
         self.op, self.images, self.ctf, self.pixel_size = op, images, ctf, pixel_size
@@ -80,18 +87,24 @@ class _Data:
         self.sigma = np.broadcast_to(np.asarray(sigma, np.float32), (n,))
         self.cache = None
         if images.nbytes <= IMAGE_CACHE_BYTES:
-            self.cache = self.batch(np.arange(n), use_cache=False)
+            self.cache = np.asarray(read_rows(images, np.arange(n)), dtype=np.float32)
+        self._kept: dict = {}
 
-    def batch(self, rows, use_cache=True):
+    def batch(self, rows):
         rows = np.asarray(rows)
-        if use_cache and self.cache is not None:
-            from cryoday.likelihood import ImageBatch
-
-            return ImageBatch(self.cache.data[rows], self.cache.ctf[rows],
-                              self.cache.sigma2[rows])
+        key = rows.tobytes()
+        if key in self._kept:
+            return self._kept[key]
+        if self.cache is not None:
+            images = self.cache[rows]
+        else:
+            images = read_rows(self.images, np.sort(rows))[np.argsort(np.argsort(rows))]
         ctf = {k: (v[rows] if np.ndim(v) else v) for k, v in self.ctf.items()}
-        images = read_rows(self.images, np.sort(rows))[np.argsort(np.argsort(rows))]
-        return make_batch(self.op, images, ctf, self.pixel_size, self.sigma[rows])
+        batch = make_batch(self.op, images, ctf, self.pixel_size, self.sigma[rows])
+        if len(self._kept) >= self.KEPT_BATCHES:
+            self._kept.pop(next(iter(self._kept)))
+        self._kept[key] = batch
+        return batch
 
 
 def scale_to_data(volume, op, data, grid, rows, rng) -> np.ndarray:

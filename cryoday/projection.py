@@ -128,6 +128,8 @@ class SliceOperator:
         # Reachable sub-cube of the 2x padded spectrum: |q| <= 2 * radius, plus one voxel.
         self._half_cube = min(int(np.ceil(2 * radius)) + 2, self.box - 1)
         self._cube_size = 2 * self._half_cube + 1
+        # Images turned in-plane are read from their 2x padded transforms within the same reach.
+        self.image_half_width = self._half_cube
         m = 2 * self.box
         x = (np.arange(self.box) - self.box // 2) / m
         self._gridding = (np.sinc(x) ** 2).astype(np.float64)

@@ -29,7 +29,9 @@ UNDERSAMPLING_BY_LEVEL = (1.5, 1.5, 1.25, 1.25)
 class PoseGrid:
     """A product quadrature over viewing directions x in-plane angles x shifts.
 
-    Rotation index ``r = d * n_inp + j``; ``rotations[r] = euler_to_matrix(rot_d, tilt_d, psi_j)``.
+    Rotation index ``r = d * n_inp + j``; ``rotations[r] = euler_to_matrix(rot_d, tilt_d, psi_j)``,
+    which factors as ``inplane_rotation(psi_j) @ direction_rotations[d]`` (RELION's ZYZ applies
+    psi last): the likelihood slices the model once per direction and turns the image instead.
     Shifts are RELION origins in pixels of the stage box. Log weights are normalised so that
     ``logsumexp`` over each dimension is 0.
     """
@@ -43,6 +45,16 @@ class PoseGrid:
     angular_step: float
     shift_step_px: float
     pixel_size: float
+    direction_rotations: np.ndarray | None = None
+    inplane_matrices: np.ndarray | None = None
+
+    @property
+    def dir_log_weights(self) -> np.ndarray:
+        return np.full(self.n_dir, -np.log(self.n_dir))
+
+    @property
+    def inp_log_weights(self) -> np.ndarray:
+        return np.full(self.n_inp, -np.log(self.n_inp))
 
     @property
     def n_dir(self) -> int:
@@ -136,7 +148,19 @@ def pose_grid(resolution_A: float, box: int, pixel_size: float, undersampling: f
         angular_step=float(a),
         shift_step_px=float(shift_step),
         pixel_size=float(pixel_size),
+        direction_rotations=np.ascontiguousarray(euler_to_matrix(rot, tilt, 0.0)),
+        inplane_matrices=inplane_matrices(inplane),
     )
+
+
+def inplane_matrices(angles_rad: np.ndarray) -> np.ndarray:
+    """The in-plane parts ``P[:2, :2]`` of ``P = euler_to_matrix(0, 0, psi)``, ``(n, 2, 2)``.
+
+    With ``A = P A_d``, the slice at ``A`` and frequency ``k`` is the slice at ``A_d`` and
+    ``P^T k``: turning the image by ``P`` stands in for slicing at every in-plane angle.
+    """
+    full = euler_to_matrix(0.0, 0.0, np.degrees(np.asarray(angles_rad, dtype=np.float64)))
+    return np.ascontiguousarray(full.reshape(-1, 3, 3)[:, :2, :2])
 
 
 def grid_size_table(resolutions, box: int, pixel_size: float, undersampling=None,

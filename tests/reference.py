@@ -6,19 +6,50 @@ import numpy as np
 from scipy.special import logsumexp
 
 
-def dense_nll(slices, data, ctf, sigma2, weights, kx, ky, box, shifts_px, rot_logw, shift_logw):
-    """-log sum_{r,s} W_r W_s exp(-E_rs) per image, forming every model image explicitly.
+def turned_image_nll(dir_slices, images, ctf_params, sigma2, pixel_size, kx, ky, weights,
+                     inplane_matrices, shifts_px, dir_logw, inp_logw, shift_logw, padding):
+    """The engine's turned-image objective, written out with numpy and scipy (no Numba).
 
-    slices: (n_rot, K) complex model slices; data/ctf: (B, K); shifts_px: (n_shift, 2).
+    For each direction ``d``, in-plane matrix ``P`` and shift ``t``:
+    ``E = (sum w |d(k)|^2 - 2 Re sum w c(Pk) conj(d(Pk)) exp(2 pi i Pk.t / N) S_d(k)
+    + sum w c(Pk)^2 |S_d(k)|^2) / (2 s2)``, with ``d(Pk)`` read bilinearly (``map_coordinates``,
+    order 1) from the gridding-corrected, ``padding``-times zero-padded transform of the image
+    (``numpy.fft``) and ``c(Pk)`` from ``evaluate_ctf`` at the turned frequencies.
+    images: (B, N, N); dir_slices: (n_dir, K); returns (B,) nll.
     """
-    out = np.empty(len(data))
-    for i in range(len(data)):
+    from scipy.ndimage import map_coordinates
+
+    from cryoday.ctf import evaluate_ctf
+
+    n = images.shape[-1]
+    m = padding  # padded size in px
+    x = (np.arange(n) - n // 2) / m
+    g = np.sinc(x) ** 2
+    out = np.empty(len(images))
+    k = np.stack([kx, ky], axis=1).astype(np.float64)
+    for i, image in enumerate(images):
+        big = np.zeros((m, m))
+        lo = m // 2 - n // 2
+        big[lo:lo + n, lo:lo + n] = image / np.outer(g, g)
+        spectrum = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(big))) / m
+        centred = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(image))) / n
+        d_grid = centred[(ky + n // 2).astype(int), (kx + n // 2).astype(int)]
+        dnorm = np.sum(weights * np.abs(d_grid) ** 2)
+        params = {key: np.asarray(v)[i] if np.ndim(v) else v for key, v in ctf_params.items()}
         logits = []
-        for r in range(len(slices)):
-            for s, (tx, ty) in enumerate(shifts_px):
-                phase = np.exp(2j * np.pi * (kx * tx + ky * ty) / box)
-                model = ctf[i] * slices[r] * phase
-                energy = np.sum(weights * np.abs(data[i] - model) ** 2) / (2 * sigma2[i])
-                logits.append(rot_logw[r] + shift_logw[s] - energy)
+        for d, s_d in enumerate(dir_slices):
+            for p, mat in enumerate(inplane_matrices):
+                turned = k @ np.asarray(mat).T  # P k
+                coords = [turned[:, 1] * m / n + m // 2, turned[:, 0] * m / n + m // 2]
+                d_turned = (map_coordinates(spectrum.real, coords, order=1)
+                            + 1j * map_coordinates(spectrum.imag, coords, order=1)) * (m / n)
+                c = evaluate_ctf(turned[:, 0] / (n * pixel_size), turned[:, 1] / (n * pixel_size),
+                                 **params).astype(np.float64)
+                for s, t in enumerate(shifts_px):
+                    phase = np.exp(2j * np.pi * (turned @ np.asarray(t, np.float64)) / n)
+                    cross = np.real(np.sum(weights * c * np.conj(d_turned) * phase * s_d))
+                    norm = np.sum(weights * c * c * np.abs(s_d) ** 2)
+                    energy = (dnorm - 2 * cross + norm) / (2 * sigma2[i])
+                    logits.append(dir_logw[d] + inp_logw[p] + shift_logw[s] - energy)
         out[i] = -logsumexp(logits)
     return out

@@ -115,8 +115,9 @@ def stage_mem_mb(wildcards, input, attempt):
     Snakemake evaluates this again once the stage's images exist (before it submits the job),
     so the figure is the estimate for the real data; before that, a 4 GB placeholder. The
     terms: SAGD's stored gradients (one float32 volume per minibatch), the images kept in memory
-    (at most 2 GiB, streamed beyond), and the likelihood's working set (at most 30,000
-    rotations of ~40 bytes per Fourier pixel inside the cutoff, METHOD.md section 3).
+    (at most 2 GiB, streamed beyond), and the likelihood's working set: per block of at most
+    4,000 directions, their slices and per-thread gradient accumulators (~70 bytes per direction
+    and Fourier pixel inside the cutoff on 2 threads), plus a minibatch's padded transforms.
     """
     size = stage_size(input)
     if size is None:
@@ -125,7 +126,7 @@ def stage_mem_mb(wildcards, input, attempt):
     n_batches = -(-n_images // RECON["minibatch_size"])
     gradients = n_batches * box**3 * 4
     images = min(n_images * box * box * 4, 2 << 30)
-    likelihood = 30000 * 0.8 * box * box * 40
+    likelihood = 4000 * 0.8 * box * box * 70 + RECON["minibatch_size"] * (3 * box) ** 2 * 8
     return int(1000 + (gradients + images + likelihood) / 1e6) * attempt
 
 
