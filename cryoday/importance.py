@@ -415,15 +415,17 @@ class ImportanceSampler:
             self._cache = {}
             self._cache_key = int(iteration)
         g = self.grid
-        rot_sets, rot_logw, shift_sets, shift_logw = [], [], [], []
+        dir_sets, dir_logw, inp_sets, inp_logw, shift_sets, shift_logw = [], [], [], [], [], []
         log_w_dir = np.full(g.n_dir, -np.log(g.n_dir))
         log_w_inp = np.full(g.n_inp, -np.log(g.n_inp))
         proposal = self.proposals(rows, iteration) if self.active else None
         position = {int(r): i for i, r in enumerate(rows)}
         for row in rows:
             if not self.active:
-                rot_sets.append(np.arange(g.n_rot))
-                rot_logw.append(np.asarray(g.rot_log_weights, np.float64))
+                dir_sets.append(np.arange(g.n_dir))
+                dir_logw.append(g.dir_log_weights)
+                inp_sets.append(np.arange(g.n_inp))
+                inp_logw.append(g.inp_log_weights)
                 shift_sets.append(np.arange(g.n_shift))
                 shift_logw.append(np.asarray(g.shift_log_weights, np.float64))
                 self._proposals[row] = None
@@ -445,21 +447,15 @@ class ImportanceSampler:
             d, lw_d = self._sample(q_dir, log_w_dir, m_dir, rng)
             j, lw_j = self._sample(q_inp, log_w_inp, m_inp, rng)
             s, lw_s = self._sample(q_shift, np.asarray(g.shift_log_weights), m_shift, rng)
-            rot_sets.append((d[:, None] * g.n_inp + j[None, :]).ravel())
-            rot_logw.append((lw_d[:, None] + lw_j[None, :]).ravel())
+            dir_sets.append(d)
+            dir_logw.append(lw_d)
+            inp_sets.append(j)
+            inp_logw.append(lw_j)
             shift_sets.append(s)
             shift_logw.append(lw_s)
             self._proposals[row] = (d, j, q_dir)
-        subsets = PoseSubsets(
-            rot_offsets=np.concatenate([[0], np.cumsum([len(r) for r in rot_sets])]).astype(
-                np.int64),
-            rot_index=np.concatenate(rot_sets).astype(np.int64),
-            rot_logw=np.concatenate(rot_logw),
-            shift_offsets=np.concatenate([[0], np.cumsum([len(s) for s in shift_sets])]).astype(
-                np.int64),
-            shift_index=np.concatenate(shift_sets).astype(np.int64),
-            shift_logw=np.concatenate(shift_logw),
-        )
+        subsets = PoseSubsets.from_sets(g.n_inp, dir_sets, dir_logw, inp_sets, inp_logw,
+                                        shift_sets, shift_logw)
         self._cache[key] = subsets
         return subsets
 
