@@ -19,7 +19,7 @@ import numpy as np
 from cryoday import importance as importance_mod
 from cryoday.initial import low_pass
 from cryoday.io import atomic_path, read_rows
-from cryoday.likelihood import make_batch, marginal_nll, single_pose_subsets
+from cryoday.likelihood import empty_map_subsets, make_batch, marginal_nll
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
@@ -286,7 +286,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         rotations[rows] = grid.rotations[result.best_rot]
         shifts[rows] = grid.shifts[result.best_shift]
         nll[rows] = result.nll
-        null_nll[rows] = marginal_nll(op, empty, batch, grid, single_pose_subsets(len(rows)),
+        null_nll[rows] = marginal_nll(op, empty, batch, grid, empty_map_subsets(grid, len(rows)),
                                       want_grad=False, cube=empty_cube).nll
         if done / len(chunks) >= next_report:
             log(f"final poses: {rows[-1] + 1} / {len(images)} particles, "

@@ -11,8 +11,8 @@ def turned_image_nll(dir_slices, images, ctf_params, sigma2, pixel_size, kx, ky,
     """The engine's turned-image objective, written out with numpy and scipy (no Numba).
 
     For each direction ``d``, in-plane matrix ``P`` and shift ``t``:
-    ``E = (sum w |d(k)|^2 - 2 Re sum w c(Pk) conj(d(Pk)) exp(2 pi i Pk.t / N) S_d(k)
-    + sum w c(Pk)^2 |S_d(k)|^2) / (2 s2)``, with ``d(Pk)`` read bilinearly (``map_coordinates``,
+    ``E = (sum w |d(Pk) - c(Pk) exp(2 pi i Pk.t / N) S_d(k)|^2 + |d|^2 - |d(Pk)|^2) / (2 s2)``,
+    ``|d|^2`` on the unturned grid, with ``d(Pk)`` read bilinearly (``map_coordinates``,
     order 1) from the gridding-corrected, ``padding``-times zero-padded transform of the image
     (``numpy.fft``) and ``c(Pk)`` from ``evaluate_ctf`` at the turned frequencies.
     images: (B, N, N); dir_slices: (n_dir, K); returns (B,) nll.
@@ -47,9 +47,10 @@ def turned_image_nll(dir_slices, images, ctf_params, sigma2, pixel_size, kx, ky,
                                  **params).astype(np.float64)
                 for s, t in enumerate(shifts_px):
                     phase = np.exp(2j * np.pi * (turned @ np.asarray(t, np.float64)) / n)
-                    cross = np.real(np.sum(weights * c * np.conj(d_turned) * phase * s_d))
-                    norm = np.sum(weights * c * c * np.abs(s_d) ** 2)
-                    energy = (dnorm - 2 * cross + norm) / (2 * sigma2[i])
+                    residual = d_turned - c * phase * s_d
+                    # |d|^2 from the unturned data, as the engine does.
+                    energy = (np.sum(weights * np.abs(residual) ** 2) + dnorm
+                              - np.sum(weights * np.abs(d_turned) ** 2)) / (2 * sigma2[i])
                     logits.append(dir_logw[d] + inp_logw[p] + shift_logw[s] - energy)
         out[i] = -logsumexp(logits)
     return out

@@ -10,6 +10,7 @@ from cryoday import molecule, simulate
 from cryoday.fourier import ft2
 from cryoday.likelihood import (
     PoseSubsets,
+    edge_taper,
     exhaustive_subsets,
     image_padded_size,
     make_batch,
@@ -19,6 +20,26 @@ from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 
 BOX, PSIZE = 20, 6.0
+
+
+def apply_ctf_as_in_a_micrograph(images, ctf, pixel_size):
+    """The CTF acting on the projections before they are boxed: on a 4x larger field, then
+    cropped. (Applied on the box itself it would wrap the delocalised signal round the box,
+    which no micrograph does, and which only a model sampled on that same grid would match.)"""
+    from cryoday.ctf import evaluate_ctf
+    from cryoday.fourier import ift2
+
+    n = images.shape[-1]
+    m = 4 * n
+    field = np.zeros((len(images), m, m))
+    lo = m // 2 - n // 2
+    field[:, lo:lo + n, lo:lo + n] = images
+    k = (np.arange(m) - m // 2) / (m * pixel_size)
+    fy, fx = np.meshgrid(k, k, indexing="ij")
+    params = {key: ctf[key] for key in ("defocus_u", "defocus_v", "defocus_angle", "voltage",
+                                         "cs", "amplitude_contrast")}
+    field = ift2(evaluate_ctf(fx, fy, **params) * ft2(field))
+    return field[:, lo:lo + n, lo:lo + n].astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +56,7 @@ def problem():
            "voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1}
     ctf["defocus_v"] = ctf["defocus_u"]
     ctf["defocus_angle"] = np.zeros(n, np.float32)
-    k = (np.arange(BOX) - BOX // 2) / (BOX * PSIZE)
-    fy, fx = np.meshgrid(k, k, indexing="ij")
-    from cryoday.ctf import evaluate_ctf
-    from cryoday.fourier import ift2
-
-    full_ctf = evaluate_ctf(fx, fy, ctf["defocus_u"], ctf["defocus_v"], 0.0, 300.0, 2.7, 0.1)
-    images = ift2(full_ctf * ft2(images)).astype(np.float32)
+    images = apply_ctf_as_in_a_micrograph(images, ctf, PSIZE)
     sigma = 0.5 * images.std()
     noisy = images + sigma * rng.standard_normal(images.shape).astype(np.float32)
     batch = make_batch(op, noisy, ctf, PSIZE, sigma)
@@ -54,7 +69,8 @@ def reference_nll(raw, volume, grid, op, batch, dirs=None, inps=None, shifts=Non
     inps = np.arange(grid.n_inp) if inps is None else inps
     shifts = np.arange(grid.n_shift) if shifts is None else shifts
     slices = op.forward(volume, grid.direction_rotations[dirs]).astype(np.complex128)
-    return turned_image_nll(slices, images, ctf, batch.sigma2, PSIZE, op.kx, op.ky, op.weights,
+    weights = op.weights * edge_taper(op)
+    return turned_image_nll(slices, images, ctf, batch.sigma2, PSIZE, op.kx, op.ky, weights,
                             grid.inplane_matrices[inps], grid.shifts[shifts],
                             grid.dir_log_weights[dirs], grid.inp_log_weights[inps],
                             grid.shift_log_weights[shifts], image_padded_size(op.box))
@@ -86,14 +102,7 @@ def test_turning_the_image_approximates_turning_the_slice():
     ctf = {"defocus_u": rng.uniform(1e4, 3e4, n), "defocus_v": rng.uniform(1e4, 3e4, n),
            "defocus_angle": rng.uniform(0, 180, n), "voltage": 300.0, "cs": 2.7,
            "amplitude_contrast": 0.1}
-    k = (np.arange(box) - box // 2) / (box * psize)
-    fy, fx = np.meshgrid(k, k, indexing="ij")
-    from cryoday.ctf import evaluate_ctf
-    from cryoday.fourier import ift2
-
-    full = evaluate_ctf(fx, fy, ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"],
-                        300.0, 2.7, 0.1)
-    clean = ift2(full * ft2(images))
+    clean = apply_ctf_as_in_a_micrograph(images, ctf, psize)
     sigma = 3.0 * clean.std()  # SNR 0.1
     noisy = (clean + sigma * rng.standard_normal(clean.shape)).astype(np.float32)
     batch = make_batch(op, noisy, ctf, psize, sigma)
@@ -103,11 +112,12 @@ def test_turning_the_image_approximates_turning_the_slice():
         [np.arange(grid.n_inp)] * n, [grid.inp_log_weights] * n, [shifts] * n, [np.zeros(1)] * n)
     turned = marginal_nll(op, volume, batch, grid, subsets, want_grad=False)
     slices = op.forward(volume, grid.rotations).astype(np.complex128)
+    weights = op.weights * edge_taper(op)  # the likelihood's weights, soft at the cutoff
     exact_post = []
     exact = np.empty(n)
     for i in range(n):
         phase = np.ones(op.n_coef)
-        energy = np.sum(op.weights * np.abs(batch.data[i] - batch.ctf[i] * slices * phase) ** 2,
+        energy = np.sum(weights * np.abs(batch.data[i] - batch.ctf[i] * slices * phase) ** 2,
                         axis=1) / (2 * batch.sigma2[i])
         logits = grid.rot_log_weights - energy
         exact[i] = -np.logaddexp.reduce(logits)
@@ -209,7 +219,7 @@ def test_rotating_volume_and_poses_together_leaves_the_likelihood_unchanged():
     assert not np.allclose(a, c, rtol=1e-3)  # the check can fail
 
 
-def test_single_pose_nll_is_the_energy_and_an_empty_map_is_exact(problem):
+def test_single_pose_nll_is_the_energy_and_the_empty_map_nll_is_exact(problem):
     volume, grid, op, batch, true_r, true_s, raw = problem
     n = len(batch)
     d, p = np.divmod(true_r, grid.n_inp)
@@ -226,10 +236,17 @@ def test_single_pose_nll_is_the_energy_and_an_empty_map_is_exact(problem):
                                true_s[i:i + 1])[0] + logw
         # float32 GEMMs: |d|^2 - 2 cross + |m|^2 cancels; 1e-3 nats absolute.
         assert result.nll[i] == pytest.approx(energy, rel=1e-4, abs=1e-3)
-    # With nothing to turn (an empty map) the energy is exactly |d|^2 / 2 s2 on the grid data.
-    empty = marginal_nll(op, np.zeros_like(volume), batch, grid, one, want_grad=False).nll
-    expected = np.sum(op.weights * np.abs(batch.data) ** 2, axis=1) / (2 * batch.sigma2)
-    assert np.allclose(empty, expected, rtol=1e-5)
+    # An empty map: the in-plane angles alone give -log p(I | 0) exactly (any direction or
+    # shift predicts the same zero image), which is |d|^2 / 2 s2 of the unturned data.
+    from cryoday.likelihood import empty_map_subsets
+
+    empty = np.zeros_like(volume)
+    null = marginal_nll(op, empty, batch, grid, empty_map_subsets(grid, n), want_grad=False).nll
+    full = marginal_nll(op, empty, batch, grid, exhaustive_subsets(grid, n), want_grad=False).nll
+    assert np.allclose(null, full, rtol=1e-6)
+    weights = op.weights * edge_taper(op)
+    grid_energy = np.sum(weights * np.abs(batch.data) ** 2, axis=1) / (2 * batch.sigma2)
+    assert np.allclose(null, grid_energy, rtol=1e-5)
 
 
 def test_blocks_of_images_give_the_same_result(problem, monkeypatch):

@@ -126,7 +126,9 @@ def stage_mem_mb(wildcards, input, attempt):
     n_batches = -(-n_images // RECON["minibatch_size"])
     gradients = n_batches * box**3 * 4
     images = min(n_images * box * box * 4, 2 << 30)
-    likelihood = 4000 * 0.8 * box * box * 70 + RECON["minibatch_size"] * (3 * box) ** 2 * 8
+    likelihood = (
+        4000 * 0.8 * box * box * 70 + RECON["minibatch_size"] * (3 * box) ** 2 * 8
+    )
     return int(1000 + (gradients + images + likelihood) / 1e6) * attempt
 
 
