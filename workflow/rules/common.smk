@@ -117,7 +117,8 @@ def stage_mem_mb(wildcards, input, attempt):
     terms: SAGD's stored gradients (one float32 volume per minibatch), the images kept in memory
     (at most 2 GiB, streamed beyond), and the likelihood's working set: per block of at most
     4,000 directions, their slices and per-thread gradient accumulators (~70 bytes per direction
-    and Fourier pixel inside the cutoff on 2 threads), plus a minibatch's padded transforms.
+    and Fourier pixel inside the cutoff on 2 threads), plus the padded transforms of the
+    four minibatches a stage keeps (its line search and held-out set revisit them).
     """
     size = stage_size(input)
     if size is None:
@@ -127,7 +128,7 @@ def stage_mem_mb(wildcards, input, attempt):
     gradients = n_batches * box**3 * 4
     images = min(n_images * box * box * 4, 2 << 30)
     likelihood = (
-        4000 * 0.8 * box * box * 70 + RECON["minibatch_size"] * (3 * box) ** 2 * 8
+        4000 * 0.8 * box * box * 70 + 4 * RECON["minibatch_size"] * (3 * box) ** 2 * 8
     )
     return int(1000 + (gradients + images + likelihood) / 1e6) * attempt
 
