@@ -14,7 +14,8 @@ sum over ``k`` into one over ``k'`` on the same grid with the *image* turned ins
     E_dps = sum_k' w |d(P k') - c(P k') S_d(k') phi_s(P k')|^2 / (2 s2)
 
 (METHOD.md section 2, as the paper's code does). ``d(P k')`` is interpolated bilinearly in the
-image's 2x zero-padded transform, with the same gridding correction as the volume; the CTF is
+image's transform zero-padded ``IMAGE_PADDING`` times, with a gridding correction as for the
+volume; the CTF is
 evaluated exactly at the turned frequencies; ``phi_s(P k') = exp(2 pi i k'.(P^T t_s) / box)``
 is a shift turned with the image. ``|d|^2`` does not depend on the pose and is taken from the
 unturned data. Slicing, the costliest part per pose before, now costs one slice per direction
@@ -71,9 +72,9 @@ class ImageBatch:
     data : (B, n_coef) complex64, centred unitary transforms of the images at the stage box
     ctf : (B, n_coef) float32
     sigma2 : (B,) float32, noise variance per pixel (= per unitary Fourier coefficient)
-    padded : (B, M, M) complex64, the part of each image's 2x zero-padded, gridding-corrected
-        transform that turned coefficients reach (centre ``M // 2``), scaled so that its value at
-        ``2k`` stands for ``d(k)``
+    padded : (B, M, M) complex64, the part of each image's zero-padded (``image_padded_size``),
+        gridding-corrected transform that turned coefficients reach (centre ``M // 2``), scaled
+        so that its value at ``p k`` (``p`` the padding factor) stands for ``d(k)``
     ctf_params : (B, 8) float64, per image: defocus U, V (A), astigmatism angle (rad),
         wavelength (A), Cs (A), amplitude contrast, B-factor (A^2), phase shift (rad)
     freq_scale : float, 1 / (box * pixel size): Fourier index to 1/A
@@ -103,7 +104,7 @@ def image_padded_size(box: int) -> int:
 
 
 def _padded_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
-    """Each image's 2x zero-padded transform near the origin, ready for bilinear turning."""
+    """Each image's zero-padded transform near the origin, ready for bilinear turning."""
     n = op.box
     m = image_padded_size(n)
     x = (np.arange(n) - n // 2) / m
@@ -317,9 +318,10 @@ def _fill_columns(zt, p_lo, p_hi, n_s, turned, turned_ctf, weights, inp_idx, p2_
     coefficient instead of a sine and a cosine).
     """
     k_coef = kxi.shape[0]
-    # Allocated here, not by the caller: Numba hoists a loop-invariant allocation out of a prange
-    # loop when the writes to it happen in a called function, and the threads then shared it
-    # (seen as nll ~ -1e19 on some images).
+    # Scratch tables allocated here rather than by the prange body that calls this: an
+    # allocation of loop-invariant size there, written only in a callee, may be hoisted out of
+    # the parallel loop and shared by its threads. (A full test run once gave nll ~ -1e19 on some
+    # images while these were allocated by the caller; that this was the cause is not proven.)
     ex = np.empty(2 * (-kx_min) + 1, dtype=np.complex64)
     ey = np.empty(ky_max + 1, dtype=np.complex64)
     for p in range(p_lo, p_hi):
@@ -377,10 +379,12 @@ def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_sc
         for p in range(n_p):
             _turn_image(padded[i], pad, centre, ctf_params[i], freq_scale, p2_all[inp_idx[p0 + p]],
                         kx, ky, turned[p], turned_ctf[p])
+        c2 = np.empty((n_p, k_coef), dtype=np.float32)
         wc2 = np.empty((n_p, k_coef), dtype=np.float32)
         for p in range(n_p):
             for k in range(k_coef):
-                wc2[p, k] = weights[k] * turned_ctf[p, k] * turned_ctf[p, k]
+                c2[p, k] = turned_ctf[p, k] * turned_ctf[p, k]
+                wc2[p, k] = weights[k] * c2[p, k]
         sub = np.empty((n_d, 2 * k_coef), dtype=np.float32)
         sub_abs2 = np.empty((n_d, k_coef), dtype=np.float32)
         for a in range(n_d):
@@ -396,9 +400,13 @@ def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_sc
         best_c = 0
         inp_lw = inp_logw[p0:p1]
         sh_lw = sh_logw[s0:s1]
+        # With a single chunk (the usual case) its columns are kept for the gradient pass.
+        single = p_chunk >= n_p
+        zt_kept = np.empty((n_cols if single else 0, 2 * k_coef), dtype=np.float32)
         for c0 in range(0, n_p, p_chunk):
             c1 = min(n_p, c0 + p_chunk)
-            zt = np.empty(((c1 - c0) * n_s, 2 * k_coef), dtype=np.float32)
+            zt = zt_kept if single else np.empty(((c1 - c0) * n_s, 2 * k_coef),
+                                                 dtype=np.float32)
             _fill_columns(zt, c0, c1, n_s, turned, turned_ctf, weights, inp_idx[p0:p1], p2_all,
                           sh_idx[s0:s1], shifts, kxi, kyi, kx_min, ky_max, box)
             cross = np.dot(sub, zt.T)
@@ -446,17 +454,16 @@ def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_sc
                 gamma_dp[a, p] = row
         if want_grad:
             grad_z = np.zeros((n_d, 2 * k_coef), dtype=np.float32)
-            for c0 in range(0, n_p, p_chunk):
-                c1 = min(n_p, c0 + p_chunk)
-                zt = np.empty(((c1 - c0) * n_s, 2 * k_coef), dtype=np.float32)
-                _fill_columns(zt, c0, c1, n_s, turned, turned_ctf, weights, inp_idx[p0:p1],
-                              p2_all, sh_idx[s0:s1], shifts, kxi, kyi, kx_min, ky_max, box)
-                g_chunk = np.ascontiguousarray(gamma[:, c0 * n_s:c1 * n_s])
-                grad_z += np.dot(g_chunk, zt)
-            c2 = np.empty((n_p, k_coef), dtype=np.float32)
-            for p in range(n_p):
-                for k in range(k_coef):
-                    c2[p, k] = turned_ctf[p, k] * turned_ctf[p, k]
+            if single:
+                grad_z += np.dot(gamma, zt_kept)
+            else:
+                for c0 in range(0, n_p, p_chunk):
+                    c1 = min(n_p, c0 + p_chunk)
+                    zt = np.empty(((c1 - c0) * n_s, 2 * k_coef), dtype=np.float32)
+                    _fill_columns(zt, c0, c1, n_s, turned, turned_ctf, weights, inp_idx[p0:p1],
+                                  p2_all, sh_idx[s0:s1], shifts, kxi, kyi, kx_min, ky_max, box)
+                    g_chunk = np.ascontiguousarray(gamma[:, c0 * n_s:c1 * n_s])
+                    grad_z += np.dot(g_chunk, zt)
             ctf_term = np.dot(gamma_dp, c2)  # (n_d, K)
             inv_s2 = 1.0 / s2
             for a in range(n_d):
