@@ -85,7 +85,7 @@ from scipy.sparse import csr_matrix
 from scipy.spatial import cKDTree
 from scipy.special import logsumexp
 
-from cryoday.likelihood import PoseSubsets
+from cryoday.likelihood import PoseSubsets, exhaustive_subsets
 
 K_STORED = 32
 KERNEL_CUTOFF = 20.0  # kernel values below e^-20 of the peak are left out
@@ -415,21 +415,17 @@ class ImportanceSampler:
             self._cache = {}
             self._cache_key = int(iteration)
         g = self.grid
+        if not self.active:
+            for row in rows:
+                self._proposals[row] = None
+            subsets = exhaustive_subsets(g, len(rows))
+            self._cache[key] = subsets
+            return subsets
         dir_sets, dir_logw, inp_sets, inp_logw, shift_sets, shift_logw = [], [], [], [], [], []
-        log_w_dir = np.full(g.n_dir, -np.log(g.n_dir))
-        log_w_inp = np.full(g.n_inp, -np.log(g.n_inp))
-        proposal = self.proposals(rows, iteration) if self.active else None
+        log_w_dir, log_w_inp = g.dir_log_weights, g.inp_log_weights
+        proposal = self.proposals(rows, iteration)
         position = {int(r): i for i, r in enumerate(rows)}
         for row in rows:
-            if not self.active:
-                dir_sets.append(np.arange(g.n_dir))
-                dir_logw.append(g.dir_log_weights)
-                inp_sets.append(np.arange(g.n_inp))
-                inp_logw.append(g.inp_log_weights)
-                shift_sets.append(np.arange(g.n_shift))
-                shift_logw.append(np.asarray(g.shift_log_weights, np.float64))
-                self._proposals[row] = None
-                continue
             rng = np.random.default_rng([self.seed, int(iteration), int(row)])
             q_dir, q_inp, q_shift = proposal(position[int(row)])
             m_dir, m_inp, m_shift = self._draws(q_dir), self._draws(q_inp), self._draws(q_shift)
