@@ -268,93 +268,135 @@ class LikelihoodResult:
     n_evaluated: int
 
 
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH, inline="always")
+def _sin(x):
+    """sin(x) for float64 ``x`` without a library call, so loops calling it vectorise.
+
+    Reduced by multiples of pi (Cody-Waite, two parts), then the Taylor polynomial to x^13 on
+    [-pi/2, pi/2]: absolute error below 1e-9 for |x| < 1e6 (tested against numpy.sin).
+    """
+    n = np.rint(x * 0.3183098861837907)
+    r = (x - n * 3.141592653589793) - n * 1.2246467991473532e-16
+    r2 = r * r
+    poly = r * (1.0 + r2 * (-1.0 / 6.0 + r2 * (1.0 / 120.0 + r2 * (-1.0 / 5040.0 + r2 * (
+        1.0 / 362880.0 + r2 * (-1.0 / 39916800.0 + r2 * (1.0 / 6227020800.0)))))))
+    return poly * (1.0 - 2.0 * (np.int64(n) & 1))
+
+
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _ctf_at(fx, fy, p):
-    """RELION's CTF at one frequency (1/A) for a parameter row of :func:`ctf_parameter_table`."""
-    s2 = fx * fx + fy * fy
+def _ctf_constants(p, freq_scale):
+    """Per image, RELION's CTF as ``sin(chi) * envelope`` with ``chi`` a polynomial in (x, y).
+
+    With ``s2 = x^2 + y^2`` in Fourier pixels and the astigmatism angle ``ang``:
+    ``chi = a s2 + b ((x^2 - y^2) cos 2ang + 2xy sin 2ang) + c s2^2 + phase``, the amplitude
+    contrast ``q`` folded into the phase as ``arcsin(q)`` (``sqrt(1-q^2) sin chi + q cos chi``
+    is ``sin(chi + arcsin q)``). Returns ``a, b cos 2ang, 2 b sin 2ang, c, phase, bfactor'``.
+    """
     du, dv, ang, lam, cs, q, bf, ps = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
-    # cos 2(alpha - ang) without atan2; at s2 = 0 the defocus term vanishes anyway.
-    cos2 = 1.0
-    sin2 = 0.0
-    if s2 > 0.0:
-        cos2 = (fx * fx - fy * fy) / s2
-        sin2 = 2.0 * fx * fy / s2
-    dz = 0.5 * (du + dv + (cos2 * np.cos(2.0 * ang) + sin2 * np.sin(2.0 * ang)) * (du - dv))
-    chi = np.pi * lam * dz * s2 - 0.5 * np.pi * cs * lam * lam * lam * s2 * s2 + ps
-    value = np.sqrt(1.0 - q * q) * np.sin(chi) + q * np.cos(chi)
-    if bf != 0.0:
-        value *= np.exp(-bf * s2 / 4.0)
-    return value
+    f2 = freq_scale * freq_scale
+    a = np.pi * lam * 0.5 * (du + dv) * f2
+    b = np.pi * lam * 0.5 * (du - dv) * f2
+    c = -0.5 * np.pi * cs * lam * lam * lam * f2 * f2
+    return a, b * np.cos(2.0 * ang), 2.0 * b * np.sin(2.0 * ang), c, ps + np.arcsin(q), \
+        -bf * f2 / 4.0
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _turn_image(padded, pad, centre, ctf_params, freq_scale, p2, kx, ky, data_out, ctf_out):
-    """The image's coefficients and CTF at ``P k'`` for one in-plane matrix ``p2``."""
+def _turn_image(padded, pad, centre, ctf_params, freq_scale, p2, kx, ky, weights, b_re, b_im,
+                c2, wc2):
+    """One in-plane turn of an image: the factors of its columns at ``P k'``.
+
+    ``B = w c conj(d)`` (``b_re``, ``b_im``), ``c^2`` and ``w c^2`` at the turned frequencies,
+    with ``d`` read bilinearly from ``padded`` (zero outside it) and the CTF ``c`` exact.
+    """
     m = padded.shape[0]
+    a, bc, bs, cc, phase, env = _ctf_constants(ctf_params, freq_scale)
     for k in range(kx.shape[0]):
         x = p2[0, 0] * kx[k] + p2[0, 1] * ky[k]
         y = p2[1, 0] * kx[k] + p2[1, 1] * ky[k]
-        ctf_out[k] = _ctf_at(x * freq_scale, y * freq_scale, ctf_params)
+        s2 = x * x + y * y
+        chi = a * s2 + bc * (x * x - y * y) + bs * x * y + cc * s2 * s2 + phase
+        ctf = _sin(chi) * np.exp(env * s2)
         qx = pad * x + centre
         qy = pad * y + centre
-        x0 = int(np.floor(qx))
-        y0 = int(np.floor(qy))
+        x0 = min(max(int(np.floor(qx)), 0), m - 2)
+        y0 = min(max(int(np.floor(qy)), 0), m - 2)
         fx = qx - x0
         fy = qy - y0
-        if 0 <= x0 and x0 + 1 < m and 0 <= y0 and y0 + 1 < m:
-            data_out[k] = ((1 - fy) * ((1 - fx) * padded[y0, x0] + fx * padded[y0, x0 + 1])
-                           + fy * ((1 - fx) * padded[y0 + 1, x0] + fx * padded[y0 + 1, x0 + 1]))
-        else:
-            data_out[k] = 0j
+        inside = 1.0 if (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0) else 0.0
+        d = ((1 - fy) * ((1 - fx) * padded[y0, x0] + fx * padded[y0, x0 + 1])
+             + fy * ((1 - fx) * padded[y0 + 1, x0] + fx * padded[y0 + 1, x0 + 1]))
+        wc = weights[k] * ctf * inside
+        b_re[k] = wc * d.real
+        b_im[k] = -wc * d.imag
+        c2[k] = ctf * ctf
+        wc2[k] = weights[k] * ctf * ctf
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _fill_columns(zt, p_lo, p_hi, n_s, turned, turned_ctf, weights, inp_idx, p2_all, sh_idx,
-                  shifts, kxi, kyi, kx_min, ky_max, box):
-    """Rows ``[Re Z | Im Z]`` of ``zt`` for in-plane angles ``p_lo:p_hi`` x every shift.
+def _fill_columns(zt, p_lo, p_hi, n_s, b_re, b_im, inp_idx, p2_all, sh_idx, shifts, row_start,
+                  row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box):
+    """Rows ``[Re Z | -Im Z]`` of ``zt`` for in-plane angles ``p_lo:p_hi`` x every shift.
 
-    ``Z_ps(k') = w c_p(k') conj(d_p(k')) phi(k')`` with the phase of the shift turned with the
-    image, ``exp(2 pi i k'.(P^T t) / box)``, built from two 1D tables (one complex product per
-    coefficient instead of a sine and a cosine).
+    ``Z_ps(k') = B_p(k') phi(k')`` with the phase of the shift turned with the image,
+    ``exp(2 pi i k'.(P^T t) / box) = ex(kx') ey(ky')``: two 1D tables built by recurrence (two
+    sines and cosines per column), then one complex product per coefficient along each row of
+    the coefficients, where ``kx'`` runs contiguously (the loop vectorises).
     """
-    k_coef = kxi.shape[0]
-    # Scratch tables allocated here rather than by the prange body that calls this: an
-    # allocation of loop-invariant size there, written only in a callee, may be hoisted out of
-    # the parallel loop and shared by its threads. (A full test run once gave nll ~ -1e19 on some
-    # images while these were allocated by the caller; that this was the cause is not proven.)
-    ex = np.empty(2 * (-kx_min) + 1, dtype=np.complex64)
-    ey = np.empty(ky_max + 1, dtype=np.complex64)
+    k_coef = np.uint64(b_re.shape[1])
+    ex_re = np.empty(n_kx, dtype=np.float32)
+    ex_im = np.empty(n_kx, dtype=np.float32)
+    ey_re = np.empty(n_ky, dtype=np.float32)
+    ey_im = np.empty(n_ky, dtype=np.float32)
     for p in range(p_lo, p_hi):
         a = p2_all[inp_idx[p]]
         for j in range(n_s):
             t = shifts[sh_idx[j]]
-            ux = a[0, 0] * t[0] + a[1, 0] * t[1]
-            uy = a[0, 1] * t[0] + a[1, 1] * t[1]
-            for q in range(ex.shape[0]):
-                angle = 2.0 * np.pi * (q + kx_min) * ux / box
-                ex[q] = complex(np.cos(angle), np.sin(angle))
-            for q in range(ey.shape[0]):
-                angle = 2.0 * np.pi * q * uy / box
-                ey[q] = complex(np.cos(angle), np.sin(angle))
-            row = (p - p_lo) * n_s + j
-            for k in range(k_coef):
-                ph = ex[kxi[k] - kx_min] * ey[kyi[k]]
-                v = weights[k] * turned_ctf[p, k] * (turned[p, k].conjugate() * ph)
-                zt[row, k] = v.real
-                zt[row, k_coef + k] = v.imag
+            ux = 2.0 * np.pi * (a[0, 0] * t[0] + a[1, 0] * t[1]) / box
+            uy = 2.0 * np.pi * (a[0, 1] * t[0] + a[1, 1] * t[1]) / box
+            # Recurrences in complex128: n_kx ~ 100 steps lose ~1e-14, far below float32.
+            step = complex(np.cos(ux), np.sin(ux))
+            e = complex(np.cos(ux * kx_min), np.sin(ux * kx_min))
+            for q in range(n_kx):
+                ex_re[q] = e.real
+                ex_im[q] = e.imag
+                e *= step
+            step = complex(np.cos(uy), np.sin(uy))
+            e = 1.0 + 0.0j
+            for q in range(n_ky):
+                ey_re[q] = e.real
+                ey_im[q] = e.imag
+                e *= step
+            z = zt[(p - p_lo) * n_s + j]
+            bp_re = b_re[p]
+            bp_im = b_im[p]
+            for r in range(row_start.shape[0]):
+                yr = ey_re[row_ky[r]]
+                yi = ey_im[row_ky[r]]
+                # Unsigned indices: with signed ones Numba wraps negative indices around, and
+                # that keeps LLVM from vectorising the loop (measured 6x slower).
+                k0 = np.uint64(row_start[r])
+                q0 = np.uint64(row_kx0[r] - kx_min)
+                for u in range(np.uint64(row_len[r])):
+                    ph_re = ex_re[q0 + u] * yr - ex_im[q0 + u] * yi
+                    ph_im = ex_re[q0 + u] * yi + ex_im[q0 + u] * yr
+                    br = bp_re[k0 + u]
+                    bi = bp_im[k0 + u]
+                    z[k0 + u] = br * ph_re - bi * ph_im
+                    z[k_coef + k0 + u] = -(br * ph_im + bi * ph_re)
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_scale, weights, sigma2,
-                  kx, ky, kxi, kyi, kx_min, ky_max, box, p2_all, shifts,
-                  dir_off, dir_loc, dir_logw, inp_off, inp_idx, inp_logw,
+def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, weights, sigma2,
+                  kx, ky, row_start, row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box, p2_all,
+                  shifts, dir_off, dir_loc, dir_logw, inp_off, inp_idx, inp_logw,
                   sh_off, sh_idx, sh_logw, rot_off, want_grad, col_budget,
                   nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_b, acc_c):
     """Energies, log-sum-exp, posteriors and gradient accumulators for a minibatch.
 
-    ``s_real`` is ``[Re S, -Im S]`` of the union directions' slices ``(n_u, 2K)`` float32,
-    ``s_abs2`` is ``|S|^2``; ``dir_loc`` indexes the union. Per thread, ``acc_b (T, n_u, K)``
-    gathers ``sum conj(sum_ps gamma Z_ps) / (w s2)`` and ``acc_c`` ``sum_p Gamma_dp c_p^2 / s2``.
+    ``s_parts`` is ``[Re S, Im S]`` of the union directions' slices ``(n_u, 2K)`` float32;
+    ``dir_loc`` indexes the union. Per thread, ``acc_b (T, n_u, K)`` gathers
+    ``sum conj(sum_ps gamma Z_ps) / (w s2)`` and ``acc_c`` ``sum_p Gamma_dp c_p^2 / s2``.
     """
     n_images = data.shape[0]
     k_coef = data.shape[1]
@@ -374,23 +416,22 @@ def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_sc
         for k in range(k_coef):
             dnorm += weights[k] * (data[i, k].real ** 2 + data[i, k].imag ** 2)
         # The image and its CTF turned by each of its in-plane angles.
-        turned = np.empty((n_p, k_coef), dtype=np.complex64)
-        turned_ctf = np.empty((n_p, k_coef), dtype=np.float32)
-        for p in range(n_p):
-            _turn_image(padded[i], pad, centre, ctf_params[i], freq_scale, p2_all[inp_idx[p0 + p]],
-                        kx, ky, turned[p], turned_ctf[p])
+        b_re = np.empty((n_p, k_coef), dtype=np.float32)
+        b_im = np.empty((n_p, k_coef), dtype=np.float32)
         c2 = np.empty((n_p, k_coef), dtype=np.float32)
         wc2 = np.empty((n_p, k_coef), dtype=np.float32)
         for p in range(n_p):
-            for k in range(k_coef):
-                c2[p, k] = turned_ctf[p, k] * turned_ctf[p, k]
-                wc2[p, k] = weights[k] * c2[p, k]
+            _turn_image(padded[i], pad, centre, ctf_params[i], freq_scale,
+                        p2_all[inp_idx[p0 + p]], kx, ky, weights, b_re[p], b_im[p], c2[p],
+                        wc2[p])
         sub = np.empty((n_d, 2 * k_coef), dtype=np.float32)
         sub_abs2 = np.empty((n_d, k_coef), dtype=np.float32)
         for a in range(n_d):
             u = dir_loc[d0 + a]
-            sub[a, :] = s_real[u, :]
-            sub_abs2[a, :] = s_abs2[u, :]
+            for k in range(2 * k_coef):
+                sub[a, k] = s_parts[u, k]
+            for k in range(k_coef):
+                sub_abs2[a, k] = sub[a, k] * sub[a, k] + sub[a, k_coef + k] * sub[a, k_coef + k]
         norm = np.dot(sub_abs2, wc2.T)  # (n_d, n_p)
         p_chunk = max(1, min(n_p, col_budget // max(1, n_s)))
         logits = np.empty((n_d, n_cols), dtype=np.float64)
@@ -407,8 +448,8 @@ def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_sc
             c1 = min(n_p, c0 + p_chunk)
             zt = zt_kept if single else np.empty(((c1 - c0) * n_s, 2 * k_coef),
                                                  dtype=np.float32)
-            _fill_columns(zt, c0, c1, n_s, turned, turned_ctf, weights, inp_idx[p0:p1], p2_all,
-                          sh_idx[s0:s1], shifts, kxi, kyi, kx_min, ky_max, box)
+            _fill_columns(zt, c0, c1, n_s, b_re, b_im, inp_idx[p0:p1], p2_all, sh_idx[s0:s1],
+                          shifts, row_start, row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box)
             cross = np.dot(sub, zt.T)
             for a in range(n_d):
                 lw = dir_logw[d0 + a]
@@ -460,8 +501,9 @@ def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_sc
                 for c0 in range(0, n_p, p_chunk):
                     c1 = min(n_p, c0 + p_chunk)
                     zt = np.empty(((c1 - c0) * n_s, 2 * k_coef), dtype=np.float32)
-                    _fill_columns(zt, c0, c1, n_s, turned, turned_ctf, weights, inp_idx[p0:p1],
-                                  p2_all, sh_idx[s0:s1], shifts, kxi, kyi, kx_min, ky_max, box)
+                    _fill_columns(zt, c0, c1, n_s, b_re, b_im, inp_idx[p0:p1], p2_all,
+                                  sh_idx[s0:s1], shifts, row_start, row_len, row_kx0, row_ky,
+                                  kx_min, n_kx, n_ky, box)
                     g_chunk = np.ascontiguousarray(gamma[:, c0 * n_s:c1 * n_s])
                     grad_z += np.dot(g_chunk, zt)
             ctf_term = np.dot(gamma_dp, c2)  # (n_d, K)
@@ -470,8 +512,9 @@ def _batch_kernel(s_real, s_abs2, data, padded, pad, centre, ctf_params, freq_sc
                 u = dir_loc[d0 + a]
                 for k in range(k_coef):
                     scale = inv_s2 / weights[k]
+                    # grad_z holds [sum gamma Re Z, -sum gamma Im Z]: conj(sum gamma Z) scaled.
                     acc_b[tid, u, k] += complex(grad_z[a, k] * scale,
-                                                -grad_z[a, k_coef + k] * scale)
+                                                grad_z[a, k_coef + k] * scale)
                     acc_c[tid, u, k] += ctf_term[a, k] * inv_s2
 
 
@@ -499,7 +542,24 @@ def edge_taper(op: SliceOperator) -> np.ndarray:
 
 TAPER_PX = 1.5
 MAX_DIRECTIONS_PER_BLOCK = 4000  # distinct directions per block: bounds slices and accumulators
-COLUMN_BYTES = 4 << 20  # per thread, the (in-plane x shift) columns built at once
+# Per thread, the (in-plane x shift) columns built at once: large enough that an importance
+# sample's columns are built once and kept for the gradient pass.
+COLUMN_BYTES = 32 << 20
+
+
+def coefficient_rows(op: SliceOperator) -> tuple[np.ndarray, ...]:
+    """The operator's coefficients as rows of constant ``ky``: start, length, first ``kx``, ``ky``.
+
+    The coefficients are ordered by ``ky`` then ``kx`` (the half plane of a centred spectrum),
+    so each row is a contiguous run of consecutive ``kx``.
+    """
+    kx = op.kx.astype(np.int64)
+    ky = op.ky.astype(np.int64)
+    start = np.flatnonzero(np.r_[True, ky[1:] != ky[:-1]])
+    length = np.diff(np.r_[start, len(ky)])
+    if np.any(np.diff(kx)[np.diff(ky) == 0] != 1):
+        raise RuntimeError("the operator's coefficients are not in rows of consecutive kx")
+    return (start.astype(np.int64), length.astype(np.int64), kx[start], ky[start])
 
 
 def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
@@ -569,10 +629,8 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
         raise ValueError("the batch has no padded transforms: build it with make_batch")
     union, dir_loc = np.unique(subsets.dir_index, return_inverse=True)
     rotations = np.asarray(grid.direction_rotations)[union]
-    slices = op.forward(volume, rotations, cube)
-    s_real = np.ascontiguousarray(np.concatenate([slices.real, -slices.imag], axis=1),
-                                  dtype=np.float32)
-    s_abs2 = np.ascontiguousarray(np.abs(slices) ** 2, dtype=np.float32)
+    cube = op.prepare(volume) if cube is None else cube
+    s_parts = op.slice_parts(cube, rotations)
     n_threads = numba.get_num_threads()
     n_u, k_coef = len(union), op.n_coef
     acc_shape = (n_threads, n_u, k_coef) if want_grad else (1, 1, 1)
@@ -584,6 +642,7 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     best_dir = np.empty(n_images, dtype=np.int64)
     best_inp = np.empty(n_images, dtype=np.int64)
     best_shift = np.empty(n_images, dtype=np.int64)
+    rows = coefficient_rows(op)
     kxi = op.kx.astype(np.int64)
     kyi = op.ky.astype(np.int64)
     col_budget = max(1, COLUMN_BYTES // (8 * k_coef))
@@ -592,12 +651,12 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     # Each kernel thread calls BLAS on its own image: BLAS's own threads would only contend
     # with them (measured: the forward pass ran 1.9x slower with 2 BLAS threads per call).
     with threadpool_limits(limits=1, user_api="blas"):
-        _batch_kernel(s_real, s_abs2, batch.data, batch.padded,
+        _batch_kernel(s_parts, batch.data, batch.padded,
                       image_padded_size(op.box) / op.box, float(batch.padded.shape[1] // 2),
                       batch.ctf_params, float(batch.freq_scale), weights, batch.sigma2,
-                      op.kx.astype(np.float64), op.ky.astype(np.float64), kxi, kyi,
-                      int(kxi.min()), int(kyi.max()), float(op.box),
-                      np.asarray(grid.inplane_matrices, np.float64),
+                      op.kx.astype(np.float64), op.ky.astype(np.float64), *rows,
+                      int(kxi.min()), int(kxi.max() - kxi.min() + 1), int(kyi.max() + 1),
+                      float(op.box), np.asarray(grid.inplane_matrices, np.float64),
                       np.asarray(grid.shifts, np.float64),
                       subsets.dir_offsets, dir_loc.astype(np.int64).ravel(), subsets.dir_logw,
                       subsets.inp_offsets, subsets.inp_index, subsets.inp_logw,
@@ -615,6 +674,7 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
         # to conj(H) / w = sum_i (c^2 Gamma S - c d conj(g)) / s2.
         # The likelihood's weights are the operator's times the edge taper, which the adjoint
         # (carrying the operator's weights) still needs applied.
+        slices = s_parts[:, :k_coef] + 1j * s_parts[:, k_coef:]
         h = (acc_c.sum(axis=0) * slices - acc_b.sum(axis=0)) * taper
         grad = op.adjoint(h, rotations)
     return LikelihoodResult(nll, grad, rot_post, shift_post, best_rot, best_shift,

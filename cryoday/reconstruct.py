@@ -72,12 +72,13 @@ def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_
     estimate[filled] = num[filled] / (op._scale * (den[filled] + floor))
     m = 2 * box
     spectrum = np.zeros((m, m, m), dtype=np.complex128)
-    c, h = m // 2, op._half_cube
+    h = op._half_cube
     # Only coefficients inside the cutoff sphere were measured; zero the rest of the cube.
     k = np.arange(size) - h
     kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
     estimate[np.sqrt(kx * kx + ky * ky + kz * kz) > 2 * radius] = 0
-    spectrum[c - h:c + h + 1, c - h:c + h + 1, c - h:c + h + 1] = estimate
+    spec, sub = op._window()
+    spectrum[spec, spec, spec] = estimate[sub, sub, sub]
     padded = ift3(spectrum)
     lo = m // 2 - box // 2
     volume = padded[lo:lo + box, lo:lo + box, lo:lo + box]

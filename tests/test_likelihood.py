@@ -250,7 +250,7 @@ def test_single_pose_nll_is_the_energy_and_the_empty_map_nll_is_exact(problem):
 
 
 def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
-    import cryoday.likelihood as likelihood
+    from cryoday import likelihood
 
     volume, grid, op, batch, _, _, _ = problem
     rng = np.random.default_rng(5)
@@ -277,7 +277,7 @@ def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
 
 
 def test_images_sharing_the_grid_are_sliced_once(problem, monkeypatch):
-    import cryoday.likelihood as likelihood
+    from cryoday import likelihood
 
     volume, grid, op, batch, _, _, _ = problem
     calls = []
@@ -302,13 +302,36 @@ def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     table = ctf_parameter_table(params, 1)[0]
     psize = 2.5
     p2 = inplane_matrices(np.array([0.7]))[0]
-    padded = np.zeros((5, 5), np.complex64)
-    data_out = np.empty(op.n_coef, np.complex64)
-    ctf_out = np.empty(op.n_coef, np.float32)
+    # A constant "image transform" of 1 + 0i, so that B = w c conj(d) is w c.
+    padded = np.ones((40, 40), np.complex64)
+    b_re, b_im, c2, wc2 = (np.empty(op.n_coef, np.float32) for _ in range(4))
     kx, ky = op.kx.astype(np.float64), op.ky.astype(np.float64)
-    _turn_image(padded, 1.0, 2.0, table, 1.0 / (32 * psize), p2, kx, ky, data_out, ctf_out)
+    weights = op.weights
+    _turn_image(padded, 1.0, 20.0, table, 1.0 / (32 * psize), p2, kx, ky, weights, b_re, b_im,
+                c2, wc2)
     turned = np.stack([kx, ky], axis=1) @ p2.T
     expected = evaluate_ctf(turned[:, 0] / (32 * psize), turned[:, 1] / (32 * psize), **params)
-    assert np.allclose(ctf_out, expected, atol=1e-5)
+    assert np.allclose(b_re / weights, expected, atol=1e-5)
+    assert np.allclose(b_im, 0.0) and np.allclose(c2, expected**2, atol=1e-5)
+    assert np.allclose(wc2, weights * expected**2, atol=1e-5)
     unturned = evaluate_ctf(kx / (32 * psize), ky / (32 * psize), **params)
-    assert not np.allclose(ctf_out, unturned, atol=1e-2)  # astigmatism makes turning matter
+    assert not np.allclose(b_re / weights, unturned, atol=1e-2)  # astigmatism makes turning matter
+
+
+def test_fast_sine_matches_numpy():
+    """The kernel's polynomial sine (it keeps the CTF loop free of library calls) against numpy,
+    over the range of CTF phases (|chi| up to thousands of radians at high defocus)."""
+    import numba
+
+    from cryoday.likelihood import _sin
+
+    @numba.njit
+    def many(x):
+        out = np.empty_like(x)
+        for i in range(len(x)):
+            out[i] = _sin(x[i])
+        return out
+
+    x = np.random.default_rng(0).uniform(-5000.0, 5000.0, 200_000)
+    x[:5] = [0.0, np.pi / 2, -np.pi / 2, np.pi, 1e-8]
+    assert np.max(np.abs(many(x) - np.sin(x))) < 1e-9
