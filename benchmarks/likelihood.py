@@ -12,7 +12,10 @@ cropped box:
   throughput ratio;
 * the kernel's floating-point rate (the GEMM-formulated work: 4 n_rot K n_shift flops per image
   for the energies) as a fraction of this machine's float32 ``numpy.matmul`` rate, also measured
-  here;
+  here; and the same for an evaluation with the gradient, whose GEMM work is twice that (the
+  transposed product for the gradient), to show what the gradient's adjoint costs on top;
+* the time to prepare the volume's padded transform (once per volume, outside the timings
+  above: the line search evaluates one volume several times);
 * the share of the time spent in slicing (forward) and its adjoint.
 
 Prints a table, then one JSON line. No asserts: figures for the issue notes.
@@ -102,6 +105,7 @@ def case(full_box, pixel_size, resolution, rng):
     t_grad = best_time(lambda: marginal_nll(op, volume, batch, grid, subsets, True, cube), 2)
     union = np.unique(subsets.dir_index)
     rotations = grid.direction_rotations[union]
+    t_prepare = best_time(lambda: op.prepare(volume))
     t_forward = best_time(lambda: op.forward(volume, rotations, cube))
     slices = op.forward(volume, rotations, cube)
     t_adjoint = best_time(lambda: op.adjoint(slices, rotations), 2)
@@ -124,7 +128,8 @@ def case(full_box, pixel_size, resolution, rng):
         "exhaustive": exhaustive, "nll_s": t_nll, "nll_grad_s": t_grad,
         "evals_per_s": evals, "evals_per_s_with_grad": points * op.n_coef / t_grad,
         "numpy_evals_per_s": numpy_evals, "speedup_vs_numpy": evals / numpy_evals,
-        "gflops": flops / 1e9, "forward_share": t_forward / t_grad,
+        "gflops": flops / 1e9, "gflops_with_grad": 8.0 * points * op.n_coef / t_grad / 1e9,
+        "prepare_s": t_prepare, "forward_share": t_forward / t_grad,
         "adjoint_share": t_adjoint / t_grad,
     }
 
@@ -138,6 +143,7 @@ def main():
         for resolution in (40.0, 10.0):
             row = case(full_box, psize, resolution, rng)
             row["fraction_of_matmul_peak"] = row["gflops"] / peak
+            row["fraction_of_matmul_peak_with_grad"] = row["gflops_with_grad"] / peak
             rows.append(row)
             print(f"{full_box:4d} px (stage box {row['box']:3d}) at {resolution:4.0f} A: "
                   f"{row['n_coef']:5d} coef, {row['evaluated_per_image']:>9,} poses/image "
@@ -145,14 +151,18 @@ def main():
                   f"{row['grid_points']:,}); {row['evals_per_s']:.3g} evals/s "
                   f"({row['evals_per_s_with_grad']:.3g} with gradient), "
                   f"{row['speedup_vs_numpy']:.0f}x numpy, {row['gflops']:.1f} GFLOP/s = "
-                  f"{row['fraction_of_matmul_peak']:.0%} of matmul; forward "
+                  f"{row['fraction_of_matmul_peak']:.0%} of matmul "
+                  f"({row['fraction_of_matmul_peak_with_grad']:.0%} with gradient); forward "
                   f"{row['forward_share']:.0%}, adjoint {row['adjoint_share']:.0%} of the "
-                  f"gradient evaluation", flush=True)
+                  f"gradient evaluation; volume prepared in {row['prepare_s'] * 1e3:.0f} ms",
+                  flush=True)
     summary = {
         "matmul_gflops": peak,
         "evals_per_s": float(np.median([r["evals_per_s"] for r in rows])),
         "speedup_vs_numpy": float(np.median([r["speedup_vs_numpy"] for r in rows])),
         "fraction_of_matmul_peak": float(np.median([r["fraction_of_matmul_peak"] for r in rows])),
+        "fraction_of_matmul_peak_with_grad": float(np.median(
+            [r["fraction_of_matmul_peak_with_grad"] for r in rows])),
         "cases": rows,
     }
     print(json.dumps(summary))

@@ -39,6 +39,7 @@ built in chunks of bounded size.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,7 +47,7 @@ from functools import cached_property
 import numba
 import numpy as np
 import scipy.fft as sfft
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from cryoday import jit
 from cryoday.ctf import electron_wavelength, evaluate_ctf
@@ -283,6 +284,28 @@ def _sin(x):
     return poly * (1.0 - 2.0 * (np.int64(n) & 1))
 
 
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH, inline="always")
+def _exp_nonpositive(x):
+    """exp(x) for float64 ``x <= 0``, exactly 0 below -60, without a library call.
+
+    A term below e^-60 of the largest cannot change a float64 sum of posteriors. ``x = n ln2 + r``
+    with ``|r| <= ln2 / 2``: the Taylor polynomial of e^r to r^10 (relative error below 1e-12,
+    tested against numpy.exp), times ``2^n`` built from the bits of ``-n <= 87`` with selects.
+    """
+    y = max(x, -60.0)
+    n = np.rint(y * 1.4426950408889634)
+    r = y - n * 0.6931471805599453
+    poly = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (
+        1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0 + r * (1.0 / 362880.0 + r * (
+            1.0 / 3628800.0))))))))))
+    m = np.int64(-n)
+    scale = ((0.5 if m & 1 else 1.0) * (0.25 if m & 2 else 1.0) * (0.0625 if m & 4 else 1.0)
+             * (0.00390625 if m & 8 else 1.0) * (1.52587890625e-05 if m & 16 else 1.0)
+             * (2.3283064365386963e-10 if m & 32 else 1.0)
+             * (5.421010862427522e-20 if m & 64 else 1.0))
+    return poly * scale if x > -60.0 else 0.0
+
+
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
 def _ctf_constants(p, freq_scale):
     """Per image, RELION's CTF as ``sin(chi) * envelope`` with ``chi`` a polynomial in (x, y).
@@ -391,12 +414,12 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
                   kx, ky, row_start, row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box, p2_all,
                   shifts, dir_off, dir_loc, dir_logw, inp_off, inp_idx, inp_logw,
                   sh_off, sh_idx, sh_logw, rot_off, want_grad, col_budget,
-                  nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_b, acc_c):
+                  nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_h):
     """Energies, log-sum-exp, posteriors and gradient accumulators for a minibatch.
 
     ``s_parts`` is ``[Re S, Im S]`` of the union directions' slices ``(n_u, 2K)`` float32;
-    ``dir_loc`` indexes the union. Per thread, ``acc_b (T, n_u, K)`` gathers
-    ``sum conj(sum_ps gamma Z_ps) / (w s2)`` and ``acc_c`` ``sum_p Gamma_dp c_p^2 / s2``.
+    ``dir_loc`` indexes the union. Per thread, ``acc_h (T, n_u, 2K)`` gathers ``[Re, Im]`` of
+    ``sum_i (sum_p Gamma_dp c_p^2 S_d - conj(sum_ps gamma_dps Z_ps) / w) / s2``.
     """
     n_images = data.shape[0]
     k_coef = data.shape[1]
@@ -424,21 +447,24 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
             _turn_image(padded[i], pad, centre, ctf_params[i], freq_scale,
                         p2_all[inp_idx[p0 + p]], kx, ky, weights, b_re[p], b_im[p], c2[p],
                         wc2[p])
+        # Loops below index with unsigned integers: Numba wraps signed indices around, which
+        # keeps LLVM from vectorising them.
+        n_k = np.uint64(k_coef)
         sub = np.empty((n_d, 2 * k_coef), dtype=np.float32)
         sub_abs2 = np.empty((n_d, k_coef), dtype=np.float32)
         for a in range(n_d):
-            u = dir_loc[d0 + a]
-            for k in range(2 * k_coef):
-                sub[a, k] = s_parts[u, k]
-            for k in range(k_coef):
-                sub_abs2[a, k] = sub[a, k] * sub[a, k] + sub[a, k_coef + k] * sub[a, k_coef + k]
+            src = s_parts[dir_loc[d0 + a]]
+            dst = sub[a]
+            dst2 = sub_abs2[a]
+            for k in range(np.uint64(2 * k_coef)):
+                dst[k] = src[k]
+            for k in range(n_k):
+                dst2[k] = dst[k] * dst[k] + dst[n_k + k] * dst[n_k + k]
         norm = np.dot(sub_abs2, wc2.T)  # (n_d, n_p)
         p_chunk = max(1, min(n_p, col_budget // max(1, n_s)))
         logits = np.empty((n_d, n_cols), dtype=np.float64)
+        row_max = np.full(n_d, -np.inf)
         inv = 1.0 / (2.0 * s2)
-        best = -np.inf
-        best_a = 0
-        best_c = 0
         inp_lw = inp_logw[p0:p1]
         sh_lw = sh_logw[s0:s1]
         # With a single chunk (the usual case) its columns are kept for the gradient pass.
@@ -453,23 +479,27 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
             cross = np.dot(sub, zt.T)
             for a in range(n_d):
                 lw = dir_logw[d0 + a]
+                out = logits[a]
+                cross_a = cross[a]
+                top = row_max[a]
                 for p in range(c0, c1):
                     base = lw + inp_lw[p] - (dnorm + norm[a, p]) * inv
-                    for j in range(n_s):
-                        col = p * n_s + j
-                        v = base + sh_lw[j] + 2.0 * cross[a, (p - c0) * n_s + j] * inv
-                        logits[a, col] = v
-                        if v > best:
-                            best = v
-                            best_a = a
-                            best_c = col
+                    lo = np.uint64(p * n_s)
+                    lo_chunk = np.uint64((p - c0) * n_s)
+                    for j in range(np.uint64(n_s)):
+                        v = base + sh_lw[j] + 2.0 * cross_a[lo_chunk + j] * inv
+                        out[lo + j] = v
+                        top = max(top, v)
+                row_max[a] = top
+        best_a = np.argmax(row_max)
+        best = row_max[best_a]
+        best_c = np.argmax(logits[best_a])
         total = 0.0
         for a in range(n_d):
-            for col in range(n_cols):
-                # Terms below e^-60 of the best cannot change a float64 sum: skip their exp.
-                e_arg = logits[a, col] - best
-                e = np.exp(e_arg) if e_arg > -60.0 else 0.0
-                logits[a, col] = e
+            row_a = logits[a]
+            for col in range(np.uint64(n_cols)):
+                e = _exp_nonpositive(row_a[col] - best)
+                row_a[col] = e
                 total += e
         nll[i] = -(best + np.log(total))
         best_dir[i] = best_a
@@ -477,20 +507,22 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
         best_shift[i] = best_c % n_s
         gamma = np.empty((n_d, n_cols), dtype=np.float32)
         gamma_dp = np.empty((n_d, n_p), dtype=np.float32)
-        for j in range(n_s):
-            shift_post[s0 + j] = 0.0
+        shift_post_i = shift_post[s0:s1]
+        shift_post_i[:] = 0.0
         inv_total = 1.0 / total
         for a in range(n_d):
+            row_a = logits[a]
+            gamma_a = gamma[a]
             for p in range(n_p):
+                lo = np.uint64(p * n_s)
                 row = 0.0
-                for j in range(n_s):
-                    col = p * n_s + j
-                    g = logits[a, col] * inv_total
+                for j in range(np.uint64(n_s)):
+                    g = row_a[lo + j] * inv_total
                     # Posteriors below 1e-30 are flushed to zero: as float32 they would be
                     # subnormal, and GEMMs on subnormals run ~50x slower (measured).
-                    gamma[a, col] = g if g > 1e-30 else 0.0
+                    gamma_a[lo + j] = g if g > 1e-30 else 0.0
                     row += g
-                    shift_post[s0 + j] += g
+                    shift_post_i[j] += g
                 rot_post[rot_off[i] + a * n_p + p] = row
                 gamma_dp[a, p] = row
         if want_grad:
@@ -510,12 +542,16 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
             inv_s2 = 1.0 / s2
             for a in range(n_d):
                 u = dir_loc[d0 + a]
-                for k in range(k_coef):
-                    scale = inv_s2 / weights[k]
-                    # grad_z holds [sum gamma Re Z, -sum gamma Im Z]: conj(sum gamma Z) scaled.
-                    acc_b[tid, u, k] += complex(grad_z[a, k] * scale,
-                                                grad_z[a, k_coef + k] * scale)
-                    acc_c[tid, u, k] += ctf_term[a, k] * inv_s2
+                h = acc_h[tid, u]
+                s_u = s_parts[u]
+                gz = grad_z[a]
+                ct = ctf_term[a]
+                # grad_z holds [sum gamma Re Z, -sum gamma Im Z], i.e. conj(sum gamma Z).
+                for k in range(n_k):
+                    c_k = ct[k] * inv_s2
+                    g_k = inv_s2 / weights[k]
+                    h[k] += c_k * s_u[k] - g_k * gz[k]
+                    h[n_k + k] += c_k * s_u[n_k + k] - g_k * gz[n_k + k]
 
 
 def shift_phases(op: SliceOperator, shifts_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -545,6 +581,27 @@ MAX_DIRECTIONS_PER_BLOCK = 4000  # distinct directions per block: bounds slices 
 # Per thread, the (in-plane x shift) columns built at once: large enough that an importance
 # sample's columns are built once and kept for the gradient pass.
 COLUMN_BYTES = 32 << 20
+
+
+def locality_order(rotations: np.ndarray, band: float = 0.1) -> np.ndarray:
+    """An order of directions in which consecutive slices cross nearby parts of the cube.
+
+    Directions in bands of ``band`` rad of tilt, each band swept in rotation angle alternately
+    up and down, so a thread's next slice mostly reads cache lines its last one loaded
+    (measured: 3,516 slices of 2,013 coefficients 0.080 -> 0.058 s; bands of 0.02 rad were
+    slower than no order, 0.05 about as good).
+    """
+    view = np.asarray(rotations)[:, 2, :]
+    tilt = np.arccos(np.clip(view[:, 2], -1.0, 1.0))
+    rot = np.arctan2(view[:, 1], view[:, 0])
+    index = np.floor(tilt / band).astype(np.int64)
+    return np.lexsort((np.where(index % 2 == 1, -rot, rot), index))
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """One controller for the process: building one scans every loaded library (0.13 ms)."""
+    return ThreadpoolController()
 
 
 def coefficient_rows(op: SliceOperator) -> tuple[np.ndarray, ...]:
@@ -629,13 +686,17 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
         raise ValueError("the batch has no padded transforms: build it with make_batch")
     union, dir_loc = np.unique(subsets.dir_index, return_inverse=True)
     rotations = np.asarray(grid.direction_rotations)[union]
+    order = locality_order(rotations)
+    rotations = rotations[order]
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    dir_loc = rank[dir_loc.ravel()]
     cube = op.prepare(volume) if cube is None else cube
     s_parts = op.slice_parts(cube, rotations)
     n_threads = numba.get_num_threads()
     n_u, k_coef = len(union), op.n_coef
-    acc_shape = (n_threads, n_u, k_coef) if want_grad else (1, 1, 1)
-    acc_b = np.zeros(acc_shape, dtype=np.complex128)
-    acc_c = np.zeros(acc_shape, dtype=np.float64)
+    # float32: each entry sums the few images of one block that sample that direction.
+    acc_h = np.zeros((n_threads, n_u, 2 * k_coef) if want_grad else (1, 1, 1), dtype=np.float32)
     nll = np.empty(n_images)
     rot_post = np.empty(len(subsets.rot_index))
     shift_post = np.empty(len(subsets.shift_index))
@@ -650,7 +711,7 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     weights = (op.weights * taper).astype(np.float32)
     # Each kernel thread calls BLAS on its own image: BLAS's own threads would only contend
     # with them (measured: the forward pass ran 1.9x slower with 2 BLAS threads per call).
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         _batch_kernel(s_parts, batch.data, batch.padded,
                       image_padded_size(op.box) / op.box, float(batch.padded.shape[1] // 2),
                       batch.ctf_params, float(batch.freq_scale), weights, batch.sigma2,
@@ -658,11 +719,11 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
                       int(kxi.min()), int(kxi.max() - kxi.min() + 1), int(kyi.max() + 1),
                       float(op.box), np.asarray(grid.inplane_matrices, np.float64),
                       np.asarray(grid.shifts, np.float64),
-                      subsets.dir_offsets, dir_loc.astype(np.int64).ravel(), subsets.dir_logw,
+                      subsets.dir_offsets, dir_loc.astype(np.int64), subsets.dir_logw,
                       subsets.inp_offsets, subsets.inp_index, subsets.inp_logw,
                       subsets.shift_offsets, subsets.shift_index, subsets.shift_logw,
                       subsets.rot_offsets, want_grad, col_budget, nll, rot_post, shift_post,
-                      best_dir, best_inp, best_shift, acc_b, acc_c)
+                      best_dir, best_inp, best_shift, acc_h)
     d_index = subsets.dir_index[subsets.dir_offsets[:-1] + best_dir]
     p_index = subsets.inp_index[subsets.inp_offsets[:-1] + best_inp]
     best_rot = d_index * grid.n_inp + p_index
@@ -674,8 +735,8 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
         # to conj(H) / w = sum_i (c^2 Gamma S - c d conj(g)) / s2.
         # The likelihood's weights are the operator's times the edge taper, which the adjoint
         # (carrying the operator's weights) still needs applied.
-        slices = s_parts[:, :k_coef] + 1j * s_parts[:, k_coef:]
-        h = (acc_c.sum(axis=0) * slices - acc_b.sum(axis=0)) * taper
+        h = acc_h.sum(axis=0)
+        h = (h[:, :k_coef] + 1j * h[:, k_coef:]) * taper
         grad = op.adjoint(h, rotations)
     return LikelihoodResult(nll, grad, rot_post, shift_post, best_rot, best_shift,
                             subsets.n_points)
