@@ -325,35 +325,57 @@ def _ctf_constants(p, freq_scale):
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _turn_image(padded, pad, centre, ctf_params, freq_scale, p2, kx, ky, weights, b_re, b_im,
-                c2, wc2):
+def _turn_image(padded, pad, centre, ctf_params, freq_scale, p2, kx, ky, weights, envelope,
+                b_re, b_im, c2, wc2):
     """One in-plane turn of an image: the factors of its columns at ``P k'``.
 
     ``B = w c conj(d)`` (``b_re``, ``b_im``), ``c^2`` and ``w c^2`` at the turned frequencies,
-    with ``d`` read bilinearly from ``padded`` (zero outside it) and the CTF ``c`` exact.
+    with ``d`` read bilinearly from ``padded`` (zero outside it) and the CTF ``c`` exact;
+    ``envelope`` is the CTF's B-factor term at ``|k'|`` (a turn does not change it). A first
+    loop, free of library calls and gathers, vectorises; a second does the gathers.
     """
     m = padded.shape[0]
-    a, bc, bs, cc, phase, env = _ctf_constants(ctf_params, freq_scale)
-    for k in range(kx.shape[0]):
+    n_k = np.uint64(kx.shape[0])
+    flat = padded.ravel().view(np.float32)  # interleaved real and imaginary parts
+    a, bc, bs, cc, phase, _ = _ctf_constants(ctf_params, freq_scale)
+    offset = np.empty(n_k, dtype=np.uint64)
+    fxs = np.empty(n_k, dtype=np.float64)
+    fys = np.empty(n_k, dtype=np.float64)
+    for k in range(n_k):
         x = p2[0, 0] * kx[k] + p2[0, 1] * ky[k]
         y = p2[1, 0] * kx[k] + p2[1, 1] * ky[k]
         s2 = x * x + y * y
         chi = a * s2 + bc * (x * x - y * y) + bs * x * y + cc * s2 * s2 + phase
-        ctf = _sin(chi) * np.exp(env * s2)
+        ctf = _sin(chi) * envelope[k]
         qx = pad * x + centre
         qy = pad * y + centre
-        x0 = min(max(int(np.floor(qx)), 0), m - 2)
-        y0 = min(max(int(np.floor(qy)), 0), m - 2)
+        x0 = min(max(np.floor(qx), 0.0), m - 2.0)
+        y0 = min(max(np.floor(qy), 0.0), m - 2.0)
         fx = qx - x0
         fy = qy - y0
         inside = 1.0 if (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0) else 0.0
-        d = ((1 - fy) * ((1 - fx) * padded[y0, x0] + fx * padded[y0, x0 + 1])
-             + fy * ((1 - fx) * padded[y0 + 1, x0] + fx * padded[y0 + 1, x0 + 1]))
-        wc = weights[k] * ctf * inside
-        b_re[k] = wc * d.real
-        b_im[k] = -wc * d.imag
+        fxs[k] = fx
+        fys[k] = fy
+        offset[k] = np.uint64(2.0 * (y0 * m + x0))
+        b_re[k] = weights[k] * ctf * inside  # w c, times d below
         c2[k] = ctf * ctf
         wc2[k] = weights[k] * ctf * ctf
+    row = np.uint64(2 * m)
+    for k in range(n_k):
+        o = offset[k]
+        fx = fxs[k]
+        fy = fys[k]
+        w00 = (1 - fy) * (1 - fx)
+        w01 = (1 - fy) * fx
+        w10 = fy * (1 - fx)
+        w11 = fy * fx
+        d_re = (w00 * flat[o] + w01 * flat[o + 2] + w10 * flat[o + row]
+                + w11 * flat[o + row + 2])
+        d_im = (w00 * flat[o + 1] + w01 * flat[o + 3] + w10 * flat[o + row + 1]
+                + w11 * flat[o + row + 3])
+        wc = b_re[k]
+        b_re[k] = wc * d_re
+        b_im[k] = -wc * d_im
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
@@ -409,20 +431,171 @@ def _fill_columns(zt, p_lo, p_hi, n_s, b_re, b_im, inp_idx, p2_all, sh_idx, shif
                     z[k_coef + k0 + u] = -(br * ph_im + bi * ph_re)
 
 
+# Loops below index with unsigned integers: Numba wraps signed indices around, which keeps LLVM
+# from vectorising them.
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _prepare_image(data_i, padded_i, pad, centre, ctf_i, freq_scale, p2_all, inp_idx_i, kx, ky,
+                   weights, b_re, b_im, c2, wc2):
+    """``|d|^2`` of the unturned image, and its column factors for each in-plane angle.
+
+    ``|d|^2`` is the exact one: the turned image's would add the noise power's sampling
+    difference on the turned grid, ~sqrt(K) nats, to each in-plane angle.
+    """
+    dnorm = 0.0
+    for k in range(data_i.shape[0]):
+        dnorm += weights[k] * (data_i[k].real ** 2 + data_i[k].imag ** 2)
+    b_factor = _ctf_constants(ctf_i, freq_scale)[5]
+    envelope = np.empty(kx.shape[0])
+    for k in range(kx.shape[0]):
+        envelope[k] = np.exp(b_factor * (kx[k] * kx[k] + ky[k] * ky[k]))
+    for p in range(inp_idx_i.shape[0]):
+        _turn_image(padded_i, pad, centre, ctf_i, freq_scale, p2_all[inp_idx_i[p]], kx, ky,
+                    weights, envelope, b_re[p], b_im[p], c2[p], wc2[p])
+    return dnorm
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _gather_slices(s_parts, loc, sub, sub_abs2):
+    """The rows ``loc`` of ``s_parts`` into ``sub``, and their ``|S|^2``."""
+    n_k = np.uint64(sub_abs2.shape[1])
+    for a in range(loc.shape[0]):
+        src = s_parts[loc[a]]
+        dst = sub[a]
+        dst2 = sub_abs2[a]
+        for k in range(np.uint64(2) * n_k):
+            dst[k] = src[k]
+        for k in range(n_k):
+            dst2[k] = dst[k] * dst[k] + dst[n_k + k] * dst[n_k + k]
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _add_logits(logits, row_max, cross, cross_col0, norm, norm_col0, c0, c1, n_s, dir_lw,
+                inp_lw, sh_lw, dnorm, inv):
+    """Log posteriors (unnormalised) of in-plane angles ``c0:c1`` x every shift, per direction.
+
+    ``cross`` column ``cross_col0 + (p - c0) n_s + j`` and ``norm`` column ``norm_col0 + p``
+    hold this image's terms; ``row_max`` keeps each direction's largest log posterior.
+    """
+    if n_s == 1:
+        # One shift (the first stages): a flat loop over in-plane angles, so it vectorises.
+        pa, pb = np.uint64(c0), np.uint64(c1)
+        n0, x0 = np.uint64(norm_col0), np.uint64(cross_col0)
+        for a in range(logits.shape[0]):
+            base = dir_lw[a] + sh_lw[0] - dnorm * inv
+            out = logits[a]
+            cross_a = cross[a]
+            norm_a = norm[a]
+            top = row_max[a]
+            for p in range(pa, pb):
+                v = (base + inp_lw[p] - norm_a[n0 + p] * inv
+                     + 2.0 * cross_a[x0 + (p - pa)] * inv)
+                out[p] = v
+                top = max(top, v)
+            row_max[a] = top
+        return
+    for a in range(logits.shape[0]):
+        lw = dir_lw[a]
+        out = logits[a]
+        cross_a = cross[a]
+        top = row_max[a]
+        for p in range(c0, c1):
+            base = lw + inp_lw[p] - (dnorm + norm[a, norm_col0 + p]) * inv
+            lo = np.uint64(p * n_s)
+            lo_cross = np.uint64(cross_col0 + (p - c0) * n_s)
+            for j in range(np.uint64(n_s)):
+                v = base + sh_lw[j] + 2.0 * cross_a[lo_cross + j] * inv
+                out[lo + j] = v
+                top = max(top, v)
+        row_max[a] = top
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _posteriors(logits, row_max, n_p, n_s, scale, gamma, gamma_col0, gamma_dp, gamma_dp_col0,
+                rot_post_i, shift_post_i):
+    """Normalise one image's log posteriors; returns ``(nll, best direction, best column)``.
+
+    Writes the posteriors times ``scale`` to ``gamma`` (from column ``gamma_col0``) and their
+    sums over shifts to ``gamma_dp``, and the marginals over rotations and over shifts.
+    """
+    best_a = np.argmax(row_max)
+    best = row_max[best_a]
+    best_c = np.argmax(logits[best_a])
+    total = 0.0
+    for a in range(logits.shape[0]):
+        row_a = logits[a]
+        for col in range(np.uint64(logits.shape[1])):
+            e = _exp_nonpositive(row_a[col] - best)
+            row_a[col] = e
+            total += e
+    shift_post_i[:] = 0.0
+    inv_total = 1.0 / total
+    g0 = np.uint64(gamma_col0)
+    if n_s == 1:
+        # One shift: a flat loop over in-plane angles, so it vectorises.
+        q0 = np.uint64(gamma_dp_col0)
+        for a in range(logits.shape[0]):
+            row_a = logits[a]
+            gamma_a = gamma[a]
+            gamma_dp_a = gamma_dp[a]
+            rot_a = rot_post_i[a * n_p:(a + 1) * n_p]
+            for p in range(np.uint64(n_p)):
+                g = row_a[p] * inv_total
+                gs = g * scale
+                gs = gs if (g > 1e-30 and gs > 1e-30) else 0.0
+                gamma_a[g0 + p] = gs
+                gamma_dp_a[q0 + p] = gs
+                rot_a[p] = g
+        shift_post_i[0] = 1.0
+        return -(best + np.log(total)), best_a, best_c
+    for a in range(logits.shape[0]):
+        row_a = logits[a]
+        gamma_a = gamma[a]
+        for p in range(n_p):
+            lo = np.uint64(p * n_s)
+            row = 0.0
+            for j in range(np.uint64(n_s)):
+                g = row_a[lo + j] * inv_total
+                gs = g * scale
+                # Posteriors below 1e-30 are flushed to zero: as float32 they would be
+                # subnormal, and GEMMs on subnormals run ~50x slower (measured).
+                gamma_a[g0 + lo + j] = gs if (g > 1e-30 and gs > 1e-30) else 0.0
+                row += g
+                shift_post_i[j] += g
+            rot_post_i[a * n_p + p] = row
+            gamma_dp[a, gamma_dp_col0 + p] = row * scale
+    return -(best + np.log(total)), best_a, best_c
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _accumulate(h, s_u, grad_z_a, ctf_term_a, inv_weights):
+    """``h += ctf_term S - conj(sum gamma Z) / w``, in ``[Re, Im]`` parts.
+
+    ``grad_z_a`` is ``[sum gamma Re Z, -sum gamma Im Z]``, i.e. ``conj(sum gamma Z)``.
+    """
+    n_k = np.uint64(ctf_term_a.shape[0])
+    for k in range(n_k):
+        h[k] += ctf_term_a[k] * s_u[k] - inv_weights[k] * grad_z_a[k]
+        h[n_k + k] += ctf_term_a[k] * s_u[n_k + k] - inv_weights[k] * grad_z_a[n_k + k]
+
+
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
 def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, weights, sigma2,
                   kx, ky, row_start, row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box, p2_all,
                   shifts, dir_off, dir_loc, dir_logw, inp_off, inp_idx, inp_logw,
                   sh_off, sh_idx, sh_logw, rot_off, want_grad, col_budget,
                   nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_h):
-    """Energies, log-sum-exp, posteriors and gradient accumulators for a minibatch.
+    """Energies, log-sum-exp, posteriors and gradient accumulators, image by image.
 
     ``s_parts`` is ``[Re S, Im S]`` of the union directions' slices ``(n_u, 2K)`` float32;
     ``dir_loc`` indexes the union. Per thread, ``acc_h (T, n_u, 2K)`` gathers ``[Re, Im]`` of
-    ``sum_i (sum_p Gamma_dp c_p^2 S_d - conj(sum_ps gamma_dps Z_ps) / w) / s2``.
+    ``sum_i (sum_p Gamma_dp c_p^2 S_d - conj(sum_ps gamma_dps Z_ps) / w) / s2``. An image's
+    columns are built in chunks of ``col_budget`` at most.
     """
     n_images = data.shape[0]
     k_coef = data.shape[1]
+    inv_weights = 1.0 / weights
     for i in numba.prange(n_images):
         tid = numba.get_thread_id()
         d0, d1 = dir_off[i], dir_off[i + 1]
@@ -432,41 +605,20 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
         n_p = p1 - p0
         n_s = s1 - s0
         n_cols = n_p * n_s
-        s2 = sigma2[i]
-        # |d|^2 of the unturned data (the exact one; the turned image's would add the noise
-        # power's sampling difference on the turned grid, ~sqrt(K) nats, to each in-plane angle).
-        dnorm = 0.0
-        for k in range(k_coef):
-            dnorm += weights[k] * (data[i, k].real ** 2 + data[i, k].imag ** 2)
-        # The image and its CTF turned by each of its in-plane angles.
         b_re = np.empty((n_p, k_coef), dtype=np.float32)
         b_im = np.empty((n_p, k_coef), dtype=np.float32)
         c2 = np.empty((n_p, k_coef), dtype=np.float32)
         wc2 = np.empty((n_p, k_coef), dtype=np.float32)
-        for p in range(n_p):
-            _turn_image(padded[i], pad, centre, ctf_params[i], freq_scale,
-                        p2_all[inp_idx[p0 + p]], kx, ky, weights, b_re[p], b_im[p], c2[p],
-                        wc2[p])
-        # Loops below index with unsigned integers: Numba wraps signed indices around, which
-        # keeps LLVM from vectorising them.
-        n_k = np.uint64(k_coef)
+        dnorm = _prepare_image(data[i], padded[i], pad, centre, ctf_params[i], freq_scale,
+                               p2_all, inp_idx[p0:p1], kx, ky, weights, b_re, b_im, c2, wc2)
         sub = np.empty((n_d, 2 * k_coef), dtype=np.float32)
         sub_abs2 = np.empty((n_d, k_coef), dtype=np.float32)
-        for a in range(n_d):
-            src = s_parts[dir_loc[d0 + a]]
-            dst = sub[a]
-            dst2 = sub_abs2[a]
-            for k in range(np.uint64(2 * k_coef)):
-                dst[k] = src[k]
-            for k in range(n_k):
-                dst2[k] = dst[k] * dst[k] + dst[n_k + k] * dst[n_k + k]
+        _gather_slices(s_parts, dir_loc[d0:d1], sub, sub_abs2)
         norm = np.dot(sub_abs2, wc2.T)  # (n_d, n_p)
         p_chunk = max(1, min(n_p, col_budget // max(1, n_s)))
         logits = np.empty((n_d, n_cols), dtype=np.float64)
         row_max = np.full(n_d, -np.inf)
-        inv = 1.0 / (2.0 * s2)
-        inp_lw = inp_logw[p0:p1]
-        sh_lw = sh_logw[s0:s1]
+        inv = 1.0 / (2.0 * sigma2[i])
         # With a single chunk (the usual case) its columns are kept for the gradient pass.
         single = p_chunk >= n_p
         zt_kept = np.empty((n_cols if single else 0, 2 * k_coef), dtype=np.float32)
@@ -476,55 +628,15 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
                                                  dtype=np.float32)
             _fill_columns(zt, c0, c1, n_s, b_re, b_im, inp_idx[p0:p1], p2_all, sh_idx[s0:s1],
                           shifts, row_start, row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box)
-            cross = np.dot(sub, zt.T)
-            for a in range(n_d):
-                lw = dir_logw[d0 + a]
-                out = logits[a]
-                cross_a = cross[a]
-                top = row_max[a]
-                for p in range(c0, c1):
-                    base = lw + inp_lw[p] - (dnorm + norm[a, p]) * inv
-                    lo = np.uint64(p * n_s)
-                    lo_chunk = np.uint64((p - c0) * n_s)
-                    for j in range(np.uint64(n_s)):
-                        v = base + sh_lw[j] + 2.0 * cross_a[lo_chunk + j] * inv
-                        out[lo + j] = v
-                        top = max(top, v)
-                row_max[a] = top
-        best_a = np.argmax(row_max)
-        best = row_max[best_a]
-        best_c = np.argmax(logits[best_a])
-        total = 0.0
-        for a in range(n_d):
-            row_a = logits[a]
-            for col in range(np.uint64(n_cols)):
-                e = _exp_nonpositive(row_a[col] - best)
-                row_a[col] = e
-                total += e
-        nll[i] = -(best + np.log(total))
-        best_dir[i] = best_a
-        best_inp[i] = best_c // n_s
-        best_shift[i] = best_c % n_s
+            _add_logits(logits, row_max, np.dot(sub, zt.T), 0, norm, 0, c0, c1, n_s,
+                        dir_logw[d0:d1], inp_logw[p0:p1], sh_logw[s0:s1], dnorm, inv)
         gamma = np.empty((n_d, n_cols), dtype=np.float32)
         gamma_dp = np.empty((n_d, n_p), dtype=np.float32)
-        shift_post_i = shift_post[s0:s1]
-        shift_post_i[:] = 0.0
-        inv_total = 1.0 / total
-        for a in range(n_d):
-            row_a = logits[a]
-            gamma_a = gamma[a]
-            for p in range(n_p):
-                lo = np.uint64(p * n_s)
-                row = 0.0
-                for j in range(np.uint64(n_s)):
-                    g = row_a[lo + j] * inv_total
-                    # Posteriors below 1e-30 are flushed to zero: as float32 they would be
-                    # subnormal, and GEMMs on subnormals run ~50x slower (measured).
-                    gamma_a[lo + j] = g if g > 1e-30 else 0.0
-                    row += g
-                    shift_post_i[j] += g
-                rot_post[rot_off[i] + a * n_p + p] = row
-                gamma_dp[a, p] = row
+        nll[i], best_dir[i], best_c = _posteriors(
+            logits, row_max, n_p, n_s, 1.0 / sigma2[i], gamma, 0, gamma_dp, 0,
+            rot_post[rot_off[i]:rot_off[i + 1]], shift_post[s0:s1])
+        best_inp[i] = best_c // n_s
+        best_shift[i] = best_c % n_s
         if want_grad:
             grad_z = np.zeros((n_d, 2 * k_coef), dtype=np.float32)
             if single:
@@ -539,19 +651,83 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
                     g_chunk = np.ascontiguousarray(gamma[:, c0 * n_s:c1 * n_s])
                     grad_z += np.dot(g_chunk, zt)
             ctf_term = np.dot(gamma_dp, c2)  # (n_d, K)
-            inv_s2 = 1.0 / s2
             for a in range(n_d):
                 u = dir_loc[d0 + a]
-                h = acc_h[tid, u]
-                s_u = s_parts[u]
-                gz = grad_z[a]
-                ct = ctf_term[a]
-                # grad_z holds [sum gamma Re Z, -sum gamma Im Z], i.e. conj(sum gamma Z).
-                for k in range(n_k):
-                    c_k = ct[k] * inv_s2
-                    g_k = inv_s2 / weights[k]
-                    h[k] += c_k * s_u[k] - g_k * gz[k]
-                    h[n_k + k] += c_k * s_u[n_k + k] - g_k * gz[n_k + k]
+                _accumulate(acc_h[tid, u], s_parts[u], grad_z[a], ctf_term[a], inv_weights)
+
+
+@numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _shared_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, weights, sigma2,
+                   kx, ky, row_start, row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box, p2_all,
+                   shifts, group_off, dir_off, dir_loc, dir_logw, inp_off, inp_idx, inp_logw,
+                   sh_off, sh_idx, sh_logw, rot_off, want_grad,
+                   nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_h):
+    """As :func:`_batch_kernel`, for groups of images that evaluate the same directions.
+
+    Group ``g`` is images ``group_off[g]:group_off[g + 1]``. Their columns side by side make one
+    GEMM per group instead of one small GEMM per image (on the first stages a whole minibatch
+    shares the full grid, and an image has as few as 20 columns), and the gradient's two GEMMs
+    sum over the group's images at once, the posteriors carrying each image's ``1 / s2``.
+    """
+    k_coef = data.shape[1]
+    inv_weights = 1.0 / weights
+    for g in numba.prange(group_off.shape[0] - 1):
+        tid = numba.get_thread_id()
+        i0, i1 = group_off[g], group_off[g + 1]
+        d0, d1 = dir_off[i0], dir_off[i0 + 1]
+        n_d = d1 - d0
+        n_img = i1 - i0
+        p_start = np.zeros(n_img + 1, dtype=np.int64)
+        c_start = np.zeros(n_img + 1, dtype=np.int64)
+        for u in range(n_img):
+            i = i0 + u
+            n_p = inp_off[i + 1] - inp_off[i]
+            p_start[u + 1] = p_start[u] + n_p
+            c_start[u + 1] = c_start[u] + n_p * (sh_off[i + 1] - sh_off[i])
+        b_re = np.empty((p_start[n_img], k_coef), dtype=np.float32)
+        b_im = np.empty((p_start[n_img], k_coef), dtype=np.float32)
+        c2 = np.empty((p_start[n_img], k_coef), dtype=np.float32)
+        wc2 = np.empty((p_start[n_img], k_coef), dtype=np.float32)
+        zt = np.empty((c_start[n_img], 2 * k_coef), dtype=np.float32)
+        dnorms = np.empty(n_img)
+        for u in range(n_img):
+            i = i0 + u
+            pa, pb = p_start[u], p_start[u + 1]
+            dnorms[u] = _prepare_image(data[i], padded[i], pad, centre, ctf_params[i],
+                                       freq_scale, p2_all, inp_idx[inp_off[i]:inp_off[i + 1]],
+                                       kx, ky, weights, b_re[pa:pb], b_im[pa:pb], c2[pa:pb],
+                                       wc2[pa:pb])
+            _fill_columns(zt[c_start[u]:c_start[u + 1]], 0, pb - pa, sh_off[i + 1] - sh_off[i],
+                          b_re[pa:pb], b_im[pa:pb], inp_idx[inp_off[i]:inp_off[i + 1]],
+                          p2_all, sh_idx[sh_off[i]:sh_off[i + 1]], shifts, row_start, row_len,
+                          row_kx0, row_ky, kx_min, n_kx, n_ky, box)
+        sub = np.empty((n_d, 2 * k_coef), dtype=np.float32)
+        sub_abs2 = np.empty((n_d, k_coef), dtype=np.float32)
+        _gather_slices(s_parts, dir_loc[d0:d1], sub, sub_abs2)
+        norm = np.dot(sub_abs2, wc2.T)  # (n_d, all in-plane angles of the group)
+        cross = np.dot(sub, zt.T)  # (n_d, all columns of the group)
+        gamma = np.empty((n_d, c_start[n_img]), dtype=np.float32)
+        gamma_dp = np.empty((n_d, p_start[n_img]), dtype=np.float32)
+        for u in range(n_img):
+            i = i0 + u
+            n_p = p_start[u + 1] - p_start[u]
+            n_s = sh_off[i + 1] - sh_off[i]
+            logits = np.empty((n_d, n_p * n_s), dtype=np.float64)
+            row_max = np.full(n_d, -np.inf)
+            _add_logits(logits, row_max, cross, c_start[u], norm, p_start[u], 0, n_p, n_s,
+                        dir_logw[dir_off[i]:dir_off[i + 1]], inp_logw[inp_off[i]:inp_off[i + 1]],
+                        sh_logw[sh_off[i]:sh_off[i + 1]], dnorms[u], 1.0 / (2.0 * sigma2[i]))
+            nll[i], best_dir[i], best_c = _posteriors(
+                logits, row_max, n_p, n_s, 1.0 / sigma2[i], gamma, c_start[u], gamma_dp,
+                p_start[u], rot_post[rot_off[i]:rot_off[i + 1]], shift_post[sh_off[i]:sh_off[i + 1]])
+            best_inp[i] = best_c // n_s
+            best_shift[i] = best_c % n_s
+        if want_grad:
+            grad_z = np.dot(gamma, zt)  # (n_d, 2K), summed over the group's images
+            ctf_term = np.dot(gamma_dp, c2)  # (n_d, K)
+            for a in range(n_d):
+                u = dir_loc[d0 + a]
+                _accumulate(acc_h[tid, u], s_parts[u], grad_z[a], ctf_term[a], inv_weights)
 
 
 def shift_phases(op: SliceOperator, shifts_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -581,6 +757,8 @@ MAX_DIRECTIONS_PER_BLOCK = 4000  # distinct directions per block: bounds slices 
 # Per thread, the (in-plane x shift) columns built at once: large enough that an importance
 # sample's columns are built once and kept for the gradient pass.
 COLUMN_BYTES = 32 << 20
+# Per group of images sharing their directions: their columns, cross terms and posteriors.
+GROUP_BYTES = 32 << 20
 
 
 def locality_order(rotations: np.ndarray, band: float = 0.1) -> np.ndarray:
@@ -598,10 +776,50 @@ def locality_order(rotations: np.ndarray, band: float = 0.1) -> np.ndarray:
     return np.lexsort((np.where(index % 2 == 1, -rot, rot), index))
 
 
+def shared_groups(subsets: PoseSubsets, dir_loc: np.ndarray, n_union: int, n_coef: int,
+                  n_threads: int) -> np.ndarray | None:
+    """Bounds of groups of images for :func:`_shared_kernel`, or None to go image by image.
+
+    Groups are used when every image evaluates the same directions (a stage without importance
+    sampling, or an empty map's null likelihood), in equal groups of at most ``GROUP_BYTES`` of
+    columns, cross terms and posteriors, and at least two groups per thread to balance them.
+    """
+    n = subsets.n_images
+    if n < 2 or np.any(np.diff(subsets.dir_offsets) != n_union):
+        return None
+    loc = np.asarray(dir_loc).reshape(n, n_union)
+    if not np.all(loc == loc[0]):
+        return None
+    cols = int((np.diff(subsets.inp_offsets) * np.diff(subsets.shift_offsets)).max())
+    per_image = cols * (2 * n_coef + 2 * n_union) * 4
+    size = min(GROUP_BYTES // max(1, per_image), -(-n // (2 * n_threads)))
+    if size < 2:
+        return None
+    return np.r_[np.arange(0, n, size), n].astype(np.int64)
+
+
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
     """One controller for the process: building one scans every loaded library (0.13 ms)."""
     return ThreadpoolController()
+
+
+def _operator_constants(op: SliceOperator) -> tuple:
+    """The kernels' per-operator arrays, made once per operator (they cost ~0.2 ms a call).
+
+    Returns the edge taper and ``(weights, kx, ky, row_start, row_len, row_kx0, row_ky, kx_min,
+    n_kx, n_ky, box)`` in the kernels' argument order.
+    """
+    cached = getattr(op, "_likelihood_constants", None)
+    if cached is None:
+        taper = edge_taper(op)
+        kxi = op.kx.astype(np.int64)
+        kyi = op.ky.astype(np.int64)
+        cached = (taper, ((op.weights * taper).astype(np.float32), op.kx.astype(np.float64),
+                          op.ky.astype(np.float64), *coefficient_rows(op), int(kxi.min()),
+                          int(kxi.max() - kxi.min() + 1), int(kyi.max() + 1), float(op.box)))
+        op._likelihood_constants = cached
+    return cached
 
 
 def coefficient_rows(op: SliceOperator) -> tuple[np.ndarray, ...]:
@@ -684,7 +902,15 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     n_images = len(batch)
     if batch.padded is None:
         raise ValueError("the batch has no padded transforms: build it with make_batch")
-    union, dir_loc = np.unique(subsets.dir_index, return_inverse=True)
+    counts = np.diff(subsets.dir_offsets)
+    first = subsets.dir_index[:counts[0]] if n_images else subsets.dir_index
+    if n_images > 1 and np.all(counts == counts[0]) and np.array_equal(
+            subsets.dir_index.reshape(n_images, -1), np.broadcast_to(first, (n_images, len(first)))):
+        # Every image evaluates the same directions (no sorting of n_images x n_dir indices).
+        union, first_loc = np.unique(first, return_inverse=True)
+        dir_loc = np.tile(first_loc, n_images)
+    else:
+        union, dir_loc = np.unique(subsets.dir_index, return_inverse=True)
     rotations = np.asarray(grid.direction_rotations)[union]
     order = locality_order(rotations)
     rotations = rotations[order]
@@ -703,27 +929,25 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     best_dir = np.empty(n_images, dtype=np.int64)
     best_inp = np.empty(n_images, dtype=np.int64)
     best_shift = np.empty(n_images, dtype=np.int64)
-    rows = coefficient_rows(op)
-    kxi = op.kx.astype(np.int64)
-    kyi = op.ky.astype(np.int64)
     col_budget = max(1, COLUMN_BYTES // (8 * k_coef))
-    taper = edge_taper(op)
-    weights = (op.weights * taper).astype(np.float32)
-    # Each kernel thread calls BLAS on its own image: BLAS's own threads would only contend
+    taper, constants = _operator_constants(op)
+    common = (s_parts, batch.data, batch.padded, image_padded_size(op.box) / op.box,
+              float(batch.padded.shape[1] // 2), batch.ctf_params, float(batch.freq_scale),
+              constants[0], batch.sigma2, *constants[1:],
+              np.asarray(grid.inplane_matrices, np.float64), np.asarray(grid.shifts, np.float64))
+    poses = (subsets.dir_offsets, dir_loc.astype(np.int64), subsets.dir_logw,
+             subsets.inp_offsets, subsets.inp_index, subsets.inp_logw,
+             subsets.shift_offsets, subsets.shift_index, subsets.shift_logw, subsets.rot_offsets,
+             want_grad)
+    outputs = (nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_h)
+    groups = shared_groups(subsets, dir_loc, n_u, k_coef, n_threads)
+    # Each kernel thread calls BLAS on its own images: BLAS's own threads would only contend
     # with them (measured: the forward pass ran 1.9x slower with 2 BLAS threads per call).
     with _blas_controller().limit(limits=1, user_api="blas"):
-        _batch_kernel(s_parts, batch.data, batch.padded,
-                      image_padded_size(op.box) / op.box, float(batch.padded.shape[1] // 2),
-                      batch.ctf_params, float(batch.freq_scale), weights, batch.sigma2,
-                      op.kx.astype(np.float64), op.ky.astype(np.float64), *rows,
-                      int(kxi.min()), int(kxi.max() - kxi.min() + 1), int(kyi.max() + 1),
-                      float(op.box), np.asarray(grid.inplane_matrices, np.float64),
-                      np.asarray(grid.shifts, np.float64),
-                      subsets.dir_offsets, dir_loc.astype(np.int64), subsets.dir_logw,
-                      subsets.inp_offsets, subsets.inp_index, subsets.inp_logw,
-                      subsets.shift_offsets, subsets.shift_index, subsets.shift_logw,
-                      subsets.rot_offsets, want_grad, col_budget, nll, rot_post, shift_post,
-                      best_dir, best_inp, best_shift, acc_h)
+        if groups is None:
+            _batch_kernel(*common, *poses, col_budget, *outputs)
+        else:
+            _shared_kernel(*common, groups, *poses, *outputs)
     d_index = subsets.dir_index[subsets.dir_offsets[:-1] + best_dir]
     p_index = subsets.inp_index[subsets.inp_offsets[:-1] + best_inp]
     best_rot = d_index * grid.n_inp + p_index

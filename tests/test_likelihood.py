@@ -307,8 +307,9 @@ def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     b_re, b_im, c2, wc2 = (np.empty(op.n_coef, np.float32) for _ in range(4))
     kx, ky = op.kx.astype(np.float64), op.ky.astype(np.float64)
     weights = op.weights
-    _turn_image(padded, 1.0, 20.0, table, 1.0 / (32 * psize), p2, kx, ky, weights, b_re, b_im,
-                c2, wc2)
+    envelope = np.exp(-40.0 * (kx**2 + ky**2) / (32 * psize) ** 2 / 4)  # the B-factor's
+    _turn_image(padded, 1.0, 20.0, table, 1.0 / (32 * psize), p2, kx, ky, weights, envelope,
+                b_re, b_im, c2, wc2)
     turned = np.stack([kx, ky], axis=1) @ p2.T
     expected = evaluate_ctf(turned[:, 0] / (32 * psize), turned[:, 1] / (32 * psize), **params)
     assert np.allclose(b_re / weights, expected, atol=1e-5)
@@ -355,3 +356,37 @@ def test_fast_exp_matches_numpy():
     x[:3] = [0.0, -1e-12, -59.99]
     assert np.max(np.abs(many(x) / np.exp(x) - 1.0)) < 1e-12
     assert np.all(many(np.array([-60.0, -60.5, -1e4, -np.inf])) == 0.0)
+
+
+def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch):
+    """The shared-direction kernel (one GEMM per group of images) against the image-by-image
+    one, with each image's own in-plane angles and shifts, so the groups' column offsets are
+    ragged."""
+    from cryoday import likelihood
+
+    volume, _, op, batch, _, _, _ = problem
+    grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0, shift_sigma_A=30.0)  # 5 shifts
+    rng = np.random.default_rng(8)
+    n = len(batch)
+    inps = [np.sort(rng.choice(grid.n_inp, rng.integers(2, grid.n_inp + 1), replace=False))
+            for _ in range(n)]
+    shifts = [np.sort(rng.choice(grid.n_shift, rng.integers(1, grid.n_shift + 1), replace=False))
+              for _ in range(n)]
+    subsets = PoseSubsets.from_sets(
+        grid.n_inp, [np.arange(grid.n_dir)] * n, [grid.dir_log_weights] * n,
+        inps, [grid.inp_log_weights[x] for x in inps],
+        shifts, [grid.shift_log_weights[x] for x in shifts])
+    calls = []
+    shared = likelihood._shared_kernel
+    monkeypatch.setattr(likelihood, "_shared_kernel", lambda *a: calls.append(1) or shared(*a))
+    grouped = marginal_nll(op, volume, batch, grid, subsets)
+    assert calls, "the images share their directions: the group kernel should have run"
+    monkeypatch.setattr(likelihood, "shared_groups", lambda *a: None)
+    single = marginal_nll(op, volume, batch, grid, subsets)
+    assert np.allclose(grouped.nll, single.nll, rtol=1e-6)
+    assert np.allclose(grouped.rot_post, single.rot_post, atol=1e-6)
+    assert np.allclose(grouped.shift_post, single.shift_post, atol=1e-6)
+    assert np.array_equal(grouped.best_rot, single.best_rot)
+    assert np.array_equal(grouped.best_shift, single.best_shift)
+    assert np.allclose(grouped.grad, single.grad, rtol=1e-4,
+                       atol=1e-5 * np.abs(single.grad).max())
