@@ -924,7 +924,7 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     # float32: each entry sums the few images of one block that sample that direction.
     acc_h = np.zeros((n_threads, n_u, 2 * k_coef) if want_grad else (1, 1, 1), dtype=np.float32)
     nll = np.empty(n_images)
-    rot_post = np.empty(len(subsets.rot_index))
+    rot_post = np.empty(int(subsets.rot_offsets[-1]))
     shift_post = np.empty(len(subsets.shift_index))
     best_dir = np.empty(n_images, dtype=np.int64)
     best_inp = np.empty(n_images, dtype=np.int64)

@@ -18,7 +18,8 @@ from cryoday.projection import SliceOperator, _scatter_trilinear
 
 
 def _insert(op, values, rotations, accumulators):
-    _scatter_trilinear(np.ascontiguousarray(values, dtype=np.complex128), float(op._half_cube),
+    _scatter_trilinear(np.ascontiguousarray(values, dtype=np.complex128),
+                       np.ones(op.n_coef), float(op._half_cube),
                        np.ascontiguousarray(rotations, dtype=np.float64), op._kx64, op._ky64,
                        accumulators)
 
