@@ -49,7 +49,7 @@ import numpy as np
 import scipy.fft as sfft
 from threadpoolctl import ThreadpoolController
 
-from cryoday import jit
+from cryoday import jit, scratch
 from cryoday.ctf import electron_wavelength, evaluate_ctf
 from cryoday.fourier import ft2
 from cryoday.projection import SliceOperator
@@ -325,23 +325,19 @@ def _ctf_constants(p, freq_scale):
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _turn_image(padded, pad, centre, ctf_params, freq_scale, p2, kx, ky, weights, envelope,
+def _turn_image(flat, m, pad, centre, chi_terms, p2, kx, ky, weights, envelope, offset, fxs, fys,
                 b_re, b_im, c2, wc2):
     """One in-plane turn of an image: the factors of its columns at ``P k'``.
 
     ``B = w c conj(d)`` (``b_re``, ``b_im``), ``c^2`` and ``w c^2`` at the turned frequencies,
-    with ``d`` read bilinearly from ``padded`` (zero outside it) and the CTF ``c`` exact;
-    ``envelope`` is the CTF's B-factor term at ``|k'|`` (a turn does not change it). A first
-    loop, free of library calls and gathers, vectorises; a second does the gathers.
+    with ``d`` read bilinearly from the image's padded transform (``m x m``, as interleaved
+    float32 ``flat``; zero outside it) and the CTF ``c`` exact: ``chi_terms`` are
+    :func:`_ctf_constants`' first five, ``envelope`` the B-factor term at ``|k'|`` (a turn does
+    not change it). A first loop, free of library calls and gathers, vectorises; a second does
+    the gathers. ``offset``, ``fxs``, ``fys`` are scratch of the coefficients' length.
     """
-    m = padded.shape[0]
-    n_k = np.uint64(kx.shape[0])
-    flat = padded.ravel().view(np.float32)  # interleaved real and imaginary parts
-    a, bc, bs, cc, phase, _ = _ctf_constants(ctf_params, freq_scale)
-    offset = np.empty(n_k, dtype=np.uint64)
-    fxs = np.empty(n_k, dtype=np.float64)
-    fys = np.empty(n_k, dtype=np.float64)
-    for k in range(n_k):
+    a, bc, bs, cc, phase = chi_terms
+    for k in range(np.uint64(kx.shape[0])):
         x = p2[0, 0] * kx[k] + p2[0, 1] * ky[k]
         y = p2[1, 0] * kx[k] + p2[1, 1] * ky[k]
         s2 = x * x + y * y
@@ -353,7 +349,7 @@ def _turn_image(padded, pad, centre, ctf_params, freq_scale, p2, kx, ky, weights
         y0 = min(max(np.floor(qy), 0.0), m - 2.0)
         fx = qx - x0
         fy = qy - y0
-        inside = 1.0 if (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0) else 0.0
+        inside = np.float64((fx >= 0.0) & (fx <= 1.0) & (fy >= 0.0) & (fy <= 1.0))
         fxs[k] = fx
         fys[k] = fy
         offset[k] = np.uint64(2.0 * (y0 * m + x0))
@@ -361,7 +357,7 @@ def _turn_image(padded, pad, centre, ctf_params, freq_scale, p2, kx, ky, weights
         c2[k] = ctf * ctf
         wc2[k] = weights[k] * ctf * ctf
     row = np.uint64(2 * m)
-    for k in range(n_k):
+    for k in range(np.uint64(kx.shape[0])):
         o = offset[k]
         fx = fxs[k]
         fy = fys[k]
@@ -446,13 +442,19 @@ def _prepare_image(data_i, padded_i, pad, centre, ctf_i, freq_scale, p2_all, inp
     dnorm = 0.0
     for k in range(data_i.shape[0]):
         dnorm += weights[k] * (data_i[k].real ** 2 + data_i[k].imag ** 2)
-    b_factor = _ctf_constants(ctf_i, freq_scale)[5]
-    envelope = np.empty(kx.shape[0])
-    for k in range(kx.shape[0]):
+    a, bc, bs, cc, phase, b_factor = _ctf_constants(ctf_i, freq_scale)
+    n_k = kx.shape[0]
+    envelope = np.empty(n_k)
+    for k in range(n_k):
         envelope[k] = np.exp(b_factor * (kx[k] * kx[k] + ky[k] * ky[k]))
+    offset = np.empty(n_k, dtype=np.uint64)
+    fxs = np.empty(n_k)
+    fys = np.empty(n_k)
+    flat = padded_i.ravel().view(np.float32)  # interleaved real and imaginary parts
     for p in range(inp_idx_i.shape[0]):
-        _turn_image(padded_i, pad, centre, ctf_i, freq_scale, p2_all[inp_idx_i[p]], kx, ky,
-                    weights, envelope, b_re[p], b_im[p], c2[p], wc2[p])
+        _turn_image(flat, padded_i.shape[0], pad, centre, (a, bc, bs, cc, phase),
+                    p2_all[inp_idx_i[p]], kx, ky, weights, envelope, offset, fxs, fys, b_re[p],
+                    b_im[p], c2[p], wc2[p])
     return dnorm
 
 
@@ -730,6 +732,22 @@ def _shared_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, w
                 _accumulate(acc_h[tid, u], s_parts[u], grad_z[a], ctf_term[a], inv_weights)
 
 
+@numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _sum_over_threads(acc, taper, out):
+    """``out[u] = taper * sum_t (acc[t, u, :K] + i acc[t, u, K:])``: the threads' accumulators."""
+    n_k = np.uint64(out.shape[1])
+    for u in numba.prange(acc.shape[1]):
+        re = np.zeros(n_k, dtype=np.float32)
+        im = np.zeros(n_k, dtype=np.float32)
+        for t in range(acc.shape[0]):
+            row = acc[t, u]
+            for k in range(n_k):
+                re[k] += row[k]
+                im[k] += row[n_k + k]
+        for k in range(n_k):
+            out[u, k] = complex(re[k] * taper[k], im[k] * taper[k])
+
+
 def shift_phases(op: SliceOperator, shifts_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``phi_s(k) = exp(2 pi i k.t_s / box)`` at the operator's coefficients, float32 parts."""
     t = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
@@ -922,7 +940,8 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     n_threads = numba.get_num_threads()
     n_u, k_coef = len(union), op.n_coef
     # float32: each entry sums the few images of one block that sample that direction.
-    acc_h = np.zeros((n_threads, n_u, 2 * k_coef) if want_grad else (1, 1, 1), dtype=np.float32)
+    acc_h = scratch.zeroed("likelihood.acc_h", (n_threads, n_u, 2 * k_coef) if want_grad
+                           else (1, 1, 1), np.float32)
     nll = np.empty(n_images)
     rot_post = np.empty(int(subsets.rot_offsets[-1]))
     shift_post = np.empty(len(subsets.shift_index))
@@ -959,8 +978,8 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
         # to conj(H) / w = sum_i (c^2 Gamma S - c d conj(g)) / s2.
         # The likelihood's weights are the operator's times the edge taper, which the adjoint
         # (carrying the operator's weights) still needs applied.
-        h = acc_h.sum(axis=0)
-        h = (h[:, :k_coef] + 1j * h[:, k_coef:]) * taper
+        h = np.empty((n_u, k_coef), dtype=np.complex64)
+        _sum_over_threads(acc_h, taper, h)
         grad = op.adjoint(h, rotations)
     return LikelihoodResult(nll, grad, rot_post, shift_post, best_rot, best_shift,
                             subsets.n_points)

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import scipy.fft as sfft
 
-from cryoday import jit
+from cryoday import jit, scratch
 from cryoday.fourier import ft3, ift3
 
 
@@ -147,6 +147,25 @@ def _scatter_trilinear(values, factor, centre, rotations, kx, ky, accumulators):
                 acc[b + sz + sy + 1] += fz * fy * fx * v
 
 
+@numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _hermitian_half(accumulators, h, half):
+    """``half[k] = (X(k) + conj X(-k)) / 2`` for ``kx >= 0``, ``X`` the threads' cubes summed.
+
+    ``accumulators`` ``(T, 2h+1, 2h+1, 2h+1)`` are centred at ``h``; ``half`` ``(m, m, m//2+1)``
+    is in the FFT's order (index ``k mod m``) and must be zero elsewhere; ``h < m / 2``.
+    """
+    m = half.shape[0]
+    n_threads = accumulators.shape[0]
+    for kz in numba.prange(-h, h + 1):
+        for ky in range(-h, h + 1):
+            for kx in range(h + 1):
+                value = 0j
+                for t in range(n_threads):
+                    value += (accumulators[t, h + kz, h + ky, h + kx]
+                              + np.conj(accumulators[t, h - kz, h - ky, h - kx]))
+                half[kz % m, ky % m, kx] = 0.5 * value
+
+
 class SliceOperator:
     """Central slices of a ``box^3`` volume's transform at the coefficients ``|k| < radius``.
 
@@ -265,26 +284,27 @@ class SliceOperator:
         size = self._cube_size
         # Single precision: the gradient it serves is float32, and half the memory to zero,
         # fill and sum (tested against the forward pass to 1e-5).
-        accumulators = np.zeros((n_threads, size, size, size), dtype=np.complex64)
+        accumulators = scratch.zeroed("projection.adjoint", (n_threads, size, size, size),
+                                      np.complex64)
         _scatter_trilinear(values, self.weights.astype(np.float64) * self._scale,
                            float(self._half_cube), rotations, self._kx64, self._ky64,
                            accumulators)
-        cube = accumulators.sum(axis=0)
         n, m = self.box, 2 * self.box
-        spectrum = np.zeros((m, m, m), dtype=np.complex64)
-        spec, sub = self._window()
+        lo = m // 2 - n // 2
         # The adjoint of the unitary forward transform is the unitary inverse; the real part is
         # the adjoint of embedding a real volume in complex space.
         if self._half_cube < self.box:
             # The real part of the inverse transform is the inverse transform of the Hermitian
-            # part (X(k) + conj X(-k)) / 2: a real-output FFT, half the work. The sub-cube is
-            # centred and lies inside the spectrum, so -k is its mirror image.
-            cube = 0.5 * (cube + np.conj(cube[::-1, ::-1, ::-1]))
-            spectrum[spec, spec, spec] = cube[sub, sub, sub]
-            half = sfft.ifftshift(spectrum)[:, :, :m // 2 + 1]
-            padded = sfft.fftshift(sfft.irfftn(half, s=(m, m, m), norm="ortho", workers=-1))
+            # part (X(k) + conj X(-k)) / 2: a real-output FFT of half the spectrum, which the
+            # threads' cubes are summed straight into, in the FFT's (unshifted) order.
+            half = scratch.zeroed("projection.adjoint_half", (m, m, m // 2 + 1), np.complex64)
+            _hermitian_half(accumulators, self._half_cube, half)
+            unshifted = sfft.irfftn(half, s=(m, m, m), norm="ortho", workers=-1)
+            keep = (lo + np.arange(n) + m // 2) % m  # the centred box, read through the shift
+            padded = unshifted[np.ix_(keep, keep, keep)]
         else:  # the sub-cube overhangs the spectrum near Nyquist: no mirror inside it
-            spectrum[spec, spec, spec] = cube[sub, sub, sub]
-            padded = ift3(spectrum)
-        lo = m // 2 - n // 2
-        return self._corrected(padded[lo:lo + n, lo:lo + n, lo:lo + n]).astype(np.float32)
+            spectrum = np.zeros((m, m, m), dtype=np.complex64)
+            spec, sub = self._window()
+            spectrum[spec, spec, spec] = accumulators.sum(axis=0)[sub, sub, sub]
+            padded = ift3(spectrum)[lo:lo + n, lo:lo + n, lo:lo + n]
+        return self._corrected(padded).astype(np.float32)

@@ -293,7 +293,7 @@ def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     """The kernel's CTF at turned frequencies equals evaluate_ctf there (astigmatism, B-factor,
     phase shift), so turning an image turns its CTF exactly."""
     from cryoday.ctf import evaluate_ctf
-    from cryoday.likelihood import _turn_image, ctf_parameter_table
+    from cryoday.likelihood import _prepare_image, ctf_parameter_table
     from cryoday.quadrature import inplane_matrices
 
     op = SliceOperator(32, 12.0)
@@ -301,15 +301,17 @@ def test_turned_ctf_matches_relion_ctf_with_astigmatism():
               "cs": 2.0, "amplitude_contrast": 0.07, "bfactor": 40.0, "phase_shift": 20.0}
     table = ctf_parameter_table(params, 1)[0]
     psize = 2.5
-    p2 = inplane_matrices(np.array([0.7]))[0]
+    p2 = inplane_matrices(np.array([0.7]))
     # A constant "image transform" of 1 + 0i, so that B = w c conj(d) is w c.
     padded = np.ones((40, 40), np.complex64)
-    b_re, b_im, c2, wc2 = (np.empty(op.n_coef, np.float32) for _ in range(4))
+    b_re, b_im, c2, wc2 = (np.empty((1, op.n_coef), np.float32) for _ in range(4))
     kx, ky = op.kx.astype(np.float64), op.ky.astype(np.float64)
     weights = op.weights
-    envelope = np.exp(-40.0 * (kx**2 + ky**2) / (32 * psize) ** 2 / 4)  # the B-factor's
-    _turn_image(padded, 1.0, 20.0, table, 1.0 / (32 * psize), p2, kx, ky, weights, envelope,
-                b_re, b_im, c2, wc2)
+    data = np.ones(op.n_coef, np.complex64)
+    dnorm = _prepare_image(data, padded, 1.0, 20.0, table, 1.0 / (32 * psize), p2,
+                           np.zeros(1, np.int64), kx, ky, weights, b_re, b_im, c2, wc2)
+    assert dnorm == pytest.approx(weights.sum())
+    b_re, b_im, c2, wc2, p2 = b_re[0], b_im[0], c2[0], wc2[0], p2[0]
     turned = np.stack([kx, ky], axis=1) @ p2.T
     expected = evaluate_ctf(turned[:, 0] / (32 * psize), turned[:, 1] / (32 * psize), **params)
     assert np.allclose(b_re / weights, expected, atol=1e-5)
