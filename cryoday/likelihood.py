@@ -524,26 +524,28 @@ def _posteriors(logits, row_max, n_p, n_s, scale, gamma, gamma_col0, gamma_dp, g
     best_a = np.argmax(row_max)
     best = row_max[best_a]
     best_c = np.argmax(logits[best_a])
+    # The unnormalised posteriors go straight into gamma, in float32 (every one left is at
+    # least e^-60 of the best, a normal float32), and are normalised there in a second pass.
     total = 0.0
+    g0 = np.uint64(gamma_col0)
     for a in range(logits.shape[0]):
         row_a = logits[a]
+        gamma_a = gamma[a]
         for col in range(np.uint64(logits.shape[1])):
             e = _exp_nonpositive(row_a[col] - best)
-            row_a[col] = e
+            gamma_a[g0 + col] = e
             total += e
     shift_post_i[:] = 0.0
     inv_total = 1.0 / total
-    g0 = np.uint64(gamma_col0)
     if n_s == 1:
         # One shift: a flat loop over in-plane angles, so it vectorises.
         q0 = np.uint64(gamma_dp_col0)
         for a in range(logits.shape[0]):
-            row_a = logits[a]
             gamma_a = gamma[a]
             gamma_dp_a = gamma_dp[a]
             rot_a = rot_post_i[a * n_p:(a + 1) * n_p]
             for p in range(np.uint64(n_p)):
-                g = row_a[p] * inv_total
+                g = gamma_a[g0 + p] * inv_total
                 gs = g * scale
                 gs = gs if (g > 1e-30 and gs > 1e-30) else 0.0
                 gamma_a[g0 + p] = gs
@@ -552,13 +554,12 @@ def _posteriors(logits, row_max, n_p, n_s, scale, gamma, gamma_col0, gamma_dp, g
         shift_post_i[0] = 1.0
         return -(best + np.log(total)), best_a, best_c
     for a in range(logits.shape[0]):
-        row_a = logits[a]
         gamma_a = gamma[a]
         for p in range(n_p):
             lo = np.uint64(p * n_s)
             row = 0.0
             for j in range(np.uint64(n_s)):
-                g = row_a[lo + j] * inv_total
+                g = gamma_a[g0 + lo + j] * inv_total
                 gs = g * scale
                 # Posteriors below 1e-30 are flushed to zero: as float32 they would be
                 # subnormal, and GEMMs on subnormals run ~50x slower (measured).
@@ -796,19 +797,29 @@ def locality_order(rotations: np.ndarray, band: float = 0.1) -> np.ndarray:
     return np.lexsort((np.where(index % 2 == 1, -rot, rot), index))
 
 
-def shared_groups(subsets: PoseSubsets, dir_loc: np.ndarray, n_union: int, n_coef: int,
+def common_directions(subsets: PoseSubsets) -> np.ndarray | None:
+    """The directions every image evaluates, in order, if they all evaluate the same ones."""
+    n = subsets.n_images
+    counts = np.diff(subsets.dir_offsets)
+    if n < 2 or np.any(counts != counts[0]):
+        return None
+    first = subsets.dir_index[:counts[0]]
+    if not np.array_equal(subsets.dir_index.reshape(n, -1), np.broadcast_to(first, (n, len(first)))):
+        return None
+    return first
+
+
+def shared_groups(subsets: PoseSubsets, shared: bool, n_union: int, n_coef: int,
                   n_threads: int) -> np.ndarray | None:
     """Bounds of groups of images for :func:`_shared_kernel`, or None to go image by image.
 
-    Groups are used when every image evaluates the same directions (a stage without importance
-    sampling, or an empty map's null likelihood), in equal groups of at most ``GROUP_BYTES`` of
-    columns, cross terms and posteriors, and at least two groups per thread to balance them.
+    Groups are used when every image evaluates the same directions (``shared``: a stage without
+    importance sampling, or an empty map's null likelihood), in equal groups of at most
+    ``GROUP_BYTES`` of columns, cross terms and posteriors, and at least two groups per thread
+    to balance them.
     """
     n = subsets.n_images
-    if n < 2 or np.any(np.diff(subsets.dir_offsets) != n_union):
-        return None
-    loc = np.asarray(dir_loc).reshape(n, n_union)
-    if not np.all(loc == loc[0]):
+    if not shared or n < 2:
         return None
     cols = int((np.diff(subsets.inp_offsets) * np.diff(subsets.shift_offsets)).max())
     per_image = cols * (2 * n_coef + 2 * n_union) * 4
@@ -869,6 +880,9 @@ def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
     # Memory follows the block's *distinct* directions (slices and accumulators are per distinct
     # direction, shared by the images that sample it): images sharing a grid, as on an
     # exhaustive stage, go in one block and are sliced once.
+    shared_dirs = common_directions(subsets)
+    if shared_dirs is not None and len(np.unique(shared_dirs)) <= MAX_DIRECTIONS_PER_BLOCK:
+        return _marginal_nll_block(op, volume, batch, grid, subsets, want_grad, cube)
     seen = np.zeros(grid.n_dir, dtype=bool)
     bounds = [0]
     distinct = 0
@@ -922,12 +936,10 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
     n_images = len(batch)
     if batch.padded is None:
         raise ValueError("the batch has no padded transforms: build it with make_batch")
-    counts = np.diff(subsets.dir_offsets)
-    first = subsets.dir_index[:counts[0]] if n_images else subsets.dir_index
-    if n_images > 1 and np.all(counts == counts[0]) and np.array_equal(
-            subsets.dir_index.reshape(n_images, -1), np.broadcast_to(first, (n_images, len(first)))):
+    shared_dirs = common_directions(subsets)
+    if shared_dirs is not None:
         # Every image evaluates the same directions (no sorting of n_images x n_dir indices).
-        union, first_loc = np.unique(first, return_inverse=True)
+        union, first_loc = np.unique(shared_dirs, return_inverse=True)
         dir_loc = np.tile(first_loc, n_images)
     else:
         union, dir_loc = np.unique(subsets.dir_index, return_inverse=True)
@@ -961,7 +973,7 @@ def _marginal_nll_block(op: SliceOperator, volume: np.ndarray, batch: ImageBatch
              subsets.shift_offsets, subsets.shift_index, subsets.shift_logw, subsets.rot_offsets,
              want_grad)
     outputs = (nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_h)
-    groups = shared_groups(subsets, dir_loc, n_u, k_coef, n_threads)
+    groups = shared_groups(subsets, shared_dirs is not None, n_u, k_coef, n_threads)
     # Each kernel thread calls BLAS on its own images: BLAS's own threads would only contend
     # with them (measured: the forward pass ran 1.9x slower with 2 BLAS threads per call).
     with _blas_controller().limit(limits=1, user_api="blas"):
