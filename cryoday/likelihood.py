@@ -26,7 +26,7 @@ exact for it.
 The hot work per image is dense matrix products, which run near the machine's arithmetic peak:
 
 * the cross term over all directions x (in-plane angles, shifts) is one real GEMM,
-  ``[Re S, -Im S] (n_d x 2K) @ [Re Z; Im Z] (2K x n_p n_s)``, ``Z = w c_p conj(d_p) phi_ps``;
+  ``[Re S, Im S] (n_d x 2K) @ [Re Z; -Im Z] (2K x n_p n_s)``, ``Z = w c_p conj(d_p) phi_ps``;
 * ``sum_k w c_p^2 |S_d|^2`` does not depend on the shift: ``|S|^2 (n_d x K) @ (K x n_p)``;
 * the gradient's data term ``sum_{p,s} gamma_dps conj(Z_ps)`` is the transposed GEMM, and its
   CTF term ``sum_p Gamma_dp c_p^2`` a third one.
@@ -34,7 +34,14 @@ The hot work per image is dense matrix products, which run near the machine's ar
 Images are processed in parallel (``prange``), each thread calling single-threaded BLAS and
 accumulating its share of the gradient per direction in its own buffer; nothing of size
 (images x poses x coefficients) is ever formed, and each image's (in-plane x shift) columns are
-built in chunks of bounded size.
+built in chunks of bounded size. Images that evaluate the same directions (stages without
+importance sampling) are taken in small groups whose columns share one GEMM
+(:func:`_shared_kernel`).
+
+The loops around the GEMMs are written to vectorise: unsigned indices (Numba wraps signed ones
+around, which keeps LLVM from vectorising), no library calls (a polynomial sine for the CTF, a
+polynomial exp for the posteriors: PyPI's llvmlite has no vector maths library), and gathers
+split from the arithmetic that forms their offsets.
 """
 
 from __future__ import annotations
