@@ -204,8 +204,6 @@ class SliceOperator:
         # may overhang the padded spectrum near Nyquist: that part is zero, see _window).
         self._half_cube = int(np.ceil(2 * radius)) + 2
         self._cube_size = 2 * self._half_cube + 1
-        # Images turned in-plane are read from their 2x padded transforms within the same reach.
-        self.image_half_width = self._half_cube
         m = 2 * self.box
         x = (np.arange(self.box) - self.box // 2) / m
         self._gridding = (np.sinc(x) ** 2).astype(np.float64)

@@ -39,8 +39,3 @@ def zeroed(key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     out = buffer[:size]
     _fill_zero(out.view(np.uint8))
     return out.reshape(shape)
-
-
-def release() -> None:
-    """Drop every kept buffer (their memory returns to the system once unreferenced)."""
-    _BUFFERS.clear()
