@@ -24,15 +24,28 @@ from cryoday import jit, scratch
 from cryoday.fourier import ft3, ift3
 
 
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH, inline="always")
+def _trilinear_weights(fx, fy, fz):
+    """The eight corner weights at fractions ``(fx, fy, fz)``, ``w_zyx`` in the order
+    000, 001, 010, 011, 100, 101, 110, 111 (x fastest): one definition for the slice and its
+    adjoint, which must agree exactly."""
+    gx = 1 - fx
+    gy = 1 - fy
+    gz = 1 - fz
+    return (gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx,
+            fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx)
+
+
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
 def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
     """Trilinear slices of a cube at ``2 A_r^T (kx, ky, 0) + centre``, times ``scale``.
 
     ``flat`` is the ``(m, m, m)`` complex64 cube viewed as interleaved float32; row ``r`` of
     ``out`` ``(n_rot, 2 n_coef)`` gets the real parts, then the imaginary parts. Every point must
-    lie inside the cube (the operator sizes it so). Per slice, a first loop forms the corner offsets and fractions (it vectorises); the
-    second does the gathers, with no bounds checks or index arithmetic left in it: measured 1.6x
-    faster than one loop doing both on complex values.
+    lie inside the cube (the operator sizes it so). Per slice, a first loop forms the corner
+    offsets and fractions (it vectorises); the second does the gathers, with no bounds checks or
+    index arithmetic left in it (with the complex64 cube: 0.112 -> 0.076 s for 3,516 slices of
+    2,013 coefficients, against one loop doing both on a complex128 cube).
     """
     n_coef = kx.shape[0]
     sy = 2 * m
@@ -63,20 +76,8 @@ def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
             base[k] = z0 * sz + y0 * sy + 2 * x0
         for k in range(n_coef):
             b = np.uint64(base[k])
-            fx = fxs[k]
-            fy = fys[k]
-            fz = fzs[k]
-            gx = 1 - fx
-            gy = 1 - fy
-            gz = 1 - fz
-            w000 = gz * gy * gx
-            w001 = gz * gy * fx
-            w010 = gz * fy * gx
-            w011 = gz * fy * fx
-            w100 = fz * gy * gx
-            w101 = fz * gy * fx
-            w110 = fz * fy * gx
-            w111 = fz * fy * fx
+            w000, w001, w010, w011, w100, w101, w110, w111 = _trilinear_weights(
+                fxs[k], fys[k], fzs[k])
             re = (w000 * flat[b] + w001 * flat[b + 2] + w010 * flat[b + sy]
                   + w011 * flat[b + sy + 2] + w100 * flat[b + sz] + w101 * flat[b + sz + 2]
                   + w110 * flat[b + sz + sy] + w111 * flat[b + sz + sy + 2]) * scale
@@ -95,8 +96,8 @@ def _scatter_trilinear(values, factor, centre, rotations, kx, ky, accumulators):
     Each thread owns one accumulator cube (summed afterwards), which avoids races without
     atomics; the cubes only span the reachable sub-cube, so this costs a few MB per thread.
     ``values`` is complex ``(n_rot, n_coef)``, ``factor`` real ``(n_coef,)``, ``accumulators``
-    complex ``(T, m, m, m)``. As in the forward pass, the corner offsets and fractions are formed in a
-    vectorised loop first; points outside the cube are dropped.
+    complex ``(T, m, m, m)``. As in the forward pass, the corner offsets and fractions are formed
+    in a vectorised loop first; points outside the cube are dropped.
     """
     m = accumulators.shape[1]
     n_threads = accumulators.shape[0]
@@ -131,20 +132,16 @@ def _scatter_trilinear(values, factor, centre, rotations, kx, ky, accumulators):
                     continue
                 b = np.uint64(base[k])
                 v = values[r, k] * factor[k]
-                fx = fxs[k]
-                fy = fys[k]
-                fz = fzs[k]
-                gx = 1 - fx
-                gy = 1 - fy
-                gz = 1 - fz
-                acc[b] += gz * gy * gx * v
-                acc[b + 1] += gz * gy * fx * v
-                acc[b + sy] += gz * fy * gx * v
-                acc[b + sy + 1] += gz * fy * fx * v
-                acc[b + sz] += fz * gy * gx * v
-                acc[b + sz + 1] += fz * gy * fx * v
-                acc[b + sz + sy] += fz * fy * gx * v
-                acc[b + sz + sy + 1] += fz * fy * fx * v
+                w000, w001, w010, w011, w100, w101, w110, w111 = _trilinear_weights(
+                    fxs[k], fys[k], fzs[k])
+                acc[b] += w000 * v
+                acc[b + 1] += w001 * v
+                acc[b + sy] += w010 * v
+                acc[b + sy + 1] += w011 * v
+                acc[b + sz] += w100 * v
+                acc[b + sz + 1] += w101 * v
+                acc[b + sz + sy] += w110 * v
+                acc[b + sz + sy + 1] += w111 * v
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
