@@ -59,6 +59,14 @@ from threadpoolctl import ThreadpoolController
 from cryoday import jit, scratch
 from cryoday.ctf import electron_wavelength, evaluate_ctf
 from cryoday.fourier import ft2
+from cryoday.posteriors import (
+    column_logits,
+    exp_columns,
+    image_maximum,
+    image_posteriors,
+    scale_columns,
+    sum_over_shifts,
+)
 from cryoday.projection import SliceOperator
 
 # Zero padding of the images before their transform is turned by bilinear interpolation. Content
@@ -292,28 +300,6 @@ def _sin(x):
     return poly * (1.0 - 2.0 * (np.int64(n) & 1))
 
 
-@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH, inline="always")
-def _exp_nonpositive(x):
-    """exp(x) for float64 ``x <= 0``, exactly 0 below -60, without a library call.
-
-    A term below e^-60 of the largest cannot change a float64 sum of posteriors. ``x = n ln2 + r``
-    with ``|r| <= ln2 / 2``: the Taylor polynomial of e^r to r^10 (relative error below 1e-12,
-    tested against numpy.exp), times ``2^n`` built from the bits of ``-n <= 87`` with selects.
-    """
-    y = max(x, -60.0)
-    n = np.rint(y * 1.4426950408889634)
-    r = y - n * 0.6931471805599453
-    poly = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (
-        1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0 + r * (1.0 / 362880.0 + r * (
-            1.0 / 3628800.0))))))))))
-    m = np.int64(-n)
-    scale = ((0.5 if m & 1 else 1.0) * (0.25 if m & 2 else 1.0) * (0.0625 if m & 4 else 1.0)
-             * (0.00390625 if m & 8 else 1.0) * (1.52587890625e-05 if m & 16 else 1.0)
-             * (2.3283064365386963e-10 if m & 32 else 1.0)
-             * (5.421010862427522e-20 if m & 64 else 1.0))
-    return poly * scale if x > -60.0 else 0.0
-
-
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
 def _ctf_constants(p, freq_scale):
     """Per image, RELION's CTF as ``sin(chi) * envelope`` with ``chi`` a polynomial in (x, y).
@@ -477,105 +463,6 @@ def _gather_slices(s_parts, loc, sub, sub_abs2):
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _add_logits(logits, row_max, cross, cross_col0, norm, norm_col0, c0, c1, n_s, dir_lw,
-                inp_lw, sh_lw, dnorm, inv):
-    """Log posteriors (unnormalised) of in-plane angles ``c0:c1`` x every shift, per direction.
-
-    ``cross`` column ``cross_col0 + (p - c0) n_s + j`` and ``norm`` column ``norm_col0 + p``
-    hold this image's terms; ``row_max`` keeps each direction's largest log posterior.
-    """
-    if n_s == 1:
-        # One shift (the first stages): a flat loop over in-plane angles, so it vectorises.
-        pa, pb = np.uint64(c0), np.uint64(c1)
-        n0, x0 = np.uint64(norm_col0), np.uint64(cross_col0)
-        for a in range(logits.shape[0]):
-            base = dir_lw[a] + sh_lw[0] - dnorm * inv
-            out = logits[a]
-            cross_a = cross[a]
-            norm_a = norm[a]
-            top = row_max[a]
-            for p in range(pa, pb):
-                v = (base + inp_lw[p] - norm_a[n0 + p] * inv
-                     + 2.0 * cross_a[x0 + (p - pa)] * inv)
-                out[p] = v
-                top = max(top, v)
-            row_max[a] = top
-        return
-    for a in range(logits.shape[0]):
-        lw = dir_lw[a]
-        out = logits[a]
-        cross_a = cross[a]
-        top = row_max[a]
-        for p in range(c0, c1):
-            base = lw + inp_lw[p] - (dnorm + norm[a, norm_col0 + p]) * inv
-            lo = np.uint64(p * n_s)
-            lo_cross = np.uint64(cross_col0 + (p - c0) * n_s)
-            for j in range(np.uint64(n_s)):
-                v = base + sh_lw[j] + 2.0 * cross_a[lo_cross + j] * inv
-                out[lo + j] = v
-                top = max(top, v)
-        row_max[a] = top
-
-
-@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _posteriors(logits, row_max, n_p, n_s, scale, gamma, gamma_col0, gamma_dp, gamma_dp_col0,
-                rot_post_i, shift_post_i):
-    """Normalise one image's log posteriors; returns ``(nll, best direction, best column)``.
-
-    Writes the posteriors times ``scale`` to ``gamma`` (from column ``gamma_col0``) and their
-    sums over shifts to ``gamma_dp``, and the marginals over rotations and over shifts.
-    """
-    best_a = np.argmax(row_max)
-    best = row_max[best_a]
-    best_c = np.argmax(logits[best_a])
-    # The unnormalised posteriors go straight into gamma, in float32 (every one left is at
-    # least e^-60 of the best, a normal float32), and are normalised there in a second pass.
-    total = 0.0
-    g0 = np.uint64(gamma_col0)
-    for a in range(logits.shape[0]):
-        row_a = logits[a]
-        gamma_a = gamma[a]
-        for col in range(np.uint64(logits.shape[1])):
-            e = _exp_nonpositive(row_a[col] - best)
-            gamma_a[g0 + col] = e
-            total += e
-    shift_post_i[:] = 0.0
-    inv_total = 1.0 / total
-    if n_s == 1:
-        # One shift: a flat loop over in-plane angles, so it vectorises.
-        q0 = np.uint64(gamma_dp_col0)
-        for a in range(logits.shape[0]):
-            gamma_a = gamma[a]
-            gamma_dp_a = gamma_dp[a]
-            rot_a = rot_post_i[a * n_p:(a + 1) * n_p]
-            for p in range(np.uint64(n_p)):
-                g = gamma_a[g0 + p] * inv_total
-                gs = g * scale
-                gs = gs if (g > 1e-30 and gs > 1e-30) else 0.0
-                gamma_a[g0 + p] = gs
-                gamma_dp_a[q0 + p] = gs
-                rot_a[p] = g
-        shift_post_i[0] = 1.0
-        return -(best + np.log(total)), best_a, best_c
-    for a in range(logits.shape[0]):
-        gamma_a = gamma[a]
-        for p in range(n_p):
-            lo = np.uint64(p * n_s)
-            row = 0.0
-            for j in range(np.uint64(n_s)):
-                g = gamma_a[g0 + lo + j] * inv_total
-                gs = g * scale
-                # Posteriors below 1e-30 are flushed to zero: as float32 they would be
-                # subnormal, and GEMMs on subnormals run ~50x slower (measured).
-                gamma_a[g0 + lo + j] = gs if (g > 1e-30 and gs > 1e-30) else 0.0
-                row += g
-                shift_post_i[j] += g
-            rot_post_i[a * n_p + p] = row
-            gamma_dp[a, gamma_dp_col0 + p] = row * scale
-    return -(best + np.log(total)), best_a, best_c
-
-
-@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
 def _accumulate(h, s_u, grad_z_a, ctf_term_a, inv_weights):
     """``h += ctf_term S - conj(sum gamma Z) / w``, in ``[Re, Im]`` parts.
 
@@ -585,6 +472,86 @@ def _accumulate(h, s_u, grad_z_a, ctf_term_a, inv_weights):
     for k in range(n_k):
         h[k] += ctf_term_a[k] * s_u[k] - inv_weights[k] * grad_z_a[k]
         h[n_k + k] += ctf_term_a[k] * s_u[n_k + k] - inv_weights[k] * grad_z_a[n_k + k]
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _columns(i0, n_img, inp_off, inp_logw, sh_off, sh_logw, sigma2):
+    """The layout of images ``i0:i0 + n_img``'s columns side by side, and their parameters.
+
+    Image ``u``'s in-plane angles are ``p_start[u]:p_start[u + 1]`` of the group's, its columns
+    ``c_start[u]:c_start[u + 1]``, in-plane angle major and shift minor. Per column: its log
+    prior weight (in-plane angle and shift), ``1 / (2 s2)`` and its in-plane angle's column in
+    the norm matrix; per in-plane angle, its number of shifts (``run``). ``contiguous``: one
+    shift per in-plane angle everywhere.
+    """
+    p_start = np.zeros(n_img + 1, dtype=np.int64)
+    c_start = np.zeros(n_img + 1, dtype=np.int64)
+    for u in range(n_img):
+        i = i0 + u
+        n_p = inp_off[i + 1] - inp_off[i]
+        p_start[u + 1] = p_start[u] + n_p
+        c_start[u + 1] = c_start[u] + n_p * (sh_off[i + 1] - sh_off[i])
+    col_lw = np.empty(c_start[n_img], dtype=np.float32)
+    col_inv = np.empty(c_start[n_img], dtype=np.float32)
+    norm_col = np.empty(c_start[n_img], dtype=np.uint64)
+    run = np.empty(p_start[n_img], dtype=np.int64)
+    contiguous = True
+    for u in range(n_img):
+        i = i0 + u
+        n_s = sh_off[i + 1] - sh_off[i]
+        contiguous = contiguous and n_s == 1
+        inv = 1.0 / (2.0 * sigma2[i])
+        for p in range(p_start[u + 1] - p_start[u]):
+            q = p_start[u] + p
+            run[q] = n_s
+            for j in range(n_s):
+                c = c_start[u] + p * n_s + j
+                col_lw[c] = inp_logw[inp_off[i] + p] + sh_logw[sh_off[i] + j]
+                col_inv[c] = inv
+                norm_col[c] = q
+    return p_start, c_start, (col_lw, col_inv, norm_col, contiguous), run
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _posteriors(gamma, norm, columns, dir_lw, i0, p_start, c_start, dnorms, sigma2, sh_off,
+                rot_off, want_grad, nll, rot_post, shift_post, best_dir, best_inp, best_shift):
+    """From the cross terms in ``gamma`` (``(n_d, C)``, images ``i0:`` side by side, laid out by
+    :func:`_columns`) to each image's nll, marginals and best pose; with ``want_grad``, ``gamma``
+    is left holding the posteriors times ``1 / s2``, the weights of the gradient's GEMMs."""
+    n_c = gamma.shape[1]
+    col_lw, col_inv, norm_col, contiguous = columns
+    col_max = np.empty(n_c, dtype=np.float32)
+    col_ref = np.empty(n_c, dtype=np.float32)
+    col_sum = np.empty(n_c)
+    column_logits(gamma, norm, norm_col, contiguous, col_lw, col_inv, dir_lw, col_max)
+    n_img = c_start.shape[0] - 1
+    for u in range(n_img):
+        image_maximum(col_max, c_start[u], c_start[u + 1], col_ref)
+    exp_columns(gamma, col_ref, col_sum)
+    col_factor = np.empty(n_c, dtype=np.float32)
+    for u in range(n_img):
+        i = i0 + u
+        n_s = sh_off[i + 1] - sh_off[i]
+        total, best_dir[i], best_c = image_posteriors(
+            gamma, c_start[u], p_start[u + 1] - p_start[u], n_s, col_max, col_sum,
+            rot_post[rot_off[i]:rot_off[i + 1]], shift_post[sh_off[i]:sh_off[i + 1]])
+        nll[i] = -(np.float64(col_ref[c_start[u]]) + np.log(total)
+                   - dnorms[u] / (2.0 * sigma2[i]))
+        best_inp[i] = best_c // n_s
+        best_shift[i] = best_c % n_s
+        col_factor[c_start[u]:c_start[u + 1]] = 1.0 / (sigma2[i] * total)
+    if want_grad:
+        scale_columns(gamma, col_factor)
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _gradient_terms(gamma, contiguous, run, zt, c2):
+    """The gradient's two GEMMs: ``sum gamma Z`` over the columns, ``sum_p Gamma_dp c_p^2``."""
+    if contiguous:  # one shift per in-plane angle: Gamma_dp is gamma
+        return np.dot(gamma, zt), np.dot(gamma, c2)
+    gamma_dp = np.empty((gamma.shape[0], run.shape[0]), dtype=np.float32)
+    sum_over_shifts(gamma, run, gamma_dp)
+    return np.dot(gamma, zt), np.dot(gamma_dp, c2)
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
@@ -612,41 +579,41 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
         n_p = p1 - p0
         n_s = s1 - s0
         n_cols = n_p * n_s
+        p_start, c_start, columns, run = _columns(i, 1, inp_off, inp_logw, sh_off, sh_logw,
+                                                  sigma2)
         b_re = np.empty((n_p, k_coef), dtype=np.float32)
         b_im = np.empty((n_p, k_coef), dtype=np.float32)
         c2 = np.empty((n_p, k_coef), dtype=np.float32)
         wc2 = np.empty((n_p, k_coef), dtype=np.float32)
-        dnorm = _prepare_image(data[i], padded[i], pad, centre, ctf_params[i], freq_scale,
-                               p2_all, inp_idx[p0:p1], kx, ky, weights, b_re, b_im, c2, wc2)
+        dnorms = np.empty(1)
+        dnorms[0] = _prepare_image(data[i], padded[i], pad, centre, ctf_params[i], freq_scale,
+                                   p2_all, inp_idx[p0:p1], kx, ky, weights, b_re, b_im, c2,
+                                   wc2)
         sub = np.empty((n_d, 2 * k_coef), dtype=np.float32)
         sub_abs2 = np.empty((n_d, k_coef), dtype=np.float32)
         _gather_slices(s_parts, dir_loc[d0:d1], sub, sub_abs2)
         norm = np.dot(sub_abs2, wc2.T)  # (n_d, n_p)
         p_chunk = max(1, min(n_p, col_budget // max(1, n_s)))
-        logits = np.empty((n_d, n_cols), dtype=np.float64)
-        row_max = np.full(n_d, -np.inf)
-        inv = 1.0 / (2.0 * sigma2[i])
         # With a single chunk (the usual case) its columns are kept for the gradient pass.
         single = p_chunk >= n_p
         zt_kept = np.empty((n_cols if single else 0, 2 * k_coef), dtype=np.float32)
+        gamma = np.empty((n_d, n_cols), dtype=np.float32)
         for c0 in range(0, n_p, p_chunk):
             c1 = min(n_p, c0 + p_chunk)
             zt = zt_kept if single else np.empty(((c1 - c0) * n_s, 2 * k_coef),
                                                  dtype=np.float32)
             _fill_columns(zt, c0, c1, n_s, b_re, b_im, inp_idx[p0:p1], p2_all, sh_idx[s0:s1],
                           shifts, row_start, row_len, row_kx0, row_ky, kx_min, n_kx, n_ky, box)
-            _add_logits(logits, row_max, np.dot(sub, zt.T), 0, norm, 0, c0, c1, n_s,
-                        dir_logw[d0:d1], inp_logw[p0:p1], sh_logw[s0:s1], dnorm, inv)
-        gamma = np.empty((n_d, n_cols), dtype=np.float32)
-        gamma_dp = np.empty((n_d, n_p), dtype=np.float32)
-        nll[i], best_dir[i], best_c = _posteriors(
-            logits, row_max, n_p, n_s, 1.0 / sigma2[i], gamma, 0, gamma_dp, 0,
-            rot_post[rot_off[i]:rot_off[i + 1]], shift_post[s0:s1])
-        best_inp[i] = best_c // n_s
-        best_shift[i] = best_c % n_s
+            if single:
+                np.dot(sub, zt.T, gamma)
+            else:
+                gamma[:, c0 * n_s:c1 * n_s] = np.dot(sub, zt.T)
+        _posteriors(gamma, norm, columns, dir_logw[d0:d1], i, p_start, c_start, dnorms, sigma2,
+                    sh_off, rot_off, want_grad, nll, rot_post, shift_post, best_dir, best_inp,
+                    best_shift)
         if want_grad:
             if single:
-                grad_z = np.dot(gamma, zt_kept)
+                grad_z, ctf_term = _gradient_terms(gamma, columns[3], run, zt_kept, c2)
             else:
                 grad_z = np.zeros((n_d, 2 * k_coef), dtype=np.float32)
                 for c0 in range(0, n_p, p_chunk):
@@ -657,7 +624,9 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
                                   kx_min, n_kx, n_ky, box)
                     g_chunk = np.ascontiguousarray(gamma[:, c0 * n_s:c1 * n_s])
                     grad_z += np.dot(g_chunk, zt)
-            ctf_term = np.dot(gamma_dp, c2)  # (n_d, K)
+                gamma_dp = np.empty((n_d, n_p), dtype=np.float32)
+                sum_over_shifts(gamma, run, gamma_dp)
+                ctf_term = np.dot(gamma_dp, c2)
             for a in range(n_d):
                 u = dir_loc[d0 + a]
                 _accumulate(acc_h[tid, u], s_parts[u], grad_z[a], ctf_term[a], inv_weights)
@@ -669,7 +638,8 @@ def _shared_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, w
                    shifts, group_off, dir_off, dir_loc, dir_logw, inp_off, inp_idx, inp_logw,
                    sh_off, sh_idx, sh_logw, rot_off, want_grad,
                    nll, rot_post, shift_post, best_dir, best_inp, best_shift, acc_h):
-    """As :func:`_batch_kernel`, for groups of images that evaluate the same directions.
+    """As :func:`_batch_kernel`, for groups of images that evaluate the same directions with
+    the same weights.
 
     Group ``g`` is images ``group_off[g]:group_off[g + 1]``. Their columns side by side make one
     GEMM per group instead of one small GEMM per image (on the first stages a whole minibatch
@@ -684,13 +654,8 @@ def _shared_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, w
         d0, d1 = dir_off[i0], dir_off[i0 + 1]
         n_d = d1 - d0
         n_img = i1 - i0
-        p_start = np.zeros(n_img + 1, dtype=np.int64)
-        c_start = np.zeros(n_img + 1, dtype=np.int64)
-        for u in range(n_img):
-            i = i0 + u
-            n_p = inp_off[i + 1] - inp_off[i]
-            p_start[u + 1] = p_start[u] + n_p
-            c_start[u + 1] = c_start[u] + n_p * (sh_off[i + 1] - sh_off[i])
+        p_start, c_start, columns, run = _columns(i0, n_img, inp_off, inp_logw, sh_off,
+                                                  sh_logw, sigma2)
         b_re = np.empty((p_start[n_img], k_coef), dtype=np.float32)
         b_im = np.empty((p_start[n_img], k_coef), dtype=np.float32)
         c2 = np.empty((p_start[n_img], k_coef), dtype=np.float32)
@@ -712,27 +677,13 @@ def _shared_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, w
         sub_abs2 = np.empty((n_d, k_coef), dtype=np.float32)
         _gather_slices(s_parts, dir_loc[d0:d1], sub, sub_abs2)
         norm = np.dot(sub_abs2, wc2.T)  # (n_d, all in-plane angles of the group)
-        cross = np.dot(sub, zt.T)  # (n_d, all columns of the group)
         gamma = np.empty((n_d, c_start[n_img]), dtype=np.float32)
-        gamma_dp = np.empty((n_d, p_start[n_img]), dtype=np.float32)
-        for u in range(n_img):
-            i = i0 + u
-            n_p = p_start[u + 1] - p_start[u]
-            n_s = sh_off[i + 1] - sh_off[i]
-            logits = np.empty((n_d, n_p * n_s), dtype=np.float64)
-            row_max = np.full(n_d, -np.inf)
-            _add_logits(logits, row_max, cross, c_start[u], norm, p_start[u], 0, n_p, n_s,
-                        dir_logw[dir_off[i]:dir_off[i + 1]], inp_logw[inp_off[i]:inp_off[i + 1]],
-                        sh_logw[sh_off[i]:sh_off[i + 1]], dnorms[u], 1.0 / (2.0 * sigma2[i]))
-            nll[i], best_dir[i], best_c = _posteriors(
-                logits, row_max, n_p, n_s, 1.0 / sigma2[i], gamma, c_start[u], gamma_dp,
-                p_start[u], rot_post[rot_off[i]:rot_off[i + 1]],
-                shift_post[sh_off[i]:sh_off[i + 1]])
-            best_inp[i] = best_c // n_s
-            best_shift[i] = best_c % n_s
-        if want_grad:
-            grad_z = np.dot(gamma, zt)  # (n_d, 2K), summed over the group's images
-            ctf_term = np.dot(gamma_dp, c2)  # (n_d, K)
+        np.dot(sub, zt.T, gamma)  # the cross terms of all the group's columns
+        _posteriors(gamma, norm, columns, dir_logw[d0:d1], i0, p_start, c_start, dnorms, sigma2,
+                    sh_off, rot_off, want_grad, nll, rot_post, shift_post, best_dir, best_inp,
+                    best_shift)
+        if want_grad:  # summed over the group's images
+            grad_z, ctf_term = _gradient_terms(gamma, columns[3], run, zt, c2)
             for a in range(n_d):
                 u = dir_loc[d0 + a]
                 _accumulate(acc_h[tid, u], s_parts[u], grad_z[a], ctf_term[a], inv_weights)
@@ -803,15 +754,17 @@ def locality_order(rotations: np.ndarray, band: float = 0.1) -> np.ndarray:
 
 
 def common_directions(subsets: PoseSubsets) -> np.ndarray | None:
-    """The directions every image evaluates, in order, if they all evaluate the same ones."""
+    """The directions every image evaluates, in order, if they all evaluate the same ones with
+    the same log prior weights (the group kernel gives a group's images one row of weights)."""
     n = subsets.n_images
     counts = np.diff(subsets.dir_offsets)
     if n < 2 or np.any(counts != counts[0]):
         return None
     first = subsets.dir_index[:counts[0]]
-    if not np.array_equal(subsets.dir_index.reshape(n, -1),
-                          np.broadcast_to(first, (n, len(first)))):
-        return None
+    for values in (subsets.dir_index, subsets.dir_logw):
+        if not np.array_equal(values.reshape(n, -1),
+                              np.broadcast_to(values[:counts[0]], (n, counts[0]))):
+            return None
     return first
 
 

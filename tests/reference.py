@@ -54,3 +54,20 @@ def turned_image_nll(dir_slices, images, ctf_params, sigma2, pixel_size, kx, ky,
                     logits.append(dir_logw[d] + inp_logw[p] + shift_logw[s] - energy)
         out[i] = -logsumexp(logits)
     return out
+
+
+def elementwise(scalar_kernel):
+    """A compiled loop applying one of the kernels' inline scalar functions to an array, with
+    the kernels' floating-point flags (they decide, e.g., whether a multiply-add is fused)."""
+    import numba
+
+    from cryoday import jit
+
+    @numba.njit(fastmath=jit.FASTMATH)
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(len(x)):
+            out[i] = scalar_kernel(x[i])
+        return out
+
+    return apply
