@@ -27,8 +27,9 @@ from cryoday.fourier import ft3, ift3
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH, inline="always")
 def _trilinear_weights(fx, fy, fz):
     """The eight corner weights at fractions ``(fx, fy, fz)``, ``w_zyx`` in the order
-    000, 001, 010, 011, 100, 101, 110, 111 (x fastest): one definition for the slice and its
-    adjoint, which must agree exactly."""
+    000, 001, 010, 011, 100, 101, 110, 111 (x fastest), of the adjoint's scatter. The slice
+    computes the same trilinear interpolation as lerps; the adjoint identity test holds the two
+    together to float precision."""
     gx = 1 - fx
     gy = 1 - fy
     gz = 1 - fz
@@ -44,12 +45,14 @@ def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
     ``out`` ``(n_rot, 2 n_coef)`` gets the real parts, then the imaginary parts. Every point must
     lie inside the cube (the operator sizes it so). Per slice, a first loop forms the corner
     offsets and fractions (it vectorises); the second does the gathers, with no bounds checks or
-    index arithmetic left in it (with the complex64 cube: 0.112 -> 0.076 s for 3,516 slices of
-    2,013 coefficients, against one loop doing both on a complex128 cube).
+    index arithmetic left in it, and interpolates by seven lerps (along x, then y, then z) rather
+    than eight corner weights: the same trilinear value in fewer operations (3,516 slices of
+    2,013 coefficients: 0.112 s with one loop on a complex128 cube, 0.076 s in two loops on a
+    complex64 one, 0.051 s in locality order, 0.031 s with lerps).
     """
     n_coef = kx.shape[0]
-    sy = 2 * m
-    sz = 2 * m * m
+    sy = np.uint64(2 * m)
+    sz = np.uint64(2 * m * m)
     for r in numba.prange(rotations.shape[0]):
         a = rotations[r]
         a00 = np.float32(2.0 * a[0, 0])
@@ -59,7 +62,7 @@ def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
         a02 = np.float32(2.0 * a[0, 2])
         a12 = np.float32(2.0 * a[1, 2])
         c = np.float32(centre)
-        base = np.empty(n_coef, dtype=np.int64)
+        base = np.empty(n_coef, dtype=np.uint32)  # the cube has < 2^31 floats (m < 1290)
         fxs = np.empty(n_coef, dtype=np.float32)
         fys = np.empty(n_coef, dtype=np.float32)
         fzs = np.empty(n_coef, dtype=np.float32)
@@ -73,20 +76,30 @@ def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
             fxs[k] = qx - x0
             fys[k] = qy - y0
             fzs[k] = qz - z0
-            base[k] = z0 * sz + y0 * sy + 2 * x0
-        for k in range(n_coef):
-            b = np.uint64(base[k])
-            w000, w001, w010, w011, w100, w101, w110, w111 = _trilinear_weights(
-                fxs[k], fys[k], fzs[k])
-            re = (w000 * flat[b] + w001 * flat[b + 2] + w010 * flat[b + sy]
-                  + w011 * flat[b + sy + 2] + w100 * flat[b + sz] + w101 * flat[b + sz + 2]
-                  + w110 * flat[b + sz + sy] + w111 * flat[b + sz + sy + 2]) * scale
-            im = (w000 * flat[b + 1] + w001 * flat[b + 3] + w010 * flat[b + sy + 1]
-                  + w011 * flat[b + sy + 3] + w100 * flat[b + sz + 1]
-                  + w101 * flat[b + sz + 3] + w110 * flat[b + sz + sy + 1]
-                  + w111 * flat[b + sz + sy + 3]) * scale
-            out[r, k] = re
-            out[r, n_coef + k] = im
+            base[k] = np.uint32(z0 * (2 * m * m) + y0 * (2 * m) + 2 * x0)
+        row = out[r]
+        for k in range(np.uint64(n_coef)):
+            b0 = np.uint64(base[k])
+            b1 = b0 + sy
+            b2 = b0 + sz
+            b3 = b2 + sy
+            fx = fxs[k]
+            fy = fys[k]
+            fz = fzs[k]
+            re00 = flat[b0] + fx * (flat[b0 + 2] - flat[b0])
+            im00 = flat[b0 + 1] + fx * (flat[b0 + 3] - flat[b0 + 1])
+            re01 = flat[b1] + fx * (flat[b1 + 2] - flat[b1])
+            im01 = flat[b1 + 1] + fx * (flat[b1 + 3] - flat[b1 + 1])
+            re10 = flat[b2] + fx * (flat[b2 + 2] - flat[b2])
+            im10 = flat[b2 + 1] + fx * (flat[b2 + 3] - flat[b2 + 1])
+            re11 = flat[b3] + fx * (flat[b3 + 2] - flat[b3])
+            im11 = flat[b3 + 1] + fx * (flat[b3 + 3] - flat[b3 + 1])
+            re0 = re00 + fy * (re01 - re00)
+            im0 = im00 + fy * (im01 - im00)
+            re1 = re10 + fy * (re11 - re10)
+            im1 = im10 + fy * (im11 - im10)
+            row[k] = (re0 + fz * (re1 - re0)) * scale
+            row[np.uint64(n_coef) + k] = (im0 + fz * (im1 - im0)) * scale
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
