@@ -66,7 +66,8 @@ def column_logits(v, norm, norm_col, contiguous, col_lw, col_inv, dir_lw, col_ma
     On entry ``v`` holds the cross terms ``Re sum_k S conj(Z)``; on return the log posteriors
     less each image's constant ``-|d|^2 / (2 s2)``. ``col_inv`` is ``1 / (2 s2)`` of the column's
     image, ``col_max[c]`` gets each column's largest log posterior. ``contiguous`` says
-    ``norm_col[c] == c`` (one shift per in-plane angle), which saves a gather per term.
+    ``norm_col[c] == c`` (one shift per in-plane angle), which saves a gather per term. A
+    ``norm`` with no columns says ``v`` is already the cross term less half the norm term.
     """
     n_c = np.uint64(v.shape[1])
     for c in range(n_c):
@@ -75,7 +76,12 @@ def column_logits(v, norm, norm_col, contiguous, col_lw, col_inv, dir_lw, col_ma
         va = v[a]
         na = norm[a]
         lw = F32(dir_lw[a])
-        if contiguous:
+        if norm.shape[1] == 0:  # merged: v is already the cross term less half the norm
+            for c in range(n_c):
+                x = lw + col_lw[c] + (va[c] + va[c]) * col_inv[c]
+                va[c] = x
+                col_max[c] = max(col_max[c], x)
+        elif contiguous:
             for c in range(n_c):
                 x = lw + col_lw[c] + (va[c] + va[c] - na[c]) * col_inv[c]
                 va[c] = x

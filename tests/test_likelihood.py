@@ -332,10 +332,12 @@ def test_fast_sine_matches_numpy():
     assert np.max(np.abs(elementwise(_sin)(x) - np.sin(x))) < 1e-9
 
 
-def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch):
+@pytest.mark.parametrize("one_shift", [False, True], ids=["ragged shifts", "one shift each"])
+def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, one_shift):
     """The shared-direction kernel (one GEMM per group of images) against the image-by-image
     one, with each image's own in-plane angles and shifts, so the groups' column offsets are
-    ragged."""
+    ragged; with one shift per image, the group kernel merges the norm term into the cross
+    term's GEMM, and the gradient's two GEMMs into one."""
     from cryoday import likelihood
 
     volume, _, op, batch, _, _, _ = problem
@@ -344,8 +346,8 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch):
     n = len(batch)
     inps = [np.sort(rng.choice(grid.n_inp, rng.integers(2, grid.n_inp + 1), replace=False))
             for _ in range(n)]
-    shifts = [np.sort(rng.choice(grid.n_shift, rng.integers(1, grid.n_shift + 1), replace=False))
-              for _ in range(n)]
+    shifts = [np.sort(rng.choice(grid.n_shift, 1 if one_shift else rng.integers(
+        1, grid.n_shift + 1), replace=False)) for _ in range(n)]
     subsets = PoseSubsets.from_sets(
         grid.n_inp, [np.arange(grid.n_dir)] * n, [grid.dir_log_weights] * n,
         inps, [grid.inp_log_weights[x] for x in inps],
