@@ -11,8 +11,9 @@ cropped box:
   then the energies and the log-sum-exp), measured in the same run on a subset and compared as a
   throughput ratio;
 * the kernel's floating-point rate (the GEMM-formulated work: 4 n_rot K n_shift flops per image
-  for the energies) as a fraction of this machine's float32 ``numpy.matmul`` rate, also measured
-  here; and the same for an evaluation with the gradient, whose GEMM work is twice that (the
+  for the energies' cross term; the norm term's GEMM, half as much again with one shift, is not
+  counted) as a fraction of this machine's float32 ``numpy.matmul`` rate, also measured here;
+  and the same for an evaluation with the gradient, whose GEMM work is twice that (the
   transposed product for the gradient), to show what the gradient's adjoint costs on top;
 * the time to prepare the volume's padded transform (once per volume, outside the timings
   above: the line search evaluates one volume several times);

@@ -29,7 +29,13 @@ The hot work per image is dense matrix products, which run near the machine's ar
   ``[Re S, Im S] (n_d x 2K) @ [Re Z; -Im Z] (2K x n_p n_s)``, ``Z = w c_p conj(d_p) phi_ps``;
 * ``sum_k w c_p^2 |S_d|^2`` does not depend on the shift: ``|S|^2 (n_d x K) @ (K x n_p)``;
 * the gradient's data term ``sum_{p,s} gamma_dps conj(Z_ps)`` is the transposed GEMM, and its
-  CTF term ``sum_p Gamma_dp c_p^2`` a third one.
+  CTF term ``sum_p Gamma_dp c_p^2`` a third one;
+* with one shift per in-plane angle (the first stages), the norm term rides in the cross term's
+  GEMM as ``K`` more rows, and the gradient's two GEMMs merge likewise.
+
+The energies land in a (directions x columns) float32 matrix, which :mod:`cryoday.posteriors`
+turns in place into log posteriors, then their exponentials (relative to each image's best),
+then the gradient's weights; nll and marginals are summed in float64.
 
 Images are processed in parallel (``prange``), each thread calling single-threaded BLAS and
 accumulating its share of the gradient per direction in its own buffer; nothing of size
@@ -40,8 +46,8 @@ importance sampling) are taken in small groups whose columns share one GEMM
 
 The loops around the GEMMs are written to vectorise: unsigned indices (Numba wraps signed ones
 around, which keeps LLVM from vectorising), no library calls (a polynomial sine for the CTF, a
-polynomial exp for the posteriors: PyPI's llvmlite has no vector maths library), and gathers
-split from the arithmetic that forms their offsets.
+float32 polynomial exp for the posteriors: PyPI's llvmlite has no vector maths library), and
+gathers split from the arithmetic that forms their offsets.
 """
 
 from __future__ import annotations
