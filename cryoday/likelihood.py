@@ -126,21 +126,30 @@ def image_padded_size(box: int) -> int:
 
 
 def _padded_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
-    """Each image's zero-padded transform near the origin, ready for bilinear turning."""
+    """Each image's zero-padded transform near the origin, ready for bilinear turning.
+
+    The window ``|kx|, |ky| <= h`` of the centred unitary transform (:func:`ft2` of the image
+    centred in the padded array), made without shifting arrays: the image goes in with its
+    centre pixel at index 0, a real FFT gives ``kx >= 0``, and ``kx < 0`` is the conjugate of
+    ``-k`` (200 images of 36 px: 20 -> 15 ms).
+    """
     n = op.box
     m = image_padded_size(n)
     x = (np.arange(n) - n // 2) / m
     g = np.sinc(x) ** 2  # real-space image of the bilinear kernel on the padded grid
     padded = np.zeros((len(images), m, m), dtype=np.float32)
-    lo = m // 2 - n // 2
-    padded[:, lo:lo + n, lo:lo + n] = images / (g[:, None] * g[None, :])
-    spectra = ft2(padded)
+    at = (np.arange(n) - n // 2) % m
+    padded[:, at[:, None], at[None, :]] = images / (g[:, None] * g[None, :])
+    half = sfft.rfft2(padded, norm="ortho", workers=-1)  # (B, m, m // 2 + 1)
     pad = m / n
     h = min(int(np.ceil(pad * op.radius)) + 2, m // 2 - 1)
-    c = m // 2
+    k = np.arange(-h, h + 1)
+    out = np.empty((len(images), 2 * h + 1, 2 * h + 1), dtype=np.complex64)
+    out[:, :, h:] = half[:, k % m, :h + 1]
+    out[:, :, :h] = np.conj(half[:, (-k) % m, h:0:-1])
     # The unitary transform of a p-times larger array is p times smaller at the same frequency.
-    return np.ascontiguousarray(pad * spectra[:, c - h:c + h + 1, c - h:c + h + 1],
-                                dtype=np.complex64)
+    out *= pad
+    return out
 
 
 def ctf_parameter_table(ctf_params: dict, n: int) -> np.ndarray:
@@ -216,12 +225,13 @@ class PoseSubsets:
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def _rot_product(self, dir_values, inp_values, combine):
-        parts = []
-        for i in range(self.n_images):
-            a = dir_values[self.dir_offsets[i]:self.dir_offsets[i + 1]]
-            b = inp_values[self.inp_offsets[i]:self.inp_offsets[i + 1]]
-            parts.append(combine(a[:, None], b[None, :]).ravel())
-        return np.concatenate(parts) if parts else np.zeros(0)
+        """``combine(dir_value, inp_value)`` over each image's (direction, in-plane) product,
+        direction-major, for all images at once."""
+        n_p = np.diff(self.inp_offsets)
+        image = np.repeat(np.arange(self.n_images), np.diff(self.rot_offsets))
+        local = np.arange(len(image)) - self.rot_offsets[image]
+        return combine(dir_values[self.dir_offsets[image] + local // n_p[image]],
+                       inp_values[self.inp_offsets[image] + local % n_p[image]])
 
     @cached_property
     def rot_index(self) -> np.ndarray:
