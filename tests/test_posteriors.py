@@ -117,3 +117,23 @@ def test_tiny_posteriors_are_flushed_not_subnormal():
     v = np.array([[1.0, 1e-20, 1e-35]], np.float32)
     scale_columns(v, np.array([1.0, 1e-12, 1.0], np.float32))
     assert v[0, 0] == 1.0 and v[0, 1] == 0.0 and v[0, 2] == 0.0
+
+
+def test_merged_norm_columns():
+    """A norm matrix with no columns: the cross terms already hold cross - norm / 2."""
+    rng = np.random.default_rng(6)
+    v = rng.normal(0, 10, (5, 8)).astype(np.float32)
+    expected = np.float32(0.3) + (2 * v) * np.float32(0.05)
+    col_max = np.empty(8, np.float32)
+    column_logits(v, np.empty((5, 0), np.float32), np.zeros(8, np.uint64), True,
+                  np.full(8, 0.3, np.float32), np.full(8, 0.05, np.float32), np.zeros(5),
+                  col_max)
+    assert np.allclose(v, expected, rtol=1e-6) and np.array_equal(col_max, v.max(axis=0))
+
+
+def test_exponentials_far_below_the_best_are_exactly_zero():
+    v = np.array([[0.0, -10.0, -59.9, -60.5, -1e4]], np.float32)
+    col_sum = np.empty(5)
+    exp_columns(v, np.zeros(5, np.float32), col_sum)
+    assert v[0, 0] == 1.0 and 0 < v[0, 2] < 1e-25
+    assert v[0, 3] == 0.0 and v[0, 4] == 0.0 and np.array_equal(col_sum, v[0].astype(float))
