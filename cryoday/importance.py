@@ -194,7 +194,9 @@ class ImportanceSampler:
     """
 
     CACHED_BATCHES = 2  # sample sets kept per iteration: the minibatch, and one more
-    ROWS_AT_ONCE = 256  # images whose (image x grid) proposals and posteriors are formed at once
+    # Images whose (image x grid) proposals and posteriors are formed at once: at most 256, and
+    # ~32 MB per such float64 array (at 4 A on 128-px data a grid has 10^5 directions).
+    ROWS_AT_ONCE, BYTES_AT_ONCE = 256, 32 << 20
 
     def __init__(self, n_particles: int, enabled: bool = True, s0: float = 10.0, seed: int = 0,
                  alpha_min: float = 0.05, min_grid_points: int = 20000, coverage: float = 0.95,
@@ -284,6 +286,11 @@ class ImportanceSampler:
         self._cache = {}
         self._rebuild_average()
 
+    def _rows_at_once(self) -> int:
+        g = self.grid
+        largest = max(g.n_dir, g.n_inp, g.n_shift)
+        return int(max(1, min(self.ROWS_AT_ONCE, self.BYTES_AT_ONCE // (8 * largest))))
+
     @property
     def active(self) -> bool:
         return self.enabled and self.grid is not None and self.grid.size > self.min_grid_points
@@ -329,7 +336,8 @@ class ImportanceSampler:
         """The current grid's points nearest to ``rows``' stored points in dimension ``dim``
         (or to their antipodes), ``(B, K)``: kept per image until its points or the grid
         change (a KD-tree query per image at each proposal and update was a tenth of a stage's
-        time on the demo)."""
+        time on the demo). Stored points written other than by :meth:`update` need
+        :meth:`set_grid` again, which clears the cache."""
         cache = self._snap_cache[3 if antipodes else dim]
         rows = np.asarray(rows)
         idx = cache[rows].astype(np.int64)
@@ -395,10 +403,9 @@ class ImportanceSampler:
         out = []
         for dim in range(3):
             dom = self._domains[dim]
-            idx, _ = self._deposits(dim, rows)
             logp = getattr(self, _STATE[dim][1])[rows].astype(np.float64)
             w = np.nan_to_num(np.exp(_normalised_logw(logp / temperature)))
-            q = dom.spread_rows(idx, w)
+            q = dom.spread_rows(self._snapped(dim, rows), w)
             if dim == 0 and self.flip(iteration):
                 q += dom.spread_rows(self._snapped(0, rows, antipodes=True), w)
             total = q.sum(axis=1)
@@ -457,8 +464,9 @@ class ImportanceSampler:
             return subsets
         parts = [[], [], []]  # per dimension, each chunk's ragged (counts, indices, log weights)
         log_w = (g.dir_log_weights, g.inp_log_weights, np.asarray(g.shift_log_weights))
-        for lo in range(0, len(rows), self.ROWS_AT_ONCE):
-            chunk = rows[lo:lo + self.ROWS_AT_ONCE]
+        at_once = self._rows_at_once()
+        for lo in range(0, len(rows), at_once):
+            chunk = rows[lo:lo + at_once]
             q_dir, q_inp, q_shift = self._proposal_matrices(chunk, iteration)
             m_dir, m_inp, m_shift = self._draws(q_dir), self._draws(q_inp), self._draws(q_shift)
             # A broad posterior (early on, or at low SNR) would ask for most of a huge grid: cap
@@ -503,8 +511,9 @@ class ImportanceSampler:
         new_logp = [np.full((len(rows), K_STORED), -np.inf) for _ in range(3)]
         valid = np.ones(len(rows), dtype=bool)
         kls = []
-        for lo in range(0, len(rows), self.ROWS_AT_ONCE):
-            hi = min(len(rows), lo + self.ROWS_AT_ONCE)
+        at_once = self._rows_at_once()
+        for lo in range(0, len(rows), at_once):
+            hi = min(len(rows), lo + at_once)
             part = subsets.block(lo, hi) if (lo, hi) != (0, len(rows)) else subsets
             r0, r1 = subsets.rot_offsets[lo], subsets.rot_offsets[hi]
             s0, s1 = subsets.shift_offsets[lo], subsets.shift_offsets[hi]
@@ -567,7 +576,7 @@ class ImportanceSampler:
             return []
         p = p_dir[[i for i, _ in had]]
         q = np.stack([q for _, q in had])
-        # Over the posterior's support only: a few hundred points of each image's grid.
+        # Over the posterior's support only: at most the directions the image evaluated.
         image, point = np.nonzero(p)
         p, q = p[image, point], q[image, point]
         p = p / np.bincount(image, weights=p, minlength=len(had))[image]
@@ -625,29 +634,30 @@ def _smoothed_log_density(union, present, x, log_w, c, out):
     """``out[u]``: log of ``sum_k w_k exp(-c |union_u - x_k|^2)`` at the present union points,
     renormalised over them (``-inf`` elsewhere); ``log_w`` is ``-inf`` on empty slots.
 
-    The exponentials, relative to each point's largest term, are float32 (:func:`exp32`, 1e-7)
-    so the loop over ``x`` vectorises: this is a diagnostic, and equal inputs still give
-    exactly equal densities.
+    The exponentials, relative to each point's largest term, are float32 (:func:`exp32`,
+    5e-7) so the loop over ``x`` vectorises: this is a diagnostic, and equal inputs still give
+    exactly equal densities. Terms below e^-87 of the largest, empty slots among them, are 0.
     """
     n_x = np.uint64(x.shape[0])
     xt = np.ascontiguousarray(x.T)  # (dims, K): each coordinate contiguous over the points
-    d2 = np.empty(n_x)
+    terms = np.empty(n_x)
     total = -np.inf
     for u in range(union.shape[0]):
         if not present[u]:
             out[u] = -np.inf
             continue
-        d2[:] = 0.0
+        terms[:] = 0.0
         for a in range(xt.shape[0]):
             for k in range(n_x):
-                d2[k] += (union[u, a] - xt[a, k]) ** 2
+                terms[k] += (union[u, a] - xt[a, k]) ** 2
         peak = -np.inf
         for k in range(n_x):
-            d2[k] = log_w[k] - c * d2[k]
-            peak = max(peak, d2[k])
+            terms[k] = log_w[k] - c * terms[k]  # from squared distances to log terms
+            peak = max(peak, terms[k])
         acc = 0.0
         for k in range(n_x):
-            acc += exp32(np.float32(d2[k] - peak))
+            t = np.float32(terms[k] - peak)
+            acc += exp32(t) if t > np.float32(-87.0) else np.float32(0.0)
         out[u] = peak + np.log(acc)
         total = np.logaddexp(total, out[u])
     for u in range(union.shape[0]):

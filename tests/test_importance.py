@@ -348,3 +348,61 @@ def test_state_saved_before_log_masses_still_loads():
     restored.set_grid(grid)
     for a, b in zip(sampler.proposals([0, 1], 50)(1), restored.proposals([0, 1], 50)(1)):
         assert np.allclose(a, b, rtol=1e-4)
+
+
+def test_poses_without_real_mass_have_zero_posterior():
+    """The likelihood's exponentials are exactly 0 below e^-60 of an image's best pose, so the
+    sampler never keeps such poses as candidates (a floor of e^-87 everywhere once filled its
+    stored top points with them)."""
+    volume, grid, op, batch = small_problem()
+    subsets = exhaustive_subsets(grid, len(batch))
+    result = marginal_nll(op, volume, batch, grid, subsets, want_grad=False)
+    for i in range(len(batch)):
+        post = result.rot_post[subsets.rot_offsets[i]:subsets.rot_offsets[i + 1]]
+        assert np.any(post == 0.0)  # these images pin their pose down
+        assert post[post > 0].min() >= post.max() * np.exp(-60.5)
+    sampler = ImportanceSampler(len(batch), min_grid_points=0)
+    sampler.update(grid, np.arange(len(batch)), subsets, result)
+    # Stored log masses are those of real candidates: within 60 nats of the best.
+    stored = sampler.dir_logp[np.isfinite(sampler.dir_logp)]
+    assert stored.min() > -61.0
+
+
+def test_cached_snapping_equals_a_fresh_nearest_point_search():
+    """The cache of stored points' nearest grid points (and their antipodes') against
+    _Domain.nearest, after updates and after a change of grid."""
+    grid = pose_grid(15.0, 30, 6.4, 1.0)
+    finer = pose_grid(12.0, 36, 5.33, 1.0)
+    n = 5
+    sampler = ImportanceSampler(n, min_grid_points=0)
+    rng = np.random.default_rng(2)
+    sampler.update(grid, np.arange(n), *peaked_state(grid, rng.integers(0, grid.n_dir, n),
+                                                      rng.integers(0, grid.n_inp, n),
+                                                      rng.integers(0, grid.n_shift, n),
+                                                      spread=30.0))
+    for g in (grid, finer):
+        sampler.set_grid(g) if g is not sampler.grid else None
+        rows = np.arange(n)
+        for dim in range(3):
+            fresh = sampler._domains[dim].nearest(sampler._embedded(dim, rows))
+            assert np.array_equal(sampler._snapped(dim, rows), fresh)
+            assert np.array_equal(sampler._snapped(dim, rows), fresh)  # now from the cache
+        fresh = sampler._domains[0].nearest(-sampler._embedded(0, rows))
+        assert np.array_equal(sampler._snapped(0, rows, antipodes=True), fresh)
+
+
+def test_spread_rows_is_the_kernel_sum_over_stored_points():
+    """Each row: sum_k w_k exp(-c |x - grid[idx_k]|^2) on the grid, with the kernel's cut-off."""
+    from cryoday.importance import KERNEL_CUTOFF, _Domain
+
+    grid = pose_grid(20.0, 24, 8.0, 1.0)
+    dom = _Domain(grid.directions, 40.0, np.zeros(grid.n_dir))
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, grid.n_dir, (4, 7))
+    w = rng.uniform(0, 1, (4, 7))
+    w[1, 3:] = 0.0  # empty slots
+    d2 = np.sum((grid.directions[None, None, :, :] - grid.directions[idx][:, :, None, :]) ** 2,
+                axis=-1)
+    kernel = np.where(40.0 * d2 <= KERNEL_CUTOFF, np.exp(-40.0 * d2), 0.0)
+    expected = np.einsum("bk,bkn->bn", w, kernel)
+    assert np.allclose(dom.spread_rows(idx, w), expected, rtol=1e-12, atol=1e-15)
