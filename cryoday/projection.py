@@ -62,7 +62,7 @@ def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
         a02 = np.float32(2.0 * a[0, 2])
         a12 = np.float32(2.0 * a[1, 2])
         c = np.float32(centre)
-        base = np.empty(n_coef, dtype=np.uint32)  # the cube has < 2^31 floats (m < 1290)
+        base = np.empty(n_coef, dtype=np.uint32)  # slice_parts checks 2 m^3 < 2^32
         fxs = np.empty(n_coef, dtype=np.float32)
         fys = np.empty(n_coef, dtype=np.float32)
         fzs = np.empty(n_coef, dtype=np.float32)
@@ -273,6 +273,8 @@ class SliceOperator:
         The form the likelihood kernel multiplies; ``cube`` is :meth:`prepare`'s.
         """
         rotations = np.ascontiguousarray(np.asarray(rotations, np.float64).reshape(-1, 3, 3))
+        if 2 * cube.shape[0] ** 3 >= 2**32:  # the kernel's offsets are 32-bit
+            raise ValueError(f"a {cube.shape[0]}^3 cube is too large to slice (at most 1289^3)")
         out = np.empty((len(rotations), 2 * self.n_coef), dtype=np.float32)
         cube = np.ascontiguousarray(cube, dtype=np.complex64)
         _slice_trilinear(cube.view(np.float32).ravel(), cube.shape[0], float(self._half_cube),

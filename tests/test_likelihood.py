@@ -366,3 +366,19 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, on
     assert np.array_equal(grouped.best_shift, single.best_shift)
     assert np.allclose(grouped.grad, single.grad, rtol=1e-4,
                        atol=1e-5 * np.abs(single.grad).max())
+
+
+def test_images_share_directions_only_with_the_same_weights():
+    """The group kernel gives a group one row of direction weights: images whose directions
+    agree but whose weights differ must not be grouped."""
+    from cryoday.likelihood import common_directions
+
+    grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0)
+    same = exhaustive_subsets(grid, 3)
+    assert np.array_equal(common_directions(same), np.arange(grid.n_dir))
+    logw = [grid.dir_log_weights, grid.dir_log_weights + 0.1, grid.dir_log_weights]
+    every = np.arange(grid.n_dir)
+    differ = PoseSubsets.from_sets(
+        grid.n_inp, [every] * 3, logw, [np.arange(grid.n_inp)] * 3,
+        [grid.inp_log_weights] * 3, [np.arange(grid.n_shift)] * 3, [grid.shift_log_weights] * 3)
+    assert common_directions(differ) is None
