@@ -107,6 +107,20 @@ class _Data:
         return batch
 
 
+def finite_or_raise(nll: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``nll`` if every value is finite; otherwise an error naming the particles (1-based rows
+    of the STAR file), whose images, CTF or the map hold NaN or infinite values (the likelihood
+    makes a NaN energy the image's nll rather than dropping it)."""
+    bad = ~np.isfinite(nll)
+    if bad.any():
+        named = ", ".join(str(int(r) + 1) for r in np.asarray(rows)[bad][:5])
+        more = f" and {int(bad.sum()) - 5} more" if bad.sum() > 5 else ""
+        raise FloatingPointError(
+            f"the likelihood of particle row(s) {named}{more} is not finite: their images or "
+            "CTF parameters, or the map, hold NaN or infinite values")
+    return nll
+
+
 def scale_to_data(volume, op, data, grid, rows, rng) -> np.ndarray:
     """Scale ``volume`` so its CTF-modulated slices carry the data's signal power.
 
@@ -206,6 +220,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         batch = data.batch(rows)
         subsets = sampler.subsets(grid, rows, state["iteration"])
         result = marginal_nll(op, vol, batch, grid, subsets, want_grad=want_grad)
+        finite_or_raise(result.nll, rows)
         if want_grad:
             sampler.update(grid, rows, subsets, result)
             state["last"] = result
@@ -222,7 +237,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
             result = marginal_nll(op, vol, data.batch(rows), grid, subsets, want_grad=False,
                                   cube=cube)
             sampler.update(grid, rows, subsets, result)
-            total += result.nll.sum()
+            total += finite_or_raise(result.nll, rows).sum()
         return total / len(heldout_rows)
 
     max_iterations = int(config.get("max_iterations", 300))

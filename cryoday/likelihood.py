@@ -580,7 +580,8 @@ def _posteriors(gamma, norm, columns, dir_lw, i0, p_start, c_start, dnorms, sigm
                    - dnorms[u] / (2.0 * sigma2[i]))
         best_inp[i] = best_c // n_s
         best_shift[i] = best_c % n_s
-        col_factor[c_start[u]:c_start[u + 1]] = 1.0 / (sigma2[i] * total)
+        col_factor[c_start[u]:c_start[u + 1]] = (1.0 / (sigma2[i] * total) if total > 0.0
+                                                 else np.nan)  # NaN energies: a NaN gradient
     if want_grad:
         scale_columns(gamma, col_factor)
 

@@ -66,13 +66,17 @@ def column_logits(v, norm, norm_col, contiguous, col_lw, col_inv, dir_lw, col_ma
 
     On entry ``v`` holds the cross terms ``Re sum_k S conj(Z)``; on return the log posteriors
     less each image's constant ``-|d|^2 / (2 s2)``. ``col_inv`` is ``1 / (2 s2)`` of the column's
-    image, ``col_max[c]`` gets each column's largest log posterior. ``contiguous`` says
-    ``norm_col[c] == c`` (one shift per in-plane angle), which saves a gather per term. A
-    ``norm`` with no columns says ``v`` is already the cross term less half the norm term.
+    image, ``col_max[c]`` gets each column's largest log posterior (NaN if any is NaN).
+    ``contiguous`` says ``norm_col[c] == c`` (one shift per in-plane angle), which saves a
+    gather per term. A ``norm`` with no columns says ``v`` is already the cross term less half
+    the norm term.
     """
     n_c = np.uint64(v.shape[1])
     for c in range(n_c):
         col_max[c] = -np.inf
+    # The vectorised maximum drops NaNs (measured: as max() or as a select), so they are counted
+    # apart: bad input must surface in the image's nll.
+    nans = np.zeros(n_c, dtype=np.int32)
     for a in range(v.shape[0]):
         va = v[a]
         na = norm[a]
@@ -82,16 +86,22 @@ def column_logits(v, norm, norm_col, contiguous, col_lw, col_inv, dir_lw, col_ma
                 x = lw + col_lw[c] + (va[c] + va[c]) * col_inv[c]
                 va[c] = x
                 col_max[c] = max(col_max[c], x)
+                nans[c] += np.isnan(x)
         elif contiguous:
             for c in range(n_c):
                 x = lw + col_lw[c] + (va[c] + va[c] - na[c]) * col_inv[c]
                 va[c] = x
                 col_max[c] = max(col_max[c], x)
+                nans[c] += np.isnan(x)
         else:
             for c in range(n_c):
                 x = lw + col_lw[c] + (va[c] + va[c] - na[norm_col[c]]) * col_inv[c]
                 va[c] = x
                 col_max[c] = max(col_max[c], x)
+                nans[c] += np.isnan(x)
+    for c in range(n_c):
+        if nans[c]:
+            col_max[c] = np.nan
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
@@ -131,10 +141,15 @@ def scale_columns(v, col_factor):
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
 def image_maximum(col_max, c0, c1, col_ref):
-    """The largest of ``col_max[c0:c1]`` (one image's columns), also written to ``col_ref``."""
+    """The largest of ``col_max[c0:c1]`` (one image's columns), also written to ``col_ref``;
+    NaN if any is: bad input must surface in the image's nll (the exponentials drop it)."""
     m = col_max[c0]
+    bad = False
     for c in range(c0, c1):
         m = max(m, col_max[c])
+        bad = bad or np.isnan(col_max[c])
+    if bad:
+        m = np.nan
     col_ref[c0:c1] = m
     return m
 
@@ -155,7 +170,9 @@ def image_posteriors(e, c0, n_p, n_s, col_max, col_sum, rot_post_i, shift_post_i
     total = 0.0
     for c in range(n_cols):
         total += col_sum[c0 + c]
-    inv_total = 1.0 / total
+    # No posterior mass: a NaN among the image's energies (see image_maximum). NaN marginals
+    # then, not a division by zero, which Numba raises as an exception.
+    inv_total = 1.0 / total if total > 0.0 else np.nan
     best_a = 0
     col = c0 + best_c
     for a in range(e.shape[0]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from reference import elementwise, turned_image_nll
@@ -382,3 +384,38 @@ def test_images_share_directions_only_with_the_same_weights():
         grid.n_inp, [every] * 3, logw, [np.arange(grid.n_inp)] * 3,
         [grid.inp_log_weights] * 3, [np.arange(grid.n_shift)] * 3, [grid.shift_log_weights] * 3)
     assert common_directions(differ) is None
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["group kernel", "image by image"])
+def test_a_nan_in_an_image_makes_its_nll_nan(problem, monkeypatch, grouped):
+    """Bad input surfaces (Numba's fast maths here leave out no-NaN assumptions): a NaN in one
+    image's transform makes that image's nll NaN, and leaves the others' as they were."""
+    from cryoday import likelihood
+
+    volume, grid, op, batch, _, _, _ = problem
+    subsets = exhaustive_subsets(grid, len(batch))
+    if not grouped:
+        monkeypatch.setattr(likelihood, "shared_groups", lambda *a: None)
+    clean = marginal_nll(op, volume, batch, grid, subsets, want_grad=False).nll
+    c = batch.padded.shape[1] // 2
+    padded = batch.padded.copy()
+    padded[1, c + 1, c] = np.nan  # read by the turned image near the origin
+    bad = marginal_nll(op, volume, dataclasses.replace(batch, padded=padded), grid, subsets,
+                       want_grad=False).nll
+    assert np.isnan(bad[1])
+    assert np.allclose(np.delete(bad, 1), np.delete(clean, 1), rtol=1e-12)
+
+
+def test_a_non_finite_likelihood_names_the_particles():
+    """...and a stage stops there, naming the particles by their STAR rows (1-based), instead of
+    letting a NaN poison the map."""
+    from cryoday.abinitio import finite_or_raise
+
+    rows = np.array([10, 11, 12, 40])
+    nll = np.array([5.0, np.nan, 7.0, np.inf])
+    with pytest.raises(FloatingPointError, match=r"particle row\(s\) 12, 41 is not finite"):
+        finite_or_raise(nll, rows)
+    many = np.full(8, np.nan)
+    with pytest.raises(FloatingPointError, match=r"1, 2, 3, 4, 5 and 3 more"):
+        finite_or_raise(many, np.arange(8))
+    assert finite_or_raise(np.array([1.0, 2.0]), np.array([0, 1])) is not None

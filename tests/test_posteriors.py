@@ -137,3 +137,22 @@ def test_exponentials_far_below_the_best_are_exactly_zero():
     exp_columns(v, np.zeros(5, np.float32), col_sum)
     assert v[0, 0] == 1.0 and 0 < v[0, 2] < 1e-25
     assert v[0, 3] == 0.0 and v[0, 4] == 0.0 and np.array_equal(col_sum, v[0].astype(float))
+
+
+def test_a_nan_energy_makes_its_image_maximum_nan():
+    """Bad input surfaces in the nll: a NaN among an image's log posteriors (here in a row long
+    enough for the vectorised loops) makes its column maximum and its image's maximum NaN, which
+    the nll carries, and leaves the other image's alone."""
+    rng = np.random.default_rng(7)
+    for contiguous, norm_cols in ((True, 40), (False, 8)):  # the two norm layouts
+        v = rng.normal(0, 1, (9, 40)).astype(np.float32)
+        v[4, 27] = np.nan
+        col_max = np.empty(40, np.float32)
+        norm_col = np.arange(40, dtype=np.uint64) * norm_cols // 40
+        column_logits(v, np.zeros((9, norm_cols), np.float32), norm_col, contiguous,
+                      np.zeros(40, np.float32), np.full(40, 0.5, np.float32), np.zeros(9),
+                      col_max)
+        assert np.isnan(col_max[27]) and np.isfinite(np.delete(col_max, 27)).all()
+        col_ref = np.empty(40, np.float32)
+        assert np.isfinite(image_maximum(col_max, 0, 20, col_ref))
+        assert np.isnan(image_maximum(col_max, 20, 40, col_ref))
