@@ -587,13 +587,13 @@ def _posteriors(gamma, norm, columns, dir_lw, i0, p_start, c_start, dnorms, sigm
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _gradient_terms(gamma, contiguous, run, zt, c2):
-    """The gradient's two GEMMs: ``sum gamma Z`` over the columns, ``sum_p Gamma_dp c_p^2``."""
+def _ctf_term(gamma, contiguous, run, c2):
+    """The gradient's CTF term ``sum_p Gamma_dp c_p^2``, ``Gamma_dp`` summed over shifts."""
     if contiguous:  # one shift per in-plane angle: Gamma_dp is gamma
-        return np.dot(gamma, zt), np.dot(gamma, c2)
+        return np.dot(gamma, c2)
     gamma_dp = np.empty((gamma.shape[0], run.shape[0]), dtype=np.float32)
     sum_over_shifts(gamma, run, gamma_dp)
-    return np.dot(gamma, zt), np.dot(gamma_dp, c2)
+    return np.dot(gamma_dp, c2)
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
@@ -655,7 +655,7 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
                     best_shift)
         if want_grad:
             if single:
-                grad_z, ctf_term = _gradient_terms(gamma, columns[3], run, zt_kept, c2)
+                grad_z = np.dot(gamma, zt_kept)
             else:
                 grad_z = np.zeros((n_d, 2 * k_coef), dtype=np.float32)
                 for c0 in range(0, n_p, p_chunk):
@@ -666,9 +666,7 @@ def _batch_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, we
                                   kx_min, n_kx, n_ky, box)
                     g_chunk = np.ascontiguousarray(gamma[:, c0 * n_s:c1 * n_s])
                     grad_z += np.dot(g_chunk, zt)
-                gamma_dp = np.empty((n_d, n_p), dtype=np.float32)
-                sum_over_shifts(gamma, run, gamma_dp)
-                ctf_term = np.dot(gamma_dp, c2)
+            ctf_term = _ctf_term(gamma, columns[3], run, c2)
             for a in range(n_d):
                 u = dir_loc[d0 + a]
                 _accumulate(acc_h[tid, u], s_parts[u], grad_z[a], ctf_term[a], inv_weights)
@@ -748,7 +746,8 @@ def _shared_kernel(s_parts, data, padded, pad, centre, ctf_params, freq_scale, w
                     u = dir_loc[d0 + a]
                     _accumulate_merged(acc_h[tid, u], s_parts[u], both[a], inv_weights)
             else:
-                grad_z, ctf_term = _gradient_terms(gamma, columns[3], run, zt, c2)
+                grad_z = np.dot(gamma, zt)
+                ctf_term = _ctf_term(gamma, columns[3], run, c2)
                 for a in range(n_d):
                     u = dir_loc[d0 + a]
                     _accumulate(acc_h[tid, u], s_parts[u], grad_z[a], ctf_term[a], inv_weights)
