@@ -419,3 +419,23 @@ def test_a_non_finite_likelihood_names_the_particles():
     with pytest.raises(FloatingPointError, match=r"1, 2, 3, 4, 5 and 3 more"):
         finite_or_raise(many, np.arange(8))
     assert finite_or_raise(np.array([1.0, 2.0]), np.array([0, 1])) is not None
+
+
+def test_columns_built_in_chunks_equal_columns_built_at_once(problem, monkeypatch):
+    """An image's columns built in several chunks (the path for images with more columns than
+    COLUMN_BYTES holds) against one chunk: nll, posteriors and gradient."""
+    from cryoday import likelihood
+
+    volume, _, op, batch, _, _, _ = problem
+    grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0, shift_sigma_A=30.0)  # 5 shifts
+    subsets = exhaustive_subsets(grid, len(batch))
+    monkeypatch.setattr(likelihood, "shared_groups", lambda *a: None)
+    once = marginal_nll(op, volume, batch, grid, subsets)
+    # Room for the columns of 2 in-plane angles (x 5 shifts) per chunk.
+    monkeypatch.setattr(likelihood, "COLUMN_BYTES", 8 * op.n_coef * 2 * grid.n_shift)
+    chunked = marginal_nll(op, volume, batch, grid, subsets)
+    assert grid.n_inp > 2
+    assert np.allclose(chunked.nll, once.nll, rtol=1e-6)
+    assert np.allclose(chunked.rot_post, once.rot_post, atol=1e-6)
+    assert np.allclose(chunked.shift_post, once.shift_post, atol=1e-6)
+    assert np.allclose(chunked.grad, once.grad, rtol=1e-4, atol=1e-5 * np.abs(once.grad).max())
