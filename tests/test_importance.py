@@ -381,7 +381,8 @@ def test_cached_snapping_equals_a_fresh_nearest_point_search():
                                                       rng.integers(0, grid.n_shift, n),
                                                       spread=30.0))
     for g in (grid, finer):
-        sampler.set_grid(g) if g is not sampler.grid else None
+        if g is not sampler.grid:
+            sampler.set_grid(g)  # clears the cache
         rows = np.arange(n)
         for dim in range(3):
             fresh = sampler._domains[dim].nearest(sampler._embedded(dim, rows))
