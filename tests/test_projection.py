@@ -60,10 +60,10 @@ def test_slices_at_rotations_about_the_viewing_axis_are_rotated_images():
         # Rz(psi=90) passive: image frequency (kx, ky) of the first equals (ky, -kx) of the second.
         key = (y, -x)
         if key in lookup:
-            assert lookup[key] == pytest.approx(v, rel=1e-3, abs=1e-4 * np.abs(a).max())
+            assert lookup[key] == pytest.approx(v, rel=1e-3, abs=float(1e-4 * np.abs(a).max()))
             matched += 1
         elif (-y, x) in lookup:
-            assert np.conj(lookup[(-y, x)]) == pytest.approx(v, rel=1e-3, abs=1e-4 * np.abs(a).max())
+            assert np.conj(lookup[(-y, x)]) == pytest.approx(v, rel=1e-3, abs=float(1e-4 * np.abs(a).max()))
             matched += 1
     assert matched == op.n_coef
 
