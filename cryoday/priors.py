@@ -1,4 +1,4 @@
-"""Priors on the density (METHOD.md section 6): -log p(V) and its gradient.
+"""Priors on the density (docs/method.md section 6): -log p(V) and its gradient.
 
 Each prior is scaled by ``strength`` and, in the minibatch objective, divided by the number of
 training images (so the prior weighs as much as one image's likelihood per image). Scales are
