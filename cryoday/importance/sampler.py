@@ -9,23 +9,31 @@ sibling modules; the method is in ``docs/importance.md``.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from cryoday import tunables
 from cryoday.errors import InputError
-from cryoday.importance import diagnostics, proposals, schedule
+from cryoday.importance import diagnostics, schedule
 from cryoday.importance.average import DatasetAverage
 from cryoday.importance.geometry import GridKernels
+from cryoday.importance.proposals import (capped_draw_counts, prior_parts, proposal_matrices,
+                                          ragged_subsets, sample)
 from cryoday.importance.store import K_STORED, PosteriorStore, marginals, top_points
 from cryoday.likelihood import PoseSubsets, exhaustive_subsets
 
-# Config keys (section ``reconstruction``) and the constructor arguments they set.
-CONFIG_OPTIONS = {"importance_sampling": "enabled", "s0": "s0",
-                  "importance_min_grid_points": "min_grid_points",
-                  "importance_max_rotations": "max_rotations",
-                  "importance_max_shifts": "max_shifts",
-                  "importance_coverage": "coverage",
-                  "importance_dataset_prior": "dataset_prior"}
+# Config keys (section ``reconstruction``): the constructor argument each sets, its type and, for
+# numbers, their range (lower bound, whether it is excluded, upper bound).
+CONFIG_OPTIONS = {
+    "importance_sampling": ("enabled", bool, None),
+    "s0": ("s0", float, (0, True, np.inf)),
+    "importance_min_grid_points": ("min_grid_points", int, (0, False, np.inf)),
+    "importance_max_rotations": ("max_rotations", int, (1, False, np.inf)),
+    "importance_max_shifts": ("max_shifts", int, (1, False, np.inf)),
+    "importance_coverage": ("coverage", float, (0, True, 1)),
+    "importance_dataset_prior": ("dataset_prior", tuple, (0, False, 1)),  # 3 floats
+}
 
 
 class ImportanceSampler:
@@ -136,38 +144,32 @@ class ImportanceSampler:
         def bad(key, what):
             return InputError(f"config key reconstruction.{key} {what}, got {config[key]!r}")
 
-        def number(key, value, low, high=np.inf, integer=False, open_low=False):
-            if isinstance(value, (bool, np.bool_)) \
-                    or not isinstance(value, (int, float, np.number)):
-                raise bad(key, "must be a number" if np.ndim(config[key]) == 0 else
-                          "must be numbers")
-            if integer and value != int(value):
+        def number(key, value, kind, low, low_open, high):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise bad(key, "must be numbers" if kind is tuple else "must be a number")
+            if kind is int and value != int(value):
                 raise bad(key, "must be an integer")
-            if not ((value > low) if open_low else (value >= low)) or not value <= high:
-                raise bad(key, f"must be in {'(' if open_low else '['}{low:g}, {high:g}]")
-            return int(value) if integer else float(value)
+            if value < low or (low_open and value == low) or value > high:
+                bounds = f"{'>' if low_open else '>='} {low:g}" + (
+                    f" and <= {high:g}" if high < np.inf else "")
+                raise bad(key, f"must be {bounds}")
+            return int(value) if kind is int else float(value)
 
         out = {}
-        for key, name in CONFIG_OPTIONS.items():
+        for key, (name, kind, bounds) in CONFIG_OPTIONS.items():
             if key not in config:
                 continue
             value = config[key]
-            if name == "enabled":
+            if kind is bool:
                 if not isinstance(value, (bool, np.bool_)):
                     raise bad(key, "must be true or false")
                 out[name] = bool(value)
-            elif name == "s0":
-                out[name] = number(key, value, 0, open_low=True)
-            elif name == "coverage":
-                out[name] = number(key, value, 0, 1, open_low=True)
-            elif name == "min_grid_points":
-                out[name] = number(key, value, 0, integer=True)
-            elif name in ("max_rotations", "max_shifts"):
-                out[name] = number(key, value, 1, integer=True)
-            else:  # dataset_prior
+            elif kind is tuple:
                 if np.ndim(value) != 1 or len(value) != 3:
-                    raise bad(key, "must be 3 numbers (directions, in-plane, shifts)")
-                out[name] = tuple(number(key, g, 0, 1) for g in value)
+                    raise bad(key, "must be 3 numbers (directions, in-plane angles, shifts)")
+                out[name] = tuple(number(key, g, kind, *bounds) for g in value)
+            else:
+                out[name] = number(key, value, kind, *bounds)
         return out
 
     # ------------------------------------------------------------------ state
@@ -243,10 +245,9 @@ class ImportanceSampler:
         return lambda i: tuple(m[i] for m in matrices)
 
     def _proposal_matrices(self, rows: np.ndarray, iteration: float) -> list[np.ndarray]:
-        priors = proposals.prior_parts(self.kernels, self.average, self.dataset_prior)
-        return proposals.proposal_matrices(self.kernels, priors, rows,
-                                           self.temperature(iteration), self.alpha(iteration),
-                                           self.flip(iteration))
+        priors = prior_parts(self.kernels, self.average, self.dataset_prior)
+        return proposal_matrices(self.kernels, priors, rows, self.temperature(iteration),
+                                 self.alpha(iteration), self.flip(iteration))
 
     def subsets(self, grid, rows, iteration: int) -> PoseSubsets:
         """The poses to evaluate for ``rows``; the same (rows, iteration) gives the same sets."""
@@ -275,15 +276,15 @@ class ImportanceSampler:
         for lo in range(0, len(rows), at_once):
             chunk = rows[lo:lo + at_once]
             q = self._proposal_matrices(chunk, iteration)
-            m = proposals.capped_draw_counts(g, *q, self.s0, self.coverage, self.max_rotations,
-                                             self.max_shifts)
+            m = capped_draw_counts(g, *q, self.s0, self.coverage, self.max_rotations,
+                                   self.max_shifts)
             # Seeded by the rows themselves, so the same (rows, iteration) draws the same sets.
             rng = np.random.default_rng([self.seed, int(iteration), *chunk.tolist()])
             for dim in range(3):
-                parts[dim].append(proposals.sample(q[dim], log_w[dim], m[dim], rng))
+                parts[dim].append(sample(q[dim], log_w[dim], m[dim], rng))
             for i, row in enumerate(chunk):
                 self._proposals[row] = np.array(q[0][i])  # for the KL at its update
-        subsets = proposals.ragged_subsets(g.n_inp, parts)
+        subsets = ragged_subsets(g.n_inp, parts)
         self._cache[key] = subsets
         return subsets
 
