@@ -12,6 +12,14 @@ tolerance, unless its comment says otherwise. Numba's compilation flags are in `
 
 
 # ---------------------------------------------------------------- importance sampling
+# The first two set how a batch's rows are split into chunks, and each chunk seeds its own draws:
+# changing them draws other (equally valid) samples from the same seeds.
+ROWS_AT_ONCE = 256  # images per (image x grid) proposal/posterior array: vectorised, yet bounded
+BYTES_AT_ONCE = 32 << 20  # per such float64 array: at 4 A on 128-px data a grid has 1e5 directions
+CACHED_BATCHES = 2  # sample sets kept per iteration: the minibatch (its line search asks again) + 1
+# Smoothing kernels drop values below e^-KERNEL_CUTOFF of their peak, to keep their matrices sparse;
+# it moves proposals by less than that fraction, but any change of proposals changes the draws.
+KERNEL_CUTOFF = 20.0
 
 
 # ---------------------------------------------------------------- stages (cryoday.stage)

@@ -71,3 +71,24 @@ def elementwise(scalar_kernel):
         return out
 
     return apply
+
+
+# --- importance sampling
+def kl_on_union_reference(x_p, logp_p, x_q, logp_q, c):
+    """``cryoday.importance.kl_on_union``, densely: per image, both weighted point sets smoothed
+    by ``exp(-c |x - y|^2)`` and evaluated (float64 throughout) at the union of their non-empty
+    points, renormalised there, and ``sum p log(p / q)`` over those points."""
+    out = np.empty(len(x_p))
+    for b in range(len(x_p)):
+        union = np.concatenate([x_p[b], x_q[b]])[np.isfinite(np.r_[logp_p[b], logp_q[b]])]
+
+        def log_density(x, logp):
+            log_w = logp - logsumexp(logp)  # empty slots: -inf, weight 0
+            d2 = np.sum((union[:, None, :] - x[None, :, :]) ** 2, axis=-1)
+            log_d = logsumexp(log_w[None, :] - c * d2, axis=1)
+            return log_d - logsumexp(log_d)
+
+        log_p = log_density(np.asarray(x_p[b], np.float64), np.asarray(logp_p[b], np.float64))
+        log_q = log_density(np.asarray(x_q[b], np.float64), np.asarray(logp_q[b], np.float64))
+        out[b] = np.sum(np.exp(log_p) * (log_p - log_q))
+    return out

@@ -1,5 +1,6 @@
-"""Importance sampling: unbiased weights, exhaustive fall-backs, caching, bounded state,
-schedules, the dataset prior, the antipodal term and the KL between visits."""
+"""Importance sampling: unbiased weights, exhaustive fall-backs, caching, bounded state and its
+round trip, schedules, the config options, the dataset prior, the antipodal term and the KL
+between visits (against the dense reference in tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from cryoday import molecule, simulate
-from cryoday.importance import ImportanceSampler, kl_on_union
+from cryoday import molecule, simulate, tunables
+from cryoday.errors import InputError
+from cryoday.importance import (ImportanceSampler, PosteriorStore, kl_on_union, proposals,
+                                schedule)
+from cryoday.importance.geometry import Domain
 from cryoday.likelihood import exhaustive_subsets, make_batch, marginal_nll
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
+from reference import kl_on_union_reference
 
 
 def test_weights_are_unbiased(rng):
@@ -25,7 +30,7 @@ def test_weights_are_unbiased(rng):
     exact = np.sum(np.exp(log_w) * f)
     # 4,000 rows drawn at once, 20 draws each; the last row takes every point.
     m = np.r_[np.full(4000, 20), 0]
-    counts, idx, lw = ImportanceSampler._sample(np.broadcast_to(q, (len(m), n)), log_w, m, rng)
+    counts, idx, lw = proposals.sample(np.broadcast_to(q, (len(m), n)), log_w, m, rng)
     row = np.repeat(np.arange(len(m)), counts)
     estimates = np.bincount(row, weights=np.exp(lw) * f[idx], minlength=len(m))
     assert np.all((counts[:-1] >= 1) & (counts[:-1] <= 20)) and counts[-1] == n
@@ -108,23 +113,41 @@ def test_state_round_trip(tmp_path):
     assert logsumexp(a.rot_logw) == pytest.approx(logsumexp(b.rot_logw))
 
 
+def test_store_state_round_trip_keeps_keys_dtypes_and_values(tmp_path):
+    rng = np.random.default_rng(8)
+    store = PosteriorStore(5)
+    store.has[[0, 3]] = True
+    for dim in range(3):
+        store.coordinates(dim)[:] = rng.normal(size=store.coordinates(dim).shape)
+        store.log_masses(dim)[[0, 3], :7] = rng.normal(size=(2, 7))
+    state = store.state()
+    # The keys every saved state.npz has used: older states must still load.
+    assert sorted(state) == sorted(["is_has", "is_dir_xyz", "is_dir_logp", "is_inp_angle",
+                                    "is_inp_logp", "is_shift_A", "is_shift_logp"])
+    np.savez(tmp_path / "state.npz", **state)
+    loaded = dict(np.load(tmp_path / "state.npz"))
+    restored = PosteriorStore.from_state(loaded)
+    assert restored.n == 5
+    for key, value in restored.state().items():
+        assert value.dtype == state[key].dtype and np.array_equal(value, state[key]), key
+    loaded["is_dir_logp"][0] = 0.0  # a copy: the loaded arrays are not the store's
+    assert np.array_equal(restored.dir_logp, store.dir_logp)
+    sampler = ImportanceSampler.from_state(loaded, s0=3.0)
+    assert sampler.n == 5 and sampler.s0 == 3.0 and sampler.store.has.sum() == 2
+
+
 def test_state_between_visits_does_not_grow_with_passes_over_the_data():
     """A pass over every particle at one iteration (held-out, final poses) keeps no per-batch
     samples, and per-visit proposals are dropped once the visit is stored."""
-    from cryoday.importance import ImportanceSampler
-    from cryoday.quadrature import pose_grid
-
     grid = pose_grid(15.0, 30, 6.4, 1.0)
     n = 600
     sampler = ImportanceSampler(n, seed=0, min_grid_points=0)
     sampler.set_grid(grid)
     rng = np.random.default_rng(0)
-    for row in range(n):
-        sampler.dir_xyz[row, 0] = grid.directions[rng.integers(grid.n_dir)]
-        sampler.dir_logp[row, 0] = 0.0
-        sampler.inp_logp[row, 0] = 0.0
-        sampler.shift_logp[row, 0] = 0.0
-        sampler.has[row] = True
+    store = sampler.store
+    store.dir_xyz[:, 0] = grid.directions[rng.integers(grid.n_dir, size=n)]
+    store.dir_logp[:, 0] = store.inp_logp[:, 0] = store.shift_logp[:, 0] = 0.0
+    store.has[:] = True
     sampler.set_grid(grid)  # the dataset average is rebuilt from the state written above
 
     class Flat:  # a posterior spread evenly over the sampled points
@@ -135,8 +158,37 @@ def test_state_between_visits_does_not_grow_with_passes_over_the_data():
     for rows in np.array_split(np.arange(n), 12):
         subsets = sampler.subsets(grid, rows, iteration=7)
         sampler.update(grid, rows, subsets, Flat(subsets))
-    assert len(sampler._cache) <= ImportanceSampler.CACHED_BATCHES
+    assert len(sampler._cache) <= tunables.CACHED_BATCHES
     assert len(sampler._proposals) == 0
+
+
+def test_options_from_config():
+    config = {"importance_sampling": False, "s0": 4, "importance_min_grid_points": 500,
+              "importance_max_rotations": 100, "importance_max_shifts": 9,
+              "importance_coverage": 0.8, "importance_dataset_prior": [0.5, 0.0, 1],
+              "shift_sigma_A": 10.0, "seed": 3}  # not the sampler's: ignored
+    options = ImportanceSampler.options_from_config(config)
+    assert options == {"enabled": False, "s0": 4.0, "min_grid_points": 500,
+                       "max_rotations": 100, "max_shifts": 9, "coverage": 0.8,
+                       "dataset_prior": (0.5, 0.0, 1.0)}
+    sampler = ImportanceSampler(10, seed=7, **options)
+    assert (sampler.enabled, sampler.max_shifts, sampler.dataset_prior, sampler.seed) == (
+        False, 9, (0.5, 0.0, 1.0), 7)
+    # Absent keys keep the constructor's defaults.
+    assert ImportanceSampler.options_from_config({"s0": 10.0}) == {"s0": 10.0}
+    assert ImportanceSampler.options_from_config(
+        {"importance_max_rotations": np.int64(5)}) == {"max_rotations": 5}
+    default = ImportanceSampler(10, **ImportanceSampler.options_from_config({}))
+    assert (default.min_grid_points, default.max_rotations, default.coverage) == (
+        20000, 3000, 0.95)
+    for key, value in (("importance_sampling", "yes"), ("s0", 0), ("s0", "10"),
+                       ("importance_coverage", 1.5), ("importance_max_rotations", 0),
+                       ("importance_max_shifts", 2.5), ("importance_min_grid_points", -1),
+                       ("importance_dataset_prior", [0.9, 0.9]),
+                       ("importance_dataset_prior", [0.9, 0.0, 2.0]),
+                       ("importance_dataset_prior", [0.9, "a", 0.9])):
+        with pytest.raises(InputError, match=f"reconstruction.{key}"):
+            ImportanceSampler.options_from_config({key: value})
 
 
 # ---------------------------------------------------------------------- schedules and mixture
@@ -180,6 +232,34 @@ def test_schedules_are_cautious_early_and_converge_late():
     assert sampler.flip(25 * 9.9) and not sampler.flip(25 * 10)
     converged = ImportanceSampler(10, anneal=False)
     assert (converged.temperature(0), converged.alpha(0), converged.flip(0)) == (1.0, 0.05, False)
+
+
+def test_schedule_functions_follow_the_documented_formulas():
+    """docs/importance.md: T = max(1, 2^(tau_T / (tau - tau_0))),
+    alpha = max(alpha_min, 2^(-(tau - tau_0) / h)), antipodal term while tau < tau_flip."""
+    t = dict(offset=0.2, temperature_epochs=3.0)
+    a = dict(offset=0.2, halflife=0.9, alpha_min=0.05)
+    assert schedule.temperature(3.2, **t) == pytest.approx(2.0)  # tau - tau_0 = tau_T
+    assert schedule.temperature(1.7, **t) == pytest.approx(4.0)
+    assert schedule.temperature(300.2, **t) == pytest.approx(2.0 ** 0.01)
+    assert schedule.temperature(0.2, **t) == schedule.temperature(0.0, **t) == 2.0**64
+    assert schedule.alpha(0.1, **a) == schedule.alpha(0.2, **a) == 1.0
+    assert schedule.alpha(1.1, **a) == pytest.approx(0.5)  # one half-life
+    assert schedule.alpha(2.0, **a) == pytest.approx(0.25)
+    assert schedule.alpha(0.2 + 0.9 * np.log2(20) - 0.01, **a) > 0.05
+    assert schedule.alpha(0.2 + 0.9 * np.log2(20), **a) == pytest.approx(0.05)
+    assert schedule.alpha(50.0, **a) == 0.05
+    assert schedule.antipodal(9.99, flip_epochs=10.0) and not schedule.antipodal(
+        10.0, flip_epochs=10.0)
+    assert schedule.epoch(60, 25) == 2.4
+    # The sampler reads iterations through iterations_per_epoch and its own constants.
+    sampler = ImportanceSampler(1, iterations_per_epoch=25, schedule_offset=0.5,
+                                temperature_epochs=2.0, alpha_halflife=2.0, alpha_min=0.1,
+                                flip_epochs=3.0)
+    assert sampler.temperature(25 * 2.5) == pytest.approx(2.0)
+    assert sampler.alpha(25 * 2.5) == pytest.approx(0.5)
+    assert sampler.alpha(25 * 100) == 0.1
+    assert sampler.flip(25 * 2.9) and not sampler.flip(25 * 3.0)
 
 
 def test_early_proposals_are_flatter_and_draw_more():
@@ -247,9 +327,9 @@ def test_dataset_average_is_kept_up_to_date_by_updates():
         sampler.update(grid, rows, *peaked_state(
             grid, rng.integers(0, grid.n_dir, 12), rng.integers(0, grid.n_inp, 12),
             rng.integers(0, grid.n_shift, 12), spread=30.0))
-    incremental = [d.copy() for d in sampler._deposit]
+    incremental = [d.copy() for d in sampler.average.deposits]
     sampler.set_grid(grid)  # rebuilt from the stored state alone
-    for a, b in zip(incremental, sampler._deposit):
+    for a, b in zip(incremental, sampler.average.deposits):
         assert np.allclose(a, b, atol=1e-9)
 
 
@@ -296,6 +376,24 @@ def test_kl_on_union_of_point_sets():
     assert kl_on_union(xp, padded, xp, padded, 5.0)[0] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("dims, c", [(3, 5.0), (2, 40.0), (2, 0.3)])
+def test_kl_on_union_matches_the_dense_reference(dims, c):
+    rng = np.random.default_rng(dims)
+    n, k = 50, 32
+    x_p = rng.normal(size=(n, k, dims))
+    x_q = x_p + 0.3 * rng.normal(size=x_p.shape)  # overlapping sets
+    x_q[::5] = rng.normal(size=x_q[::5].shape)  # and unrelated ones
+    logp_p, logp_q = rng.normal(0, 2, (n, k)), rng.normal(0, 2, (n, k))
+    logp_p[:, 20:] = -np.inf  # empty slots, some rows with only a few points
+    logp_q[1::3, 5:] = -np.inf
+    logp_p[7, 1:] = -np.inf
+    got = kl_on_union(x_p, logp_p, x_q, logp_q, c)
+    expected = kl_on_union_reference(x_p, logp_p, x_q, logp_q, c)
+    assert np.all(expected > 0) and expected.max() > 0.1  # far from 0 at this tolerance
+    # The kernel's exponentials are float32 (relative error 5e-7).
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_annealed_mixture_proposals_stay_unbiased():
     """Tempered, flipped, dataset-mixed proposals: the weighted sum over the sampled product set
     is an unbiased estimate of the full quadrature sum of any function of the pose."""
@@ -308,7 +406,7 @@ def test_annealed_mixture_proposals_stay_unbiased():
     # average follows the same state.
     sampler.update(grid, [0], *peaked_state(grid, [40], [7], [3], spread=20.0))
     for key in sampler.state():
-        array = getattr(sampler, key.removeprefix("is_"))
+        array = getattr(sampler.store, key.removeprefix("is_"))
         array[1:] = array[0]
     sampler.set_grid(grid)
     iteration = 3  # T ~ 2.4, alpha ~ 0.18, antipodal term on
@@ -364,13 +462,13 @@ def test_poses_without_real_mass_have_zero_posterior():
     sampler = ImportanceSampler(len(batch), min_grid_points=0)
     sampler.update(grid, np.arange(len(batch)), subsets, result)
     # Stored log masses are those of real candidates: within 60 nats of the best.
-    stored = sampler.dir_logp[np.isfinite(sampler.dir_logp)]
+    stored = sampler.store.dir_logp[np.isfinite(sampler.store.dir_logp)]
     assert stored.min() > -61.0
 
 
 def test_cached_snapping_equals_a_fresh_nearest_point_search():
     """The cache of stored points' nearest grid points (and their antipodes') against
-    _Domain.nearest, after updates and after a change of grid."""
+    Domain.nearest, after updates and after a change of grid."""
     grid = pose_grid(15.0, 30, 6.4, 1.0)
     finer = pose_grid(12.0, 36, 5.33, 1.0)
     n = 5
@@ -384,26 +482,25 @@ def test_cached_snapping_equals_a_fresh_nearest_point_search():
         if g is not sampler.grid:
             sampler.set_grid(g)  # clears the cache
         rows = np.arange(n)
+        kernels = sampler.kernels
         for dim in range(3):
-            fresh = sampler._domains[dim].nearest(sampler._embedded(dim, rows))
-            assert np.array_equal(sampler._snapped(dim, rows), fresh)
-            assert np.array_equal(sampler._snapped(dim, rows), fresh)  # now from the cache
-        fresh = sampler._domains[0].nearest(-sampler._embedded(0, rows))
-        assert np.array_equal(sampler._snapped(0, rows, antipodes=True), fresh)
+            fresh = kernels.domains[dim].nearest(kernels.embedded(dim, rows))
+            assert np.array_equal(kernels.snapped(dim, rows), fresh)
+            assert np.array_equal(kernels.snapped(dim, rows), fresh)  # now from the cache
+        fresh = kernels.domains[0].nearest(-kernels.embedded(0, rows))
+        assert np.array_equal(kernels.snapped(0, rows, antipodes=True), fresh)
 
 
 def test_spread_rows_is_the_kernel_sum_over_stored_points():
     """Each row: sum_k w_k exp(-c |x - grid[idx_k]|^2) on the grid, with the kernel's cut-off."""
-    from cryoday.importance import KERNEL_CUTOFF, _Domain
-
     grid = pose_grid(20.0, 24, 8.0, 1.0)
-    dom = _Domain(grid.directions, 40.0, np.zeros(grid.n_dir))
+    dom = Domain(grid.directions, 40.0, np.zeros(grid.n_dir))
     rng = np.random.default_rng(5)
     idx = rng.integers(0, grid.n_dir, (4, 7))
     w = rng.uniform(0, 1, (4, 7))
     w[1, 3:] = 0.0  # empty slots
     d2 = np.sum((grid.directions[None, None, :, :] - grid.directions[idx][:, :, None, :]) ** 2,
                 axis=-1)
-    kernel = np.where(40.0 * d2 <= KERNEL_CUTOFF, np.exp(-40.0 * d2), 0.0)
+    kernel = np.where(40.0 * d2 <= tunables.KERNEL_CUTOFF, np.exp(-40.0 * d2), 0.0)
     expected = np.einsum("bk,bkn->bn", w, kernel)
     assert np.allclose(dom.spread_rows(idx, w), expected, rtol=1e-12, atol=1e-15)

@@ -1,0 +1,347 @@
+"""The importance sampler's facade: the stage driver's one object for proposals and posteriors.
+
+``subsets`` gives the poses to evaluate for a minibatch, drawn from each image's proposal
+(or the whole grid where sampling would not pay); ``update`` stores the posteriors the
+likelihood found on them, refreshes the dataset average and measures the KL diagnostics;
+``state`` / ``from_state`` carry the posteriors from stage to stage. The parts live in the
+sibling modules; the method is in ``docs/importance.md``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from cryoday import tunables
+from cryoday.errors import InputError
+from cryoday.importance import diagnostics, schedule
+from cryoday.importance.average import DatasetAverage
+from cryoday.importance.geometry import GridKernels
+from cryoday.importance.proposals import (capped_draw_counts, prior_parts, proposal_matrices,
+                                          ragged_subsets, sample)
+from cryoday.importance.store import K_STORED, PosteriorStore, marginals, top_points
+from cryoday.likelihood import PoseSubsets, exhaustive_subsets
+
+# Config keys (section ``reconstruction``): the constructor argument each sets, its type and, for
+# numbers, their range (lower bound, whether it is excluded, upper bound).
+CONFIG_OPTIONS = {
+    "importance_sampling": ("enabled", bool, None),
+    "s0": ("s0", float, (0, True, np.inf)),
+    "importance_min_grid_points": ("min_grid_points", int, (0, False, np.inf)),
+    "importance_max_rotations": ("max_rotations", int, (1, False, np.inf)),
+    "importance_max_shifts": ("max_shifts", int, (1, False, np.inf)),
+    "importance_coverage": ("coverage", float, (0, True, 1)),
+    "importance_dataset_prior": ("dataset_prior", tuple, (0, False, 1)),  # 3 floats
+}
+
+
+class ImportanceSampler:
+    """Per-image proposals over the current grid; see ``docs/importance.md``.
+
+    Parameters
+    ----------
+    n_particles : int
+        Images whose posteriors are kept.
+    enabled : bool
+        False: every image is evaluated on the whole grid (posteriors are still stored).
+    s0 : float
+        Draws per unit of the proposal's effective sample size (the paper's default 10).
+    seed : int
+        Seeds the draws (with the iteration and the batch's rows).
+    alpha_min : float
+        Floor of the prior's share ``alpha`` (the paper's 0.05).
+    min_grid_points, coverage, max_rotations, max_shifts
+        Exhaustive below ``min_grid_points`` per image; a dimension is taken whole when its
+        draws would cover ``coverage`` of it; per-image caps on the draws.
+    iterations_per_epoch : float
+        SAGD iterations per pass over the training images: the unit of the schedules (the stage
+        driver passes its number of minibatches). The default 1 reads ``iteration`` as epochs.
+    schedule_offset : float
+        ``tau_0``, epochs before the stored posteriors are used at all (alpha = 1 until then).
+    temperature_epochs : float
+        ``tau_T`` in ``T = max(1, 2^(tau_T / (tau - tau_0)))``.
+    alpha_halflife : float
+        ``h`` in ``alpha = max(alpha_min, 2^(-(tau - tau_0) / h))``, epochs.
+    flip_epochs : float
+        The antipodal direction term is used while ``tau < flip_epochs``.
+    dataset_prior : tuple of 3 floats
+        ``g`` for directions, in-plane angles and shifts: the dataset average's share of the
+        prior part of the mixture.
+    anneal : bool
+        False: the converged regime throughout (T = 1, alpha = alpha_min, no antipodal term),
+        for measurements on a converged map.
+
+    Attributes
+    ----------
+    store : PosteriorStore, each image's stored posterior
+    grid : the current PoseGrid (None until the first ``set_grid``)
+    active : whether ``subsets`` samples (else it returns the whole grid)
+    last_kl : mean KL(posterior || proposal) over directions at the last ``update``
+    last_kl_epochs : mean KL between the last two visits' pose posteriors at the last
+        ``update`` (NaN when none of its images had been visited before)
+    last_kl_epochs_parts : that KL's three terms (``dir``, ``inp``, ``shift``)
+    """
+
+    def __init__(self, n_particles: int, enabled: bool = True, s0: float = 10.0, seed: int = 0,
+                 alpha_min: float = 0.05, min_grid_points: int = 20000, coverage: float = 0.95,
+                 max_rotations: int = 3000, max_shifts: int = 64,
+                 iterations_per_epoch: float = 1.0, schedule_offset: float = 0.2,
+                 temperature_epochs: float = 3.0, alpha_halflife: float = 0.9,
+                 flip_epochs: float = 10.0, dataset_prior=(0.9, 0.0, 0.9),
+                 anneal: bool = True):
+        self.n = int(n_particles)
+        self.enabled = enabled
+        self.s0 = float(s0)
+        self.alpha_min = float(alpha_min)
+        self.min_grid_points = int(min_grid_points)
+        self.coverage = float(coverage)
+        self.max_rotations = int(max_rotations)
+        self.max_shifts = int(max_shifts)
+        self.seed = int(seed)
+        self.iterations_per_epoch = float(iterations_per_epoch)
+        self.schedule_offset = float(schedule_offset)
+        self.temperature_epochs = float(temperature_epochs)
+        self.alpha_halflife = float(alpha_halflife)
+        self.flip_epochs = float(flip_epochs)
+        self.dataset_prior = tuple(float(g) for g in dataset_prior)
+        self.anneal = bool(anneal)
+        self.store = PosteriorStore(self.n)
+        self.grid = None
+        self.kernels: GridKernels | None = None
+        self.average: DatasetAverage | None = None
+        self._cache_key = None
+        self._cache: dict = {}
+        self._proposals: dict = {}  # row -> its direction proposal, until its update
+        self.last_kl = float("nan")
+        self.last_kl_epochs = float("nan")
+        self.last_kl_epochs_parts = {"dir": float("nan"), "inp": float("nan"),
+                                     "shift": float("nan")}
+
+    @staticmethod
+    def options_from_config(config: dict) -> dict:
+        """Constructor keyword arguments from the user's settings.
+
+        Parameters
+        ----------
+        config : dict
+            The ``reconstruction`` section (or any dict) with some of the keys
+            ``importance_sampling`` (enabled), ``s0``, ``importance_min_grid_points``,
+            ``importance_max_rotations``, ``importance_max_shifts``, ``importance_coverage``,
+            ``importance_dataset_prior`` (3 numbers); other keys are ignored, absent ones keep
+            the constructor's defaults.
+
+        Returns
+        -------
+        dict of the arguments set, e.g. ``{"enabled": True, "s0": 10.0}``; pass it on with the
+        stage's own ``seed`` and ``iterations_per_epoch``.
+
+        Raises
+        ------
+        InputError
+            A value of the wrong type or out of range, naming its key.
+        """
+        def bad(key, what):
+            return InputError(f"config key reconstruction.{key} {what}, got {config[key]!r}")
+
+        def number(key, value, kind, low, low_open, high):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise bad(key, "must be numbers" if kind is tuple else "must be a number")
+            if kind is int and value != int(value):
+                raise bad(key, "must be an integer")
+            if value < low or (low_open and value == low) or value > high:
+                bounds = f"{'>' if low_open else '>='} {low:g}" + (
+                    f" and <= {high:g}" if high < np.inf else "")
+                raise bad(key, f"must be {bounds}")
+            return int(value) if kind is int else float(value)
+
+        out = {}
+        for key, (name, kind, bounds) in CONFIG_OPTIONS.items():
+            if key not in config:
+                continue
+            value = config[key]
+            if kind is bool:
+                if not isinstance(value, (bool, np.bool_)):
+                    raise bad(key, "must be true or false")
+                out[name] = bool(value)
+            elif kind is tuple:
+                if np.ndim(value) != 1 or len(value) != 3:
+                    raise bad(key, "must be 3 numbers (directions, in-plane angles, shifts)")
+                out[name] = tuple(number(key, g, kind, *bounds) for g in value)
+            else:
+                out[name] = number(key, value, kind, *bounds)
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        """The per-image posteriors to save (``is_*`` arrays, see :class:`PosteriorStore`)."""
+        return self.store.state()
+
+    @classmethod
+    def from_state(cls, state: dict, **kwargs) -> ImportanceSampler:
+        """A sampler holding the posteriors of a saved :meth:`state`; ``kwargs`` as for the
+        constructor (the number of particles comes from the state)."""
+        store = PosteriorStore.from_state(state)
+        sampler = cls(store.n, **kwargs)
+        sampler.store = store
+        return sampler
+
+    def set_grid(self, grid) -> None:
+        """Work on ``grid`` from now on: its kernels, the stored points snapped to it afresh, the
+        dataset average rebuilt on it, and no cached samples."""
+        self.grid = grid
+        self.kernels = GridKernels(grid, self.store)
+        self._cache_key = None
+        self._cache = {}
+        self.average = DatasetAverage(self.kernels)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.grid is not None and self.grid.size > self.min_grid_points
+
+    def _rows_at_once(self) -> int:
+        """Images whose ``(image x grid)`` proposals or posteriors are formed at once."""
+        g = self.grid
+        largest = max(g.n_dir, g.n_inp, g.n_shift)
+        return int(max(1, min(tunables.ROWS_AT_ONCE, tunables.BYTES_AT_ONCE // (8 * largest))))
+
+    # ------------------------------------------------------------------ schedules
+
+    def epoch(self, iteration: float) -> float:
+        """``tau``: passes over the data at SAGD iteration ``iteration``."""
+        return schedule.epoch(iteration, self.iterations_per_epoch)
+
+    def temperature(self, iteration: float) -> float:
+        """``T``: stored posteriors enter the proposals as ``p^(1/T)``."""
+        if not self.anneal:
+            return 1.0
+        return schedule.temperature(self.epoch(iteration), offset=self.schedule_offset,
+                                    temperature_epochs=self.temperature_epochs)
+
+    def alpha(self, iteration: float) -> float:
+        """The prior's share of the proposals."""
+        if not self.anneal:
+            return self.alpha_min
+        return schedule.alpha(self.epoch(iteration), offset=self.schedule_offset,
+                              halflife=self.alpha_halflife, alpha_min=self.alpha_min)
+
+    def flip(self, iteration: float) -> bool:
+        """Whether direction proposals also cover the antipodes of the stored directions."""
+        return self.anneal and schedule.antipodal(self.epoch(iteration),
+                                                  flip_epochs=self.flip_epochs)
+
+    # ------------------------------------------------------------------ proposals and draws
+
+    def dataset_average(self, dim: int) -> np.ndarray:
+        """Mean posterior over all images in dimension ``dim`` (0 directions, 1 in-plane,
+        2 shifts) on the current grid, kernel-smoothed."""
+        return self.average(dim)
+
+    def proposals(self, rows, iteration: float):
+        """Each row's proposals ``(q_dir, q_inp, q_shift)`` on the current grid, as a function
+        of the row's position in ``rows`` (the batch's are built at once)."""
+        matrices = self._proposal_matrices(np.asarray(rows), iteration)
+        return lambda i: tuple(m[i] for m in matrices)
+
+    def _proposal_matrices(self, rows: np.ndarray, iteration: float) -> list[np.ndarray]:
+        priors = prior_parts(self.kernels, self.average, self.dataset_prior)
+        return proposal_matrices(self.kernels, priors, rows, self.temperature(iteration),
+                                 self.alpha(iteration), self.flip(iteration))
+
+    def subsets(self, grid, rows, iteration: int) -> PoseSubsets:
+        """The poses to evaluate for ``rows``; the same (rows, iteration) gives the same sets."""
+        if grid is not self.grid:
+            self.set_grid(grid)
+        rows = np.asarray(rows)
+        key = (int(iteration), rows.tobytes())
+        if key in self._cache:
+            return self._cache[key]
+        # Only the minibatch being optimised needs its samples kept (its line search asks again);
+        # a pass over every particle at one iteration (held-out, final poses) must not keep them
+        # all: at 100,000 particles that was tens of GB.
+        if len(self._cache) >= tunables.CACHED_BATCHES or self._cache_key != int(iteration):
+            self._cache = {}
+            self._cache_key = int(iteration)
+        g = self.grid
+        if not self.active:
+            for row in rows:
+                self._proposals[row] = None
+            subsets = exhaustive_subsets(g, len(rows))
+            self._cache[key] = subsets
+            return subsets
+        parts = [[], [], []]  # per dimension, each chunk's ragged (counts, indices, log weights)
+        log_w = (g.dir_log_weights, g.inp_log_weights, np.asarray(g.shift_log_weights))
+        at_once = self._rows_at_once()
+        for lo in range(0, len(rows), at_once):
+            chunk = rows[lo:lo + at_once]
+            q = self._proposal_matrices(chunk, iteration)
+            m = capped_draw_counts(g, *q, self.s0, self.coverage, self.max_rotations,
+                                   self.max_shifts)
+            # Seeded by the rows themselves, so the same (rows, iteration) draws the same sets.
+            rng = np.random.default_rng([self.seed, int(iteration), *chunk.tolist()])
+            for dim in range(3):
+                parts[dim].append(sample(q[dim], log_w[dim], m[dim], rng))
+            for i, row in enumerate(chunk):
+                self._proposals[row] = np.array(q[0][i])  # for the KL at its update
+        subsets = ragged_subsets(g.n_inp, parts)
+        self._cache[key] = subsets
+        return subsets
+
+    # ------------------------------------------------------------------ updates
+
+    def update(self, grid, rows, subsets: PoseSubsets, result) -> None:
+        """Store each image's posterior marginals (top ``K`` per dimension, as coordinates),
+        refresh the dataset average and measure the KL to the proposal and to the previous
+        visit.
+
+        Parameters
+        ----------
+        grid : the PoseGrid ``subsets`` index
+        rows : (B,) image rows
+        subsets : the PoseSubsets the likelihood was evaluated on
+        result : with ``rot_post`` and ``shift_post`` over ``subsets`` (a LikelihoodResult)
+        """
+        if grid is not self.grid:
+            self.set_grid(grid)
+        rows = np.asarray(rows)
+        new_idx = [np.zeros((len(rows), K_STORED), np.int64) for _ in range(3)]
+        new_logp = [np.full((len(rows), K_STORED), -np.inf) for _ in range(3)]
+        valid = np.ones(len(rows), dtype=bool)
+        kls = []
+        at_once = self._rows_at_once()
+        for lo in range(0, len(rows), at_once):
+            hi = min(len(rows), lo + at_once)
+            part = subsets.block(lo, hi) if (lo, hi) != (0, len(rows)) else subsets
+            r0, r1 = subsets.rot_offsets[lo], subsets.rot_offsets[hi]
+            s0, s1 = subsets.shift_offsets[lo], subsets.shift_offsets[hi]
+            p = marginals(self.grid, part, result.rot_post[r0:r1], result.shift_post[s0:s1])
+            kls.extend(self._kl_to_proposals(rows[lo:hi], p[0]))
+            for dim in range(3):
+                top, logp, usable = top_points(p[dim])
+                valid[lo:hi] &= usable
+                new_idx[dim][lo:hi, :top.shape[1]] = top
+                new_logp[dim][lo:hi, :top.shape[1]] = logp
+        self.last_kl = float(np.mean(kls)) if kls else float("nan")
+        self.last_kl_epochs, self.last_kl_epochs_parts = diagnostics.kl_between_visits(
+            self.kernels, rows, valid, new_idx, new_logp)
+        store = self.store
+        # A visit without a usable posterior leaves the image uninformed, not misinformed.
+        self.average.deposit(rows[store.has[rows]], -1.0)
+        store.has[rows[~valid]] = False
+        stored = rows[valid]
+        index = [new_idx[dim][valid] for dim in range(3)]
+        store.write(stored, [self.kernels.coordinates[dim][index[dim]] for dim in range(3)],
+                    [new_logp[dim][valid] for dim in range(3)])
+        self.kernels.stored_at(stored, index)  # stored at grid points, they snap back to them
+        self.average.deposit(stored, 1.0)
+
+    def _kl_to_proposals(self, rows, p_dir: np.ndarray):
+        """KL(posterior || proposal) over directions for the rows that had a proposal (each is
+        kept only until this visit's update)."""
+        had = [(i, q) for i, row in enumerate(rows)
+               if (q := self._proposals.pop(row, None)) is not None]
+        if not had:
+            return []
+        return diagnostics.kl_to_proposal(p_dir[[i for i, _ in had]],
+                                          np.stack([q for _, q in had]))

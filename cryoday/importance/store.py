@@ -1,0 +1,144 @@
+"""The posterior store: what each image's latest visit leaves for its next proposal.
+
+Per image and dimension (viewing direction, in-plane angle, shift) the ``K_STORED`` points with
+the most posterior mass, as coordinates (unit vectors, radians, A) with their untempered log
+masses. Coordinates rather than grid indices, so that a posterior carries over to the finer
+grid of the next stage; a fixed ``K`` keeps the state per image independent of the grid size
+(``K x 9 x 4`` bytes and a flag, about 1.2 kB). The masses are stored untempered because the
+tempering depends on the time of the next visit and the between-visit KL compares the
+posteriors themselves. See ``docs/importance.md``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp
+
+K_STORED = 32
+DIMENSIONS = ("dir", "inp", "shift")
+# Per dimension: the attribute holding the coordinates and the one holding the log masses.
+FIELDS = (("dir_xyz", "dir_logp"), ("inp_angle", "inp_logp"), ("shift_A", "shift_logp"))
+
+
+def normalised_logw(logp: np.ndarray) -> np.ndarray:
+    """Log weights renormalised over each row's finite entries (``-inf`` pads stay ``-inf``)."""
+    with np.errstate(invalid="ignore"):
+        return logp - logsumexp(logp, axis=-1, keepdims=True)
+
+
+class PosteriorStore:
+    """Each image's sparse posterior marginals, as float32 arrays over ``(image, K)``.
+
+    Parameters
+    ----------
+    n_particles : int
+        Images whose posteriors are kept.
+
+    Attributes
+    ----------
+    has : (n,) bool
+        Whether the image has a stored posterior.
+    dir_xyz, inp_angle, shift_A : (n, K, 3), (n, K), (n, K, 2) float32
+        The stored points: unit direction vectors, in-plane angles (radians), shifts (A).
+    dir_logp, inp_logp, shift_logp : (n, K) float32
+        Their log masses, normalised over the ``K`` points, ``-inf`` for empty slots.
+    """
+
+    def __init__(self, n_particles: int):
+        self.n = int(n_particles)
+        self.has = np.zeros(self.n, dtype=bool)
+        self.dir_xyz = np.zeros((self.n, K_STORED, 3), dtype=np.float32)
+        self.dir_logp = np.full((self.n, K_STORED), -np.inf, dtype=np.float32)
+        self.inp_angle = np.zeros((self.n, K_STORED), dtype=np.float32)
+        self.inp_logp = np.full((self.n, K_STORED), -np.inf, dtype=np.float32)
+        self.shift_A = np.zeros((self.n, K_STORED, 2), dtype=np.float32)
+        self.shift_logp = np.full((self.n, K_STORED), -np.inf, dtype=np.float32)
+
+    def coordinates(self, dim: int) -> np.ndarray:
+        """The stored points of dimension ``dim`` (0 directions, 1 in-plane, 2 shifts)."""
+        return getattr(self, FIELDS[dim][0])
+
+    def log_masses(self, dim: int) -> np.ndarray:
+        """The stored points' log masses in dimension ``dim``, ``(n, K)``."""
+        return getattr(self, FIELDS[dim][1])
+
+    def write(self, rows, coordinates, log_masses) -> None:
+        """Store ``rows``' points: per dimension, their coordinates and log masses."""
+        self.has[rows] = True
+        for dim in range(3):
+            self.coordinates(dim)[rows] = coordinates[dim]
+            self.log_masses(dim)[rows] = log_masses[dim]
+
+    def state(self) -> dict:
+        """The arrays to save, under the keys ``state.npz`` has always used (``is_*``)."""
+        return {"is_has": self.has, "is_dir_xyz": self.dir_xyz, "is_dir_logp": self.dir_logp,
+                "is_inp_angle": self.inp_angle, "is_inp_logp": self.inp_logp,
+                "is_shift_A": self.shift_A, "is_shift_logp": self.shift_logp}
+
+    @classmethod
+    def from_state(cls, state: dict) -> PosteriorStore:
+        """The store saved as :meth:`state` (copies of its arrays).
+
+        A state saved before log masses were kept has normalised masses (``is_*_p``, 0 for
+        empty slots) instead, and still loads.
+        """
+        has = state["is_has"]
+        store = cls(len(has))
+        for key in ("has", "dir_xyz", "inp_angle", "shift_A"):
+            setattr(store, key, np.array(state[f"is_{key}"]))
+        for prefix in DIMENSIONS:
+            if f"is_{prefix}_logp" in state:
+                logp = np.array(state[f"is_{prefix}_logp"], dtype=np.float32)
+            else:
+                with np.errstate(divide="ignore"):
+                    logp = np.log(np.array(state[f"is_{prefix}_p"], dtype=np.float32))
+            setattr(store, f"{prefix}_logp", logp)
+        return store
+
+
+def marginals(grid, subsets, rot_post: np.ndarray, shift_post: np.ndarray):
+    """Each image's posterior mass per grid direction, in-plane angle and shift, ``(B, n)``.
+
+    The posterior at a grid point is gamma divided by the importance correction ``c / (M q)``,
+    i.e. ``gamma W / exp(logw)``: the true posterior mass at that point.
+
+    Parameters
+    ----------
+    grid : cryoday.quadrature.PoseGrid
+    subsets : PoseSubsets the posteriors were evaluated on
+    rot_post, shift_post : the likelihood's posteriors over ``subsets``' rotations and shifts
+    """
+    n_images = subsets.n_images
+    image = np.repeat(np.arange(n_images), np.diff(subsets.rot_offsets))
+    rot_index = subsets.rot_index
+    mass = rot_post * np.exp(grid.rot_log_weights[rot_index] - subsets.rot_logw)
+    d, j = rot_index // grid.n_inp, rot_index % grid.n_inp
+    p_dir = np.bincount(image * grid.n_dir + d, weights=mass, minlength=n_images * grid.n_dir)
+    p_inp = np.bincount(image * grid.n_inp + j, weights=mass, minlength=n_images * grid.n_inp)
+    image = np.repeat(np.arange(n_images), np.diff(subsets.shift_offsets))
+    shift_index = subsets.shift_index
+    mass = shift_post * np.exp(grid.shift_log_weights[shift_index] - subsets.shift_logw)
+    p_shift = np.bincount(image * grid.n_shift + shift_index, weights=mass,
+                          minlength=n_images * grid.n_shift)
+    return (p_dir.reshape(n_images, grid.n_dir), p_inp.reshape(n_images, grid.n_inp),
+            p_shift.reshape(n_images, grid.n_shift))
+
+
+def top_points(p: np.ndarray):
+    """The ``K_STORED`` points of most mass in each row of ``p`` ``(B, n)`` (all of them when
+    ``n <= K``), with their log masses normalised over the row.
+
+    Returns
+    -------
+    index : (B, min(n, K)) int, the points (in no particular order)
+    logp : (B, min(n, K)) float64, their log masses
+    usable : (B,) bool, rows with a positive, finite total mass
+    """
+    total = p.sum(axis=1)
+    usable = (total > 0) & np.isfinite(total)
+    n = p.shape[1]
+    top = (np.argpartition(p, -K_STORED, axis=1)[:, -K_STORED:] if n > K_STORED
+           else np.broadcast_to(np.arange(n), (len(p), n)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.log(np.take_along_axis(p, top, axis=1) / total[:, None])
+    return top, logp, usable
