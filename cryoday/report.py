@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from cryoday import __version__, io
-from cryoday.validation import read_history
+from cryoday import __version__, io, records
+from cryoday.validation import SIGNAL_Z
 
 
 def _png(fig) -> str:
@@ -50,39 +50,40 @@ def map_views(volume: np.ndarray, title: str) -> str:
     return _img(_png(fig), title)
 
 
-def history_plot(histories: list[str]) -> str:
+def history_plot(seed_histories: dict) -> str:
     """Held-out error, objective, step size, grid fraction and pose KL against iteration.
 
-    Each random start runs its stages one after another on one iteration axis (a stage boundary
-    shows as a new colour); seeds share the axis, told apart by line style. The KL panel shows
-    the paper's Figure 3 measure, each image's pose posterior against its previous visit's
-    (``kl_epoch``, dots), and the posterior against its importance proposal (``kl``, crosses);
-    histories written before ``kl_epoch`` existed show the crosses only.
+    ``seed_histories`` is ``{seed: [history.tsv of each stage, in order]}``. Each random start
+    runs its stages one after another on one iteration axis (a stage boundary shows as a new
+    colour); seeds share the axis, told apart by line style. The KL panel shows the paper's
+    Figure 3 measure, each image's pose posterior against its previous visit's (``kl_epoch``,
+    dots), and the posterior against its importance proposal (``kl``, crosses); histories
+    written before ``kl_epoch`` existed show the crosses only.
     """
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
-    offsets: dict[str, int] = {}
-    seeds = sorted({Path(p).parent.parent.name for p in histories})
+    seeds = [f"seed{s}" for s in seed_histories]
     styles = ["-", "--", ":", "-."]
-    for path in histories:
-        rows = read_history(path)
-        if not rows:
-            continue
-        seed, stage = Path(path).parent.parent.name, Path(path).parent.name
-        style = styles[seeds.index(seed) % len(styles)]
-        colour = f"C{int(stage.removeprefix('stage')) - 1 if stage[5:].isdigit() else 0}"
-        it = np.array([r["iteration"] for r in rows]) + offsets.get(seed, 0)
-        label = stage if seed == seeds[0] else None
-        held = np.array([r["heldout_nll"] for r in rows])
-        good = np.isfinite(held)
-        axes[0].plot(it[good], held[good], style, marker="o", ms=3, color=colour, label=label)
-        axes[1].plot(it, [r["objective"] for r in rows], style, color=colour)
-        axes[2].semilogy(it, [r["step"] for r in rows], style, color=colour)
-        axes[3].semilogy(it, [r["n_evaluated"] / r["n_full"] for r in rows], style, color=colour)
-        for column, marker in (("kl_epoch", "."), ("kl", "x")):
-            kl = np.array([r.get(column, np.nan) for r in rows])
-            axes[4].plot(it[np.isfinite(kl)], kl[np.isfinite(kl)], marker, ms=3, color=colour,
-                         alpha=1.0 if column == "kl_epoch" else 0.4)
-        offsets[seed] = int(it[-1])
+    for (seed, paths), style in zip(seed_histories.items(), styles * len(seed_histories)):
+        offset = 0
+        for index, path in enumerate(paths):
+            rows = records.read_history(path)
+            if not rows:
+                continue
+            colour = f"C{index}"
+            it = np.array([r["iteration"] for r in rows]) + offset
+            label = f"stage{index + 1}" if f"seed{seed}" == seeds[0] else None
+            held = np.array([r["heldout_nll"] for r in rows])
+            good = np.isfinite(held)
+            axes[0].plot(it[good], held[good], style, marker="o", ms=3, color=colour, label=label)
+            axes[1].plot(it, [r["objective"] for r in rows], style, color=colour)
+            axes[2].semilogy(it, [r["step"] for r in rows], style, color=colour)
+            axes[3].semilogy(it, [r["n_evaluated"] / r["n_full"] for r in rows], style,
+                             color=colour)
+            for column, marker in (("kl_epoch", "."), ("kl", "x")):
+                kl = np.array([r.get(column, np.nan) for r in rows])
+                axes[4].plot(it[np.isfinite(kl)], kl[np.isfinite(kl)], marker, ms=3,
+                             color=colour, alpha=1.0 if column == "kl_epoch" else 0.4)
+            offset = int(it[-1])
     axes[0].set(xlabel="iteration", ylabel="held-out mean -log p(I|V)", title="held-out error")
     axes[1].set(xlabel="iteration", ylabel="mean -log posterior", title="objective")
     axes[2].set(xlabel="iteration", ylabel="step size eps/L", title="step size")
@@ -139,32 +140,38 @@ def isosurface_views(volume: np.ndarray, title: str) -> str:
     return _img(_png(fig), title)
 
 
-def stage_maps(histories: list[str]) -> str:
-    """Each stage's map projected along z, like the paper's Figure 5."""
-    paths = [Path(h).with_name("volume.mrc") for h in histories]
-    paths = [p for p in paths if p.exists()]
-    if not paths:
+def stage_maps(seed_volumes: dict) -> str:
+    """Each stage's map projected along z, like the paper's Figure 5.
+
+    ``seed_volumes`` is ``{seed: [volume.mrc of each stage, in order]}``.
+    """
+    panels = [(f"seed{seed}/stage{i + 1}", path) for seed, paths in seed_volumes.items()
+              for i, path in enumerate(paths)]
+    if not panels:
         return ""
-    fig, axes = plt.subplots(1, len(paths), figsize=(2.2 * len(paths), 2.4), squeeze=False)
-    for ax, path in zip(axes[0], paths):
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.4), squeeze=False)
+    for ax, (title, path) in zip(axes[0], panels):
         v, _ = io.read_map(path)
         ax.imshow(v.sum(axis=0), cmap="gray", origin="lower")
-        ax.set_title(f"{path.parent.parent.name}/{path.parent.name}", fontsize=8)
+        ax.set_title(title, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     return _img(_png(fig), "stage maps")
 
 
-def particles_and_reprojections(star, preprocess_info, volume, pixel_size, count=6) -> str:
-    """Example particles next to the final map projected at their estimated poses with CTF."""
+def particles_and_reprojections(star, preprocessed_star, volume, pixel_size, count: int) -> str:
+    """Example particles (from ``preprocessed_star``, as the reconstruction saw them) next to the
+    final map projected at their estimated poses (from ``star``) with their CTF."""
     from cryoday.ctf import evaluate_ctf
     from cryoday.fourier import ift2
     from cryoday.geometry import euler_to_matrix
     from cryoday.simulate import project_ft, shift_phase
 
-    preprocessed = io.read_particles(Path(preprocess_info).with_name("particles.star"))
+    preprocessed = io.read_particles(preprocessed_star)
     final = io.read_particles(star, pixel_size=pixel_size, check_stacks=False)
     rows = np.arange(min(count, len(preprocessed)))
+    if len(rows) == 0:
+        return ""
     with io.ImageSource(preprocessed) as source:
         images = source.read(rows)
     pose = io.poses(final)
@@ -214,8 +221,10 @@ def signal_paragraph(metrics) -> str:
     signal = metrics.get("heldout_signal")
     if not signal:
         return ""
-    verdict = ("evidence of a structure" if signal["z"] >= 3
-               else "<b>no evidence of a structure</b>")
+    evidence = signal.get("evidence", signal["z"] >= SIGNAL_Z)
+    verdict = "evidence of a structure" if evidence else "<b>no evidence of a structure</b>"
+    if signal.get("reason"):
+        verdict += f" ({html.escape(signal['reason'])})"
     return (f"<p>Held-out test: on {signal['n_heldout']} images never used for fitting, the map "
             f"explains the data {signal['gain_nats_per_image']:+.2f} nats per image better than "
             f"empty density (z = {signal['z']:.1f}): {verdict}.</p>")
@@ -234,8 +243,13 @@ def seed_table(metrics) -> str:
                    for pair, res in pairs.items())
     verdict = ("the maps agree" if consistency.get("agree")
                else "<b>the maps disagree: the structure is not reproducible</b>")
-    return (f"<p>Seed consistency over seeds {', '.join(seeds)}: {verdict}; the final map is "
-            f"seed {metrics.get('chosen_seed')}'s (lowest held-out error).</p>"
+    criterion = ""
+    if "threshold_A" in consistency:
+        criterion = (f" (they agree when each pair's FSC 0.143 is within "
+                     f"{consistency['max_ratio']:g} x {consistency['reference_A']:.1f} A, the "
+                     f"resolution the data support: {consistency['threshold_A']:.1f} A)")
+    return (f"<p>Seed consistency over seeds {', '.join(seeds)}: {verdict}{criterion}; the final "
+            f"map is seed {metrics.get('chosen_seed')}'s (lowest held-out error).</p>"
             "<table><tr><th>seeds</th><th>FSC 0.143 between their maps (A)</th></tr>"
             f"{rows}</table>")
 
@@ -248,15 +262,47 @@ def _versions() -> str:
             f"snakemake {snakemake.__version__}")
 
 
+def _plain(value):
+    """Snakemake's config sections (its own dict and list types) as plain ones for YAML."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _speedup(value) -> str:
     return "" if not value else f"{value:.0f}x"
 
 
-def write_report(path, dataset, metrics, fsc, volume, star, preprocess_info, histories, config):
-    """Write the report for one dataset (atomically)."""
+def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
+                 preprocessed_star, seed_stages, settings, n_example_particles):
+    """Write the report for one dataset (atomically).
+
+    Parameters
+    ----------
+    path : path
+        The HTML page to write.
+    dataset : str
+        The dataset's name.
+    metrics, fsc : path
+        Validation's ``metrics.json`` and FSC table.
+    volume, star : path
+        The final map and the particles with their final poses.
+    preprocess_info, preprocessed_star : path
+        Preprocessing's ``info.json`` and particles.
+    seed_stages : dict
+        ``{seed: [(history.tsv, volume.mrc), ...]}``, one pair per stage in stage order.
+    settings : dict
+        The configuration the run used, shown under Provenance.
+    n_example_particles : int
+        How many particles to show beside the map's projections at their poses.
+    """
     m = json.loads(Path(metrics).read_text())
     info = json.loads(Path(preprocess_info).read_text())
     vol, _ = io.read_map(volume)
+    histories = {seed: [h for h, _ in stages] for seed, stages in seed_stages.items()}
+    volumes = {seed: [v for _, v in stages] for seed, stages in seed_stages.items()}
     status = m.get("status", "ok")
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in m.get("warnings", []))
     stage_rows = "".join(
@@ -280,12 +326,13 @@ def write_report(path, dataset, metrics, fsc, volume, star, preprocess_info, his
          f" {info['pixel_size']:.3f} A/px, contrast sign {info['contrast_sign']:+d} "
          f"(z = {info['contrast_z']:.1f}).</p>"),
         defocus_histogram(star, info["pixel_size"]),
-        particles_and_reprojections(star, preprocess_info, vol, info["pixel_size"]),
+        particles_and_reprojections(star, preprocessed_star, vol, info["pixel_size"],
+                                    n_example_particles),
         ("<h2>Run</h2><table><tr><th>stage</th><th>resolution (A)</th><th>box</th>"
          "<th>iterations</th><th>wall (s)</th><th>held-out nll</th><th>IS speed-up</th></tr>"),
         stage_rows, "</table>", history_plot(histories),
         "<h2>Map</h2>", map_views(vol, "final map"), isosurface_views(vol, "final map"),
-        "<h3>Maps of the stages</h3>", stage_maps(histories),
+        "<h3>Maps of the stages</h3>", stage_maps(volumes),
         "<h2>Validation</h2>",
         (f"<p>FSC 0.143 against the reference: "
          f"{'n/a' if resolution is None else f'{resolution:.1f} A'}. "
@@ -298,7 +345,7 @@ def write_report(path, dataset, metrics, fsc, volume, star, preprocess_info, his
         (f"<p>{_versions()}; written {datetime.now(UTC):%Y-%m-%d %H:%M UTC} on "
          f"{html.escape(platform.node())} in <code>{html.escape(os.getcwd())}</code> by "
          "<code>snakemake</code> with this configuration:</p>"),
-        f"<pre>{html.escape(yaml.safe_dump(dict(config), sort_keys=False))}</pre>",
+        f"<pre>{html.escape(yaml.safe_dump(_plain(settings), sort_keys=False))}</pre>",
         "</body></html>",
     ]
     with io.atomic_path(path) as tmp:

@@ -1,32 +1,64 @@
-"""Figures of a finished run, for ``metrics.json``: stages, resolution, seed consistency."""
+"""Figures of a finished run, for ``metrics.json``: stages, resolution, seed consistency, verdict.
+
+Every function takes the files and arrays it judges as arguments; none knows where the workflow
+keeps them (``workflow/rules/common.smk`` does). The verdict is ``ok`` only when nothing below
+casts doubt on the map; each doubt is a sentence in ``warnings``.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
-from cryoday import io
+from cryoday import io, records
 from cryoday.align import fsc_after_alignment
 from cryoday.fourier import rescale_volume
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 
+# Held-out log-likelihood gain, in standard errors, that counts as signal.
+SIGNAL_Z = 3.0
+# A per-image gain whose spread is below this fraction of its mean is one number, not a sample.
+# Under the engine's Gaussian noise model an image-dependent gain of mean g nats varies by about
+# sqrt(2 g) between images from the noise alone (the cross term <noise, model> / sigma^2), a
+# relative spread of sqrt(2 / g); that falls below 1e-4 only for g > 2e8 nats per image, far
+# beyond any image. A smaller spread is a numerical offset (a collapsed map gains the same
+# 2e-7 nats on every image, spread 1e-15), whose z-score (2.6e9) means nothing.
+GAIN_MIN_RELATIVE_SPREAD = 1e-4
+# A mean gain below this (nats per image) is below the precision of the likelihood (float32
+# quadrature weights are good to ~1e-7 relative) and is no evidence whatever its z. By the same
+# noise model a real gain g is significant (z >= 3) over n images only if g >= 18 / n, so this
+# floor could hide a real signal only on more than 1.8e7 held-out images.
+GAIN_FLOOR_NATS = 1e-6
+# A map whose voxels spread by less than this fraction of their largest magnitude is constant:
+# float32 holds ~7 digits, so 1e-5 is ~100 rounding steps, not structure.
+CONSTANT_MAP_SPREAD = 1e-5
+# A map whose projection varies by less than this (in units of the images' noise sigma, 1 after
+# preprocessing) explains nothing: its best possible gain on a box^2 image is box^2 * rms^2 / 2
+# nats (0.002 at 64 px). Real projections vary by ~sqrt(SNR), 0.2 at the paper's SNR of 0.05
+# and still 0.03 at 1e-3, so the threshold sits 30x below the noisiest data with any signal.
+MIN_PROJECTION_RMS = 1e-3
+# Random starts agree when their aligned maps' FSC 0.143 is within this factor of what the data
+# support (see seed_agreement).
+SEED_AGREEMENT_FACTOR = 1.25
 
-def read_history(path) -> list[dict]:
-    """A stage's ``history.tsv`` as dicts of floats (NaN where a value is empty)."""
-    with open(path) as f:
-        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-                for row in csv.DictReader(f, delimiter="\t")]
 
+def stage_figures(history_path, volume_path, resolution_A: float) -> dict:
+    """Figures of one stage from its ``history.tsv`` and its map.
 
-def stage_figures(history_path, resolution_A: float) -> dict:
-    """Per-stage figures from its history and the volume beside it."""
-    history = read_history(history_path)
+    Parameters
+    ----------
+    history_path, volume_path : path
+        The stage's ``history.tsv`` and ``volume.mrc``.
+    resolution_A : float
+        The stage's target resolution (A).
+    """
+    history = records.read_history(history_path)
     heldout = [h["heldout_nll"] for h in history if np.isfinite(h["heldout_nll"])]
-    volume_path = Path(history_path).with_name("volume.mrc")
     volume, pixel_size = io.read_map(volume_path)
     last_epoch = [h for h in history if h["epoch"] > history[-1]["epoch"] - 1.0] or history
     evaluated = sum(h["n_evaluated"] for h in last_epoch)
@@ -42,15 +74,38 @@ def stage_figures(history_path, resolution_A: float) -> dict:
     }
 
 
+def by_seed(paths, seeds) -> dict[int, list]:
+    """Split a seed-major list (every stage of the first seed, then the next) into one list per
+    seed, stage order kept."""
+    paths, seeds = list(paths), [int(s) for s in seeds]
+    if not seeds or len(paths) % len(seeds):
+        raise ValueError(f"{len(paths)} files do not split evenly over seeds {seeds}")
+    n = len(paths) // len(seeds)
+    return {seed: paths[i * n:(i + 1) * n] for i, seed in enumerate(seeds)}
+
+
+def choose_seed(last_histories: dict) -> tuple[int, dict[int, float]]:
+    """The random start whose last stage explains the held-out images best (lowest held-out nll),
+    which chooses between starts without a reference; and every start's figure.
+
+    Parameters
+    ----------
+    last_histories : dict
+        ``{seed: path of the seed's last stage's history.tsv}``, in config order (ties go to the
+        first).
+    """
+    scores = {int(seed): records.final_heldout_nll(path) for seed, path in last_histories.items()}
+    return min(scores, key=scores.get), scores
+
+
 def write_fsc_table(path, table: dict) -> None:
     """TSV of FSC curves: ``freq_invA``, ``resolution_A`` and one column per curve."""
     columns = list(table)
-    with io.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t")
-            writer.writerow(columns)
-            for row in zip(*(table[c] for c in columns)):
-                writer.writerow([f"{v:.6g}" for v in row])
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(columns)
+        for row in zip(*(table[c] for c in columns)):
+            writer.writerow([f"{v:.6g}" for v in row])
 
 
 def pose_errors(true_rotations: np.ndarray, estimated: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -76,7 +131,17 @@ def pose_errors(true_rotations: np.ndarray, estimated: np.ndarray) -> tuple[np.n
 
 
 def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
-    """Gold-standard FSC: two half-maps from disjoint halves with the final poses."""
+    """Gold-standard FSC: two half-maps from disjoint halves with the final poses.
+
+    Parameters
+    ----------
+    preprocessed_star : path
+        The preprocessed particles (normalised images and their CTFs).
+    final_star : path
+        The same particles with their final poses.
+    box, pixel_size : int, float
+        The maps' box and voxel size (the preprocessed images').
+    """
     from cryoday.geometry import euler_to_matrix
     from cryoday.reconstruct import half_sets, reconstruct
 
@@ -96,46 +161,197 @@ def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
     return maps
 
 
-SIGNAL_Z = 3.0  # held-out log-likelihood gain, in standard errors, that counts as signal
 
 
-def histories_of(histories: list[str], seed: int) -> list[str]:
-    """One seed's ``history.tsv`` paths, stage order kept."""
-    return [h for h in histories if f"/seed{seed}/" in str(h)]
-
-
-def heldout_signal_test(poses_path) -> dict | None:
+def heldout_signal_test(poses: dict) -> dict | None:
     """Does the map explain images it never saw better than empty density does?
 
     For each held-out image the gain is ``-log p(I | 0) - (-log p(I | V))``, the log-likelihood
     ratio of the map against pure noise. On images with no signal its expectation is at most 0
     (Jensen: the ratio itself averages 1 under noise), whatever the map was fitted to, so a mean
-    gain many standard errors above 0 is evidence of signal, and one near 0 is its absence.
+    gain many standard errors above 0 is evidence of signal, and one near 0 is its absence. A
+    gain that is the same for every image (spread below ``GAIN_MIN_RELATIVE_SPREAD`` of its
+    mean) or below ``GAIN_FLOOR_NATS`` is a numerical constant, not evidence: its z is 0.
+
+    Parameters
+    ----------
+    poses : dict
+        A stage's poses and likelihoods (``cryoday.records.read_poses``).
+
+    Returns
+    -------
+    dict or None
+        ``gain_nats_per_image``, ``spread_nats`` (standard deviation over images), ``z``,
+        ``n_heldout``, ``evidence`` (bool) and ``reason`` (why there is none, or None); None
+        when the poses carry no held-out likelihoods.
     """
-    with np.load(poses_path) as f:
-        if "null_nll" not in f or "heldout_rows" not in f:
-            return None
-        rows = f["heldout_rows"]
-        gain = f["null_nll"][rows] - f["nll"][rows]
+    if "null_nll" not in poses or "heldout_rows" not in poses:
+        return None
+    rows = poses["heldout_rows"]
+    gain = np.asarray(poses["null_nll"], np.float64)[rows] - np.asarray(poses["nll"],
+                                                                        np.float64)[rows]
     if len(gain) < 2:
         return None
-    standard_error = gain.std(ddof=1) / np.sqrt(len(gain))
-    z = float(gain.mean() / standard_error) if standard_error > 0 else 0.0
-    return {"gain_nats_per_image": float(gain.mean()), "z": z, "n_heldout": int(len(gain))}
+    result = {"gain_nats_per_image": float(gain.mean()), "spread_nats": 0.0, "z": 0.0,
+              "n_heldout": len(gain), "evidence": False, "reason": None}
+    if not np.isfinite(gain).all():
+        result["gain_nats_per_image"] = float("nan")
+        result["reason"] = (f"{int((~np.isfinite(gain)).sum())} held-out images have a "
+                            "non-finite likelihood")
+        return result
+    mean, spread = float(gain.mean()), float(gain.std(ddof=1))
+    result["spread_nats"] = spread
+    if spread <= GAIN_MIN_RELATIVE_SPREAD * abs(mean):
+        result["reason"] = (f"the held-out gain is the same for every image ({mean:.3g} nats, "
+                            f"spread {spread:.2g}): a numerical constant, not evidence")
+    elif abs(mean) < GAIN_FLOOR_NATS:
+        result["reason"] = (f"the held-out gain ({mean:.2g} nats per image) is below the "
+                            f"likelihood's precision ({GAIN_FLOOR_NATS:g} nats)")
+    else:
+        result["z"] = float(mean / (spread / np.sqrt(len(gain))))
+        result["evidence"] = result["z"] >= SIGNAL_Z
+    return result
 
 
-def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_volumes, histories,
-                seeds, stages_A, reference=None, simulated=False, log=print):
-    """Everything ``metrics.json`` reports, and the FSC table."""
+def map_collapse(volume: np.ndarray, noise_sigma: float = 1.0) -> str | None:
+    """Why a map holds no structure (constant, or too faint to explain any image), or None.
+
+    Parameters
+    ----------
+    volume : ndarray
+        The map, scaled so that its projections match the images (as ``final/volume.mrc``).
+    noise_sigma : float
+        The images' noise standard deviation per pixel (1 after preprocessing).
+    """
+    v = np.asarray(volume, np.float64)
+    if not np.isfinite(v).all():
+        return "the map has non-finite values"
+    spread, scale = float(v.std()), float(np.abs(v).max())
+    if spread <= CONSTANT_MAP_SPREAD * scale:
+        value = f"{v.mean():.3g}" if scale > 0 else "0"
+        return (f"the map is constant ({value} everywhere, spread {spread:.2g}): the "
+                "reconstruction collapsed")
+    rms = float(v.sum(axis=0).std())
+    if rms < MIN_PROJECTION_RMS * noise_sigma:
+        return (f"the map is nearly empty: its projection varies by {rms:.2g} x the images' noise "
+                f"(below {MIN_PROJECTION_RMS:g}), too faint to explain any image; the "
+                "reconstruction collapsed")
+    return None
+
+
+def pairwise_resolutions(maps: dict, pixel_size: float) -> dict[str, float]:
+    """FSC 0.143 resolution (A) of every pair of maps after aligning them (rotation, shift,
+    hand), keyed ``"a-b"``.
+
+    Parameters
+    ----------
+    maps : dict
+        ``{seed: map}``, every map in one box at ``pixel_size``.
+    pixel_size : float
+        The maps' voxel size (A).
+    """
+    pairs = {}
+    for a, b in combinations(maps, 2):
+        _, _, _, res = fsc_after_alignment(maps[a], maps[b], pixel_size)
+        pairs[f"{a}-{b}"] = res
+    return pairs
+
+
+def seed_agreement(pairs: dict, halfmap_A: float, last_stage_A: float,
+                   factor: float = SEED_AGREEMENT_FACTOR) -> dict:
+    """Do the random starts' maps agree to the resolution the data support?
+
+    Each pair's aligned FSC 0.143 resolution is compared with the reference
+    ``max(halfmap_A, last_stage_A)``: the final map's half-map resolution is what its poses
+    support (two starts that found the same structure agree at least about as well as two
+    halves of one map: each start saw all the images), and a start's map holds no detail beyond
+    the last stage's resolution, so the reference is never finer than that. A non-finite
+    half-map figure falls back on the last stage's. A pair agrees when its resolution is within
+    ``factor`` of the reference; the slack covers the alignment's resampling (a few per cent of
+    correlation) and the prior's smoothing of a start's map, which half maps reconstructed
+    without a prior do not have. Only the final map's half maps are computed: the claim to judge
+    is the final map's, and a worse start's half maps would only loosen the test.
+
+    Parameters
+    ----------
+    pairs : dict
+        ``{"a-b": resolution (A)}`` (``pairwise_resolutions``); empty for one start.
+    halfmap_A : float
+        Half-map FSC 0.143 resolution of the final map (A; may be inf).
+    last_stage_A : float
+        The last stage's target resolution (A).
+    factor : float
+        How much coarser than the reference a pair may agree and still count.
+
+    Returns
+    -------
+    dict
+        ``pairwise_fsc0143_A``, ``agree``, ``disagreeing`` (the pairs beyond the threshold),
+        ``reference_A``, ``max_ratio`` (``factor``) and ``threshold_A``.
+    """
+    reference = max(halfmap_A if math.isfinite(halfmap_A) else last_stage_A, last_stage_A)
+    threshold = factor * reference
+    disagreeing = [pair for pair, res in pairs.items() if not res <= threshold]
+    return {"pairwise_fsc0143_A": dict(pairs), "agree": not disagreeing,
+            "disagreeing": disagreeing, "reference_A": float(reference),
+            "max_ratio": float(factor), "threshold_A": float(threshold)}
+
+
+def pose_error_figures(truth_star, final_star, pixel_size) -> dict:
+    """Angular errors of the final poses against a simulation's true ones (``pose_errors``)."""
+    from cryoday.geometry import euler_to_matrix
+
+    truth = io.poses(io.read_particles(truth_star, check_stacks=False))
+    est = io.poses(io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False))
+    errors, mirrored = pose_errors(euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"]),
+                                   euler_to_matrix(est["rot"], est["tilt"], est["psi"]))
+    return {"pose_error_median_deg": float(np.median(errors)),
+            "pose_error_hand_flipped": bool(mirrored),
+            "pose_error_histogram": np.histogram(errors, bins=18, range=(0, 180))[0].tolist()}
+
+
+def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preprocess_info,
+                preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
+                reference=None, truth_star=None, log=print) -> tuple[dict, dict]:
+    """Everything ``metrics.json`` reports, and the FSC table.
+
+    Parameters
+    ----------
+    dataset : str
+        The dataset's name, as reported.
+    final_volume, final_star, seed_choice : path
+        The final map, the particles with their final poses, and ``seed_choice.json`` (which
+        seed they come from).
+    preprocess_info, preprocessed_star : path
+        Preprocessing's ``info.json`` and particles (the half maps' images).
+    seed_stages : dict
+        ``{seed: [(history.tsv, volume.mrc), ...]}``, one pair per stage in stage order, for
+        every random start (config order).
+    seed_poses : dict
+        ``{seed: poses.npz of its last stage}``; the chosen seed's gives the held-out test.
+    stages_A : list of float
+        The stages' resolutions (A), in order.
+    reference : path, optional
+        A map to compare with (the simulation's truth or the user's).
+    truth_star : path, optional
+        A simulation's particles with their true poses (pose errors).
+    log : callable
+        Receives progress lines.
+    """
     info = json.loads(Path(preprocess_info).read_text())
     choice = json.loads(Path(seed_choice).read_text())
     chosen = int(choice["chosen_seed"])
+    seeds = [int(s) for s in seed_stages]
+    seed_stages = {int(s): list(v) for s, v in seed_stages.items()}
     per_seed = {}
     for seed in seeds:
-        paths = histories_of(histories, seed)
-        per_seed[str(seed)] = [stage_figures(p, float(r)) for p, r in zip(paths, stages_A)]
+        stages = seed_stages[seed]
+        if len(stages) != len(stages_A):
+            raise ValueError(f"seed {seed}: {len(stages)} stage records for {len(stages_A)} "
+                             "stages")
+        per_seed[str(seed)] = [stage_figures(h, v, float(r)) for (h, v), r in zip(stages, stages_A)]
     metrics = {
-        "dataset": Path(final_volume).parts[-3] if len(Path(final_volume).parts) >= 3 else "",
+        "dataset": dataset,
         "n_particles": info["n_particles"],
         "box": info["box"],
         "pixel_size": info["pixel_size"],
@@ -147,6 +363,10 @@ def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_vol
     }
     volume, _ = io.read_map(final_volume)
     pixel_size = info["pixel_size"]
+    collapse = map_collapse(volume)
+    metrics["map_collapsed"] = collapse is not None
+    if collapse:
+        metrics["warnings"].append(f"final map: {collapse}")
     table = {}
     if reference:
         ref, ref_voxel = io.read_map(reference)
@@ -161,8 +381,7 @@ def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_vol
         table["fsc_vs_reference"] = curve
         log(f"FSC 0.143 against the reference: {res:.1f} A")
     # Gold-standard half maps with the final poses.
-    preprocessed = Path(preprocess_info).with_name("particles.star")
-    half1, half2 = halfmap_fsc(preprocessed, final_star, volume.shape[0], pixel_size, log)
+    half1, half2 = halfmap_fsc(preprocessed_star, final_star, volume.shape[0], pixel_size, log)
     freq, unmasked = fsc(half1, half2, pixel_size)
     mask = soft_spherical_mask(volume.shape[0], 0.4 * volume.shape[0], 3.0)
     _, masked = fsc(half1, half2, pixel_size, mask=mask)
@@ -172,52 +391,51 @@ def run_metrics(final_volume, final_star, seed_choice, preprocess_info, seed_vol
     metrics["halfmap_fsc0143_A"] = resolution_at(freq, unmasked, 0.143)
     metrics["halfmap_fsc05_A"] = resolution_at(freq, unmasked, 0.5)
     metrics["halfmap_fsc0143_masked_A"] = resolution_at(freq, masked, 0.143)
-    if metrics["halfmap_fsc0143_masked_A"] > 3 * float(stages_A[-1]):
+    halfmap_figures = (metrics["halfmap_fsc0143_A"], metrics["halfmap_fsc0143_masked_A"])
+    if not all(math.isfinite(r) for r in halfmap_figures):
+        metrics["warnings"].append(
+            "the half maps do not correlate even at the lowest frequencies (half-map FSC 0.143 "
+            f"resolution {halfmap_figures[0]} A unmasked, {halfmap_figures[1]} A masked): the "
+            "map has no reproducible structure")
+    elif metrics["halfmap_fsc0143_masked_A"] > 3 * float(stages_A[-1]):
         metrics["warnings"].append(
             f"half maps agree only to {metrics['halfmap_fsc0143_masked_A']:.1f} A (masked "
             f"FSC 0.143), far from the last stage's {stages_A[-1]} A: the poses are unreliable"
         )
-    if simulated:
-        truth_star = Path(final_volume).parents[1] / "simulated" / "particles.star"
-        truth = io.poses(io.read_particles(truth_star, check_stacks=False))
-        est = io.poses(io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False))
-        from cryoday.geometry import euler_to_matrix
-
-        errors, mirrored = pose_errors(
-            euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"]),
-            euler_to_matrix(est["rot"], est["tilt"], est["psi"]))
-        metrics["pose_error_median_deg"] = float(np.median(errors))
-        metrics["pose_error_hand_flipped"] = bool(mirrored)
-        metrics["pose_error_histogram"] = np.histogram(errors, bins=18, range=(0, 180))[0].tolist()
-        log(f"median angular error of the poses: {np.median(errors):.1f} degrees")
-    signal = heldout_signal_test(Path(histories_of(histories, chosen)[-1]).with_name("poses.npz"))
+    if truth_star:
+        metrics.update(pose_error_figures(truth_star, final_star, pixel_size))
+        log(f"median angular error of the poses: {metrics['pose_error_median_deg']:.1f} degrees")
+    signal = heldout_signal_test(records.read_poses(seed_poses[chosen]))
     if signal is not None:
         metrics["heldout_signal"] = signal
         log(f"held-out images: the map explains them {signal['gain_nats_per_image']:.2f} nats "
             f"per image better than empty density (z = {signal['z']:.1f})")
-        if signal["z"] < SIGNAL_Z:
+        if not signal["evidence"]:
+            why = (signal["reason"] if signal["reason"] else
+                   f"{signal['gain_nats_per_image']:+.2f} nats per image, "
+                   f"z = {signal['z']:.1f} < {SIGNAL_Z}")
             metrics["warnings"].append(
                 f"the final map explains the {signal['n_heldout']} held-out images no better than "
-                f"empty density ({signal['gain_nats_per_image']:+.2f} nats per image, "
-                f"z = {signal['z']:.1f} < {SIGNAL_Z}): there is no evidence of a structure in "
+                f"empty density ({why}): there is no evidence of a structure in "
                 "these particles (too few, too noisy, or not particles)")
-    # Seed consistency: every pair of final maps, aligned.
+    # Seed consistency: every pair of final maps, aligned, against the half maps' resolution.
     maps = {}
-    for seed, path in zip(seeds, seed_volumes):
-        v, voxel = io.read_map(path)
+    for seed in seeds:
+        v, voxel = io.read_map(seed_stages[seed][-1][1])
         maps[seed] = rescale_volume(v, voxel or pixel_size, volume.shape[0], pixel_size)
-    pairs = {}
-    for a, b in combinations(seeds, 2):
-        _, _, _, res = fsc_after_alignment(maps[a], maps[b], pixel_size)
-        pairs[f"{a}-{b}"] = res
-    final_res = float(stages_A[-1])
-    agree = all(r <= 2 * final_res for r in pairs.values())
-    metrics["seed_consistency"] = {"pairwise_fsc0143_A": pairs, "agree": agree}
-    if not agree:
+    consistency = seed_agreement(pairwise_resolutions(maps, pixel_size),
+                                 metrics["halfmap_fsc0143_A"], float(stages_A[-1]))
+    metrics["seed_consistency"] = consistency
+    if not consistency["agree"]:
+        pairs = {p: round(consistency["pairwise_fsc0143_A"][p], 1)
+                 for p in consistency["disagreeing"]}
         metrics["warnings"].append(
-            f"random starts disagree (pairwise FSC 0.143 {pairs}); the final map comes from seed "
-            f"{chosen}, which has the lowest held-out error, but the structure is not reproducible"
-        )
+            f"random starts disagree: their maps agree only to {pairs} A (FSC 0.143 after "
+            f"alignment), coarser than {consistency['max_ratio']:g} x the "
+            f"{consistency['reference_A']:.1f} A the data support (the final map's half-map "
+            f"resolution, or the last stage's if coarser); the final map comes from seed "
+            f"{chosen}, which has the lowest held-out error, but the structure is not "
+            "reproducible")
     if "freq_invA" not in table:
         freq, _ = fsc(volume, volume, pixel_size)
         table["freq_invA"] = freq

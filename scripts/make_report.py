@@ -1,15 +1,19 @@
 """Rule `make_report`: one self-contained HTML page about the run."""
 
-from typing import TYPE_CHECKING
+if "snakemake" not in globals():
+    from _common import mock_snakemake
+
+    snakemake = mock_snakemake("make_report", dataset="demo")
 
 from _common import setup_logging
 
-if TYPE_CHECKING:
-    from snakemake.script import snakemake
-
-from cryoday import report
+from cryoday import report, validation
 
 log = setup_logging(snakemake)
+seeds = snakemake.params.seeds
+# common.smk lists every seed's stages seed-major; regrouped into one record list per seed.
+histories = validation.by_seed(snakemake.input.histories, seeds)
+volumes = validation.by_seed(snakemake.input.volumes, seeds)
 report.write_report(
     snakemake.output[0],
     dataset=snakemake.wildcards.dataset,
@@ -18,7 +22,9 @@ report.write_report(
     volume=snakemake.input.volume,
     star=snakemake.input.star,
     preprocess_info=snakemake.input.info,
-    histories=list(snakemake.input.histories),
-    config=snakemake.params.config,
+    preprocessed_star=snakemake.input.particles,
+    seed_stages={seed: list(zip(histories[seed], volumes[seed])) for seed in histories},
+    settings=snakemake.params.settings,
+    n_example_particles=int(snakemake.params.n_example_particles),
 )
 log.info("wrote %s", snakemake.output[0])

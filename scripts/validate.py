@@ -1,28 +1,34 @@
-"""Rule `validate`: resolution and consistency figures of the run, in metrics.json."""
+"""Rule `validate`: resolution and consistency figures of the run and its verdict (metrics.json)."""
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+if "snakemake" not in globals():
+    from _common import mock_snakemake
+
+    snakemake = mock_snakemake("validate", dataset="demo")
 
 from _common import setup_logging
-
-if TYPE_CHECKING:
-    from snakemake.script import snakemake
 
 from cryoday import io, validation
 
 log = setup_logging(snakemake)
+seeds = snakemake.params.seeds
+# common.smk lists every seed's stages seed-major; regrouped into one record list per seed.
+histories = validation.by_seed(snakemake.input.histories, seeds)
+volumes = validation.by_seed(snakemake.input.volumes, seeds)
 metrics, fsc_table = validation.run_metrics(
+    dataset=snakemake.wildcards.dataset,
     final_volume=snakemake.input.volume,
     final_star=snakemake.input.star,
     seed_choice=snakemake.input.choice,
     preprocess_info=snakemake.input.info,
-    seed_volumes=list(snakemake.input.seed_volumes),
-    histories=list(snakemake.input.histories),
-    seeds=[int(s) for s in snakemake.params.seeds],
+    preprocessed_star=snakemake.input.particles,
+    seed_stages={seed: list(zip(histories[seed], volumes[seed])) for seed in histories},
+    seed_poses=dict(zip(histories, snakemake.input.poses)),
     stages_A=list(snakemake.params.stages_A),
     reference=snakemake.input.reference[0] if snakemake.input.reference else None,
-    simulated=bool(snakemake.params.simulated),
+    truth_star=snakemake.input.truth[0] if snakemake.input.truth else None,
     log=log.info,
 )
 validation.write_fsc_table(snakemake.output.fsc, fsc_table)

@@ -35,7 +35,7 @@ def test_alignment_recovers_rotation_shift_and_hand():
     rotation = simulate.random_rotations(1, np.random.default_rng(7))[0]
     moved = _transform(np.ascontiguousarray(v[::-1], dtype=np.float64), rotation,
                        np.array([1.5, -2.0, 1.0]), order=3).astype(np.float32)
-    alignment, freq, curve, res = fsc_after_alignment(moved, v, 5.0)
+    alignment, _freq, _curve, res = fsc_after_alignment(moved, v, 5.0)
     assert alignment.flipped
     # Cubic resampling of a map with one-pixel features costs a few percent of correlation.
     assert alignment.correlation > 0.93

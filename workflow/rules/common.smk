@@ -170,3 +170,50 @@ def pixel_size_override(wildcards):
 
 def simulated_flag(wildcards):
     return is_simulated(wildcards.dataset)
+
+
+# --- inputs of finalize, validate and report
+def seed_stage_files(wildcards):
+    """Every random start's stage records, seed-major (each stage of the first seed in order,
+    then the next seed's; seeds in config order): ``histories`` and ``volumes``, one per seed
+    and stage. ``cryoday.validation.by_seed`` splits them back per seed."""
+    stages = [
+        f"results/{wildcards.dataset}/abinitio/seed{s}/stage{st}"
+        for s in SEEDS
+        for st in STAGES
+    ]
+    return {
+        "histories": [f"{d}/history.tsv" for d in stages],
+        "volumes": [f"{d}/volume.mrc" for d in stages],
+    }
+
+
+def seed_last_poses(wildcards):
+    """Each random start's last ``poses.npz`` (seeds in config order)."""
+    return [f"{last_stage_of_seed(wildcards.dataset, s)}/poses.npz" for s in SEEDS]
+
+
+def last_stage_files(wildcards):
+    """Each random start's last stage (seeds in config order): ``histories``, ``volumes`` and
+    ``poses``, one per seed."""
+    return {
+        kind: [f"{last_stage_of_seed(wildcards.dataset, s)}/{name}" for s in SEEDS]
+        for kind, name in (
+            ("histories", "history.tsv"),
+            ("volumes", "volume.mrc"),
+            ("poses", "poses.npz"),
+        )
+    }
+
+
+def truth_particles(wildcards):
+    """A simulation's particles with their true poses (none for a user's data set)."""
+    if is_simulated(wildcards.dataset):
+        return [f"results/{wildcards.dataset}/simulated/particles.star"]
+    return []
+
+
+def report_settings(wildcards):
+    """The configuration one dataset's run used (its own block, not the other datasets')."""
+    settings = {key: value for key, value in config.items() if key != "datasets"}
+    return {"datasets": {wildcards.dataset: dataset_config(wildcards)}, **settings}

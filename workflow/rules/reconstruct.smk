@@ -30,10 +30,8 @@ rule reconstruct_stage:
 
 rule finalize:
     input:
-        volumes=all_seed_volumes,
-        poses=all_seed_poses,
-        histories=all_stage_dirs,
-        particles="results/{dataset}/preprocess/particles.star",
+        unpack(last_stage_files),
+        source=input_particles,
         info="results/{dataset}/preprocess/info.json",
     output:
         volume="results/{dataset}/final/volume.mrc",
@@ -50,6 +48,5 @@ rule finalize:
         runtime=30,
     params:
         seeds=SEEDS,
-        input_particles=input_particles,
     script:
         "../../scripts/finalize.py"

@@ -1,11 +1,12 @@
 rule make_report:
     input:
+        unpack(seed_stage_files),
         metrics="results/{dataset}/validation/metrics.json",
         fsc="results/{dataset}/validation/fsc.tsv",
         volume="results/{dataset}/final/volume.mrc",
         star="results/{dataset}/final/particles.star",
         info="results/{dataset}/preprocess/info.json",
-        histories=all_stage_dirs,
+        particles="results/{dataset}/preprocess/particles.star",
     output:
         report(
             "results/{dataset}/report.html",
@@ -23,6 +24,8 @@ rule make_report:
         mem_mb=2000,
         runtime=15,
     params:
-        config=config,
+        seeds=SEEDS,
+        settings=report_settings,
+        n_example_particles=config["report"]["n_example_particles"],
     script:
         "../../scripts/make_report.py"

@@ -1,12 +1,14 @@
 rule validate:
     input:
+        unpack(seed_stage_files),
+        poses=seed_last_poses,
         volume="results/{dataset}/final/volume.mrc",
         star="results/{dataset}/final/particles.star",
         choice="results/{dataset}/final/seed_choice.json",
         info="results/{dataset}/preprocess/info.json",
-        seed_volumes=all_seed_volumes,
-        histories=all_stage_dirs,
+        particles="results/{dataset}/preprocess/particles.star",
         reference=reference_map,
+        truth=truth_particles,
     output:
         metrics="results/{dataset}/validation/metrics.json",
         fsc="results/{dataset}/validation/fsc.tsv",
@@ -23,6 +25,5 @@ rule validate:
     params:
         seeds=SEEDS,
         stages_A=RECON["stages_A"],
-        simulated=simulated_flag,
     script:
         "../../scripts/validate.py"
