@@ -8,8 +8,8 @@ so a killed stage resumes where it was.
 
 The pieces, composed by :func:`run_stage`:
 
-* :class:`StageConfig`, the stage's settings, built once from the validated ``reconstruction``
-  section by :func:`stage_schedule` policy (learning rate, undersampling and seed per stage);
+* :class:`StageConfig`: the stage's settings, built once from the validated ``reconstruction``
+  section, with :func:`stage_schedule`'s learning rate, undersampling and seed for the stage;
 * :func:`resume_or_start`: the optimiser, importance sampler and history a stage starts from
   (its own checkpoint, the previous stage's state, or nothing);
 * :func:`train`: SAGD iterations with held-out evaluation and early stopping;
@@ -147,7 +147,8 @@ def default_reconstruction_config(schema=SCHEMA, **overrides) -> dict:
     ``overrides``: the schema's defaults, updated.
 
     For tests and benchmarks that run stages without Snakemake; the workflow fills the same
-    defaults with ``validate(config, schema, set_default=True)``.
+    defaults with ``validate(config, schema, set_default=True)``. The schema is the checkout's
+    (``workflow/`` is not part of the installed package): pass ``schema`` from elsewhere.
     """
     with open(schema) as f:
         spec = yaml.safe_load(f)["properties"]["reconstruction"]["properties"]

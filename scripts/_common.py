@@ -4,7 +4,9 @@ the ``snakemake`` object so a script runs outside Snakemake.
 Snakemake puts this folder on ``sys.path`` when it runs a script (and Python does when a script
 is run by hand), so ``import _common`` works either way. Each script starts with
 
-    if "snakemake" not in globals():  # run by hand: python scripts/NAME.py dataset=demo ...
+    if TYPE_CHECKING:
+        from snakemake.script import snakemake
+    elif "snakemake" not in globals():  # run by hand: python scripts/NAME.py dataset=demo ...
         from _common import argv_wildcards, mock_snakemake
 
         snakemake = mock_snakemake("RULE", **argv_wildcards())
@@ -119,6 +121,9 @@ def mock_snakemake(rule_name: str, configfile=None, **wildcards):
         workflow_api.dag()  # the DAG settings a Job needs
         workflow = workflow_api._workflow
         rule = workflow.get_rule(rule_name)
+        if set(wildcards) != set(rule.wildcard_names):
+            raise SystemExit(f"rule {rule_name} needs the wildcards "
+                             f"{' '.join(f'{w}=...' for w in sorted(rule.wildcard_names))}")
         job = Job(rule, DAG(workflow, rules=[rule]), wildcards)
         snakemake = Snakemake(job.input, job.output, job.params, job.wildcards, job.threads,
                               job.resources, job.log, workflow.config, rule_name, None,

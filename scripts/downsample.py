@@ -10,7 +10,7 @@ from cryoday import io, preprocess
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
-if "snakemake" not in globals():  # run by hand: python scripts/downsample.py dataset=demo stage=1
+elif "snakemake" not in globals():  # run by hand: python scripts/downsample.py dataset=demo stage=1
     from _common import argv_wildcards, mock_snakemake
 
     snakemake = mock_snakemake("downsample", **argv_wildcards())

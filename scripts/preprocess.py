@@ -11,7 +11,7 @@ from cryoday import io, preprocess
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
-if "snakemake" not in globals():  # run by hand: python scripts/preprocess.py dataset=demo
+elif "snakemake" not in globals():  # run by hand: python scripts/preprocess.py dataset=demo
     from _common import argv_wildcards, mock_snakemake
 
     snakemake = mock_snakemake("preprocess", **argv_wildcards())

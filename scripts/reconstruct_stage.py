@@ -12,7 +12,7 @@ from cryoday.stage import StageConfig, run_stage
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
-if "snakemake" not in globals():  # by hand: python scripts/reconstruct_stage.py dataset=demo ...
+elif "snakemake" not in globals():  # by hand: python scripts/reconstruct_stage.py dataset=demo ...
     from _common import argv_wildcards, mock_snakemake
 
     snakemake = mock_snakemake("reconstruct_stage", **argv_wildcards())

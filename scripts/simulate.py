@@ -11,7 +11,7 @@ from cryoday.fourier import rescale_volume
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
-if "snakemake" not in globals():  # run by hand: python scripts/simulate.py dataset=demo
+elif "snakemake" not in globals():  # run by hand: python scripts/simulate.py dataset=demo
     from _common import argv_wildcards, mock_snakemake
 
     snakemake = mock_snakemake("simulate", **argv_wildcards())
