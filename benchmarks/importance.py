@@ -23,8 +23,9 @@ and without it.
   directions); ``--plot PATH`` saves both figures as a PNG. Histories written before
   ``kl_epoch`` existed read it as missing.
 * ``--compare``: the same simulated data set and stages run through
-  :func:`cryoday.abinitio.run_stage` (chained as ``scripts/reconstruct_stage.py`` does: random
-  start, resampled volume and SAGD state passed on) with and without importance sampling, the
+  :func:`cryoday.stage.run_stage` (chained as ``scripts/reconstruct_stage.py`` does: random
+  start, resampled volume and SAGD state passed on, the schema's defaults and the pipeline's
+  stage schedule, :func:`cryoday.stage.stage_schedule`) with and without importance sampling, the
   same number of iterations each (no early stop); wall-time ratio (total and per stage), FSC
   0.143 to the truth after alignment, and each final volume's held-out ``-log p`` summed over
   the whole last-stage grid.
@@ -39,7 +40,6 @@ Prints tables, then one JSON line. No asserts: figures for the issue notes.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import tempfile
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoday import abinitio, initial, molecule, simulate
+from cryoday import initial, molecule, records, simulate
 from cryoday.align import fsc_after_alignment
 from cryoday.fourier import fourier_crop_2d
 from cryoday.geometry import euler_to_matrix
@@ -56,7 +56,8 @@ from cryoday.importance import ImportanceSampler
 from cryoday.likelihood import exhaustive_subsets, make_batch, marginal_nll, shift_phases
 from cryoday.preprocess import choose_heldout, estimate_noise, normalise, outer_mask, stage_box
 from cryoday.projection import SliceOperator
-from cryoday.quadrature import pose_grid, undersampling_for_level
+from cryoday.quadrature import pose_grid
+from cryoday.stage import StageConfig, default_reconstruction_config, run_stage, stage_schedule
 
 CTF_OPTICS = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1}
 
@@ -221,17 +222,10 @@ def is_estimates(state, caps, s0, args, grid, op, volume, batch, cube, exact, ro
 # ---------------------------------------------------------------------- Figures 7 and 3
 
 
-def _number(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def read_history(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return {k: np.array([_number(r.get(k)) for r in rows]) for k in (rows[0] if rows else {})}
+    """A ``history.tsv``'s columns as arrays (NaN where a value is empty)."""
+    rows = records.read_history(path)
+    return {k: np.array([r[k] for r in rows]) for k in (rows[0] if rows else {})}
 
 
 def _stage_number(path):
@@ -358,17 +352,15 @@ def run_stages(images, ctf, box, pixel_size, stages, train, heldout, args, impor
             volume0 = initial.random_blobs(sbox, spsize, seed=args.seed + 1)
         else:
             volume0 = initial.resample_for_stage(volume, sbox)
-        config = {"minibatch_size": args.minibatch, "max_iterations": args.iterations,
-                  "min_iterations": args.iterations, "patience": 10**6,
-                  "heldout_every": args.heldout_every, "checkpoint_every": 10**6,
-                  "learning_rate": max(0.0625, 0.5**level), "prior": "exponential",
-                  "prior_strength": 1.0, "undersampling": undersampling_for_level(level),
-                  "seed": (args.seed + 1) * 1000 + level + 1,
-                  "importance_sampling": importance, "s0": 10.0, "shift_sigma_A": 10.0}
+        section = default_reconstruction_config(
+            minibatch_size=args.minibatch, max_iterations=args.iterations,
+            min_iterations=args.iterations, patience=10**6, heldout_every=args.heldout_every,
+            checkpoint_every=10**6, importance_sampling=importance)
+        config = StageConfig.from_config(section, stage=level + 1, seed=args.seed + 1)
         t0 = time.perf_counter()
-        result = abinitio.run_stage(volume0, stage_images, ctf, sbox / box, spsize, resolution,
-                                    train, heldout, config, sagd_state=state_path,
-                                    log=lambda *_: None, scale_start=(level == 0))
+        result = run_stage(volume0, stage_images, ctf, sbox / box, spsize, resolution, train,
+                           heldout, config, sagd_state=state_path, log=lambda *_: None,
+                           scale_start=(level == 0))
         wall = time.perf_counter() - t0
         volume = result.volume
         state_path = Path(workdir) / f"{'is' if importance else 'full'}_stage{level + 1}.npz"
@@ -415,9 +407,9 @@ def compare(args):
             # The held-out error of the final volume summed over the whole last-stage grid:
             # the same yardstick for both runs (a run's own figure with importance sampling
             # is an estimate).
+            last = stage_schedule(default_reconstruction_config(), len(args.stages), args.seed)
             exact = exact_heldout_nll(volume, images, ctf, args.box, args.pixel_size,
-                                      args.stages[-1],
-                                      undersampling_for_level(len(args.stages) - 1), heldout)
+                                      args.stages[-1], last.undersampling, heldout)
             key = "with_is" if importance else "without_is"
             out[key] = {"wall_s": wall, "fsc_0143_A": float(res), "exact_heldout_nll": exact,
                         "stages": history}

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from cryoday.records import read_history
+from cryoday.stage import default_reconstruction_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -91,10 +94,9 @@ def main() -> None:
         step = timed_snakemake(args.workdir, target, args.cores)
         step.update(rule_benchmark(bench / tsv))
         if n_images is None:
-            history = args.workdir / "results/scale/abinitio/seed1/stage1/history.tsv"
-            with open(history) as f:
-                rows = list(csv.DictReader(f, delimiter="\t"))
-            n_images = int(float(rows[-1]["iteration"])) * 200
+            rows = read_history(args.workdir / "results/scale/abinitio/seed1/stage1/history.tsv")
+            minibatch = default_reconstruction_config()["minibatch_size"]
+            n_images = int(rows[-1]["iteration"]) * minibatch
             step["iterations"] = len(rows)
         step["images_per_s"] = n_images / step["job_s"]
         figures[name] = step

@@ -14,9 +14,11 @@ every ``line_search_every`` iterations; between searches ``L`` decays slowly so 
 
 from __future__ import annotations
 
+import ast
+
 import numpy as np
 
-from cryoday.io import atomic_path
+from cryoday.records import read_npz, write_npz
 
 
 class SAGD:
@@ -46,7 +48,6 @@ class SAGD:
         self.line_search_every = int(line_search_every)
         self.t = 0
         self.stored = np.zeros((self.n_batches,) + self.shape, dtype=np.float32)
-        self.seen = np.zeros(self.n_batches, dtype=bool)
         self.weight = np.zeros(self.n_batches, dtype=np.float64)
         self.rng = np.random.default_rng(seed)
         self._order: list[int] = []
@@ -102,7 +103,6 @@ class SAGD:
         self.weight *= mu
         self.weight[batch_id] = 1.0
         self.stored[batch_id] = grad
-        self.seen[batch_id] = True
         w = self.weight / self.weight.sum()
         average = np.tensordot(w, self.stored, axes=1).astype(np.float32)
         step = self.eps / self.L
@@ -115,7 +115,6 @@ class SAGD:
         """Keep L's scale and the iteration count; stored gradients do not survive resampling."""
         self.shape = tuple(shape)
         self.stored = np.zeros((self.n_batches,) + self.shape, dtype=np.float32)
-        self.seen[:] = False
         self.weight[:] = 0.0
         self.eps = float(eps)
         self._order = []
@@ -126,29 +125,26 @@ class SAGD:
         return {
             "n_batches": self.n_batches, "shape": np.array(self.shape), "eps": self.eps,
             "L": self.L, "line_search_every": self.line_search_every, "t": self.t,
-            "stored": self.stored, "seen": self.seen, "weight": self.weight,
+            "stored": self.stored, "weight": self.weight,
             "order": np.array(self._order, dtype=np.int64),
             "rng": np.frombuffer(repr(self.rng.bit_generator.state).encode(), dtype=np.uint8),
         }
 
     def save(self, path, **extra) -> None:
-        """Save to ``.npz`` atomically (temporary file, then rename)."""
-        with atomic_path(path) as tmp:
-            np.savez(tmp, **self.state(), **extra)
+        """Save to ``.npz`` atomically, with ``extra`` arrays beside the optimiser's."""
+        write_npz(path, **self.state(), **extra)
 
     @classmethod
     def load(cls, path) -> tuple[SAGD, dict]:
-        """Restore a saved optimiser; also returns the extra arrays saved with it."""
-        data = dict(np.load(path, allow_pickle=False))
+        """Restore a saved optimiser; also returns the extra arrays saved with it (a state saved
+        with the former ``seen`` flags returns those among them, unused)."""
+        data = read_npz(path)
         opt = cls(int(data["n_batches"]), tuple(int(s) for s in data["shape"]), float(data["eps"]),
                   float(data["L"]), int(data["line_search_every"]))
         opt.t = int(data["t"])
         opt.stored = data["stored"]
-        opt.seen = data["seen"]
         opt.weight = data["weight"]
         opt._order = [int(b) for b in data["order"]]
-        import ast
-
         opt.rng.bit_generator.state = ast.literal_eval(bytes(data["rng"]).decode())
         known = set(opt.state())
         return opt, {k: v for k, v in data.items() if k not in known}

@@ -23,3 +23,10 @@ KERNEL_CUTOFF = 20.0
 
 
 # ---------------------------------------------------------------- stages (cryoday.stage)
+# A stage's images are read into memory up to this size and streamed from the stack beyond it:
+# 2 GiB holds the demo and a 46,000-image stage up to ~120 px, and stays within a SLURM job's
+# usual memory next to the stored gradients (``stage_mem_mb`` in common.smk counts it).
+IMAGE_CACHE_BYTES = 2 << 30
+# Prepared minibatches kept per stage: a step's line search and the held-out set revisit the
+# same few batches, and more would cost four padded transforms per image each.
+KEPT_BATCHES = 4

@@ -6,10 +6,14 @@ from typing import TYPE_CHECKING
 
 from _common import setup_logging
 
+from cryoday import io, preprocess
+
 if TYPE_CHECKING:
     from snakemake.script import snakemake
+elif "snakemake" not in globals():  # run by hand: python scripts/downsample.py dataset=demo stage=1
+    from _common import argv_wildcards, mock_snakemake
 
-from cryoday import io, preprocess
+    snakemake = mock_snakemake("downsample", **argv_wildcards())
 
 log = setup_logging(snakemake)
 info = json.loads(Path(snakemake.input.info).read_text())

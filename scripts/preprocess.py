@@ -1,4 +1,4 @@
-"""Rule `preprocess`: validate the particle set, detect contrast, normalise, pick held-out images."""
+"""Rule `preprocess`: validate the particles, detect contrast, normalise, pick held-out images."""
 
 import json
 from pathlib import Path
@@ -7,10 +7,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from _common import setup_logging
 
+from cryoday import io, preprocess
+
 if TYPE_CHECKING:
     from snakemake.script import snakemake
+elif "snakemake" not in globals():  # run by hand: python scripts/preprocess.py dataset=demo
+    from _common import argv_wildcards, mock_snakemake
 
-from cryoday import io, preprocess
+    snakemake = mock_snakemake("preprocess", **argv_wildcards())
 
 log = setup_logging(snakemake)
 opts = snakemake.params.options

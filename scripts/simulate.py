@@ -5,12 +5,16 @@ from typing import TYPE_CHECKING
 
 from _common import setup_logging
 
-if TYPE_CHECKING:
-    from snakemake.script import snakemake
-
 from cryoday import io, molecule, simulate
 from cryoday.errors import InputError
 from cryoday.fourier import rescale_volume
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+elif "snakemake" not in globals():  # run by hand: python scripts/simulate.py dataset=demo
+    from _common import argv_wildcards, mock_snakemake
+
+    snakemake = mock_snakemake("simulate", **argv_wildcards())
 
 log = setup_logging(snakemake)
 opts = snakemake.params.simulate

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryoday.abinitio import HISTORY_COLUMNS, _history_array, _history_from_array
+from cryoday.records import HISTORY_COLUMNS
+from cryoday.records import history_from_array as _history_from_array
+from cryoday.records import history_to_array as _history_array
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "importance.py"
 

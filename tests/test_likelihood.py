@@ -409,7 +409,7 @@ def test_a_nan_in_an_image_makes_its_nll_nan(problem, monkeypatch, grouped):
 def test_a_non_finite_likelihood_names_the_particles():
     """...and a stage stops there, naming the particles by their STAR rows (1-based), instead of
     letting a NaN poison the map."""
-    from cryoday.abinitio import finite_or_raise
+    from cryoday.stage import finite_or_raise
 
     rows = np.array([10, 11, 12, 40])
     nll = np.array([5.0, np.nan, 7.0, np.inf])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryoday import abinitio, initial, molecule, simulate
+from cryoday import initial, molecule, simulate
+from cryoday.stage import StageConfig, default_reconstruction_config, run_stage
 
 
 def _stage(images, table, seed):
@@ -12,11 +13,12 @@ def _stage(images, table, seed):
            "defocus_angle": table.rlnDefocusAngle.to_numpy(), "voltage": 300.0, "cs": 2.7,
            "amplitude_contrast": 0.1}
     start = initial.random_blobs(24, 8.0, seed=seed)
-    config = {"minibatch_size": 40, "max_iterations": 6, "min_iterations": 6, "heldout_every": 3,
-              "seed": seed}
+    section = default_reconstruction_config(minibatch_size=40, max_iterations=6,
+                                            min_iterations=6, heldout_every=3)
+    config = StageConfig.from_config(section, stage=1, seed=seed)
     rows = np.arange(len(images))
-    return abinitio.run_stage(start, images, ctf, 1.0, 8.0, 30.0, rows[20:], rows[:20], config,
-                              log=lambda *_: None, scale_start=True)
+    return run_stage(start, images, ctf, 1.0, 8.0, 30.0, rows[20:], rows[:20], config,
+                     log=lambda *_: None, scale_start=True)
 
 
 def test_same_seed_same_map_other_seed_other_map():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,68 @@ def test_stage_memory_and_time_scale_with_the_stage_data(tmp_path):
     assert resources[2][0] > resources[1][0] + 2000
     assert resources[2][0] >= 1000 + 404 + 1062
     assert resources[2][1] > resources[1][1]
+
+
+def _run_script(workdir, script, *args):
+    """A rule script run by hand (outside Snakemake), from ``workdir``."""
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=workdir,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_rule_script_runs_by_hand_through_mock_snakemake(tmp_path):
+    write_config(tmp_path, {"datasets": {"d": {"simulate": {"box": 16, "n_particles": 4}}}})
+    proc = _run_script(tmp_path, "simulate.py", "dataset=d")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from cryoday import io
+
+    particles = io.read_particles(tmp_path / "results/d/simulated/particles.star")
+    assert len(particles.table) == 4 and particles.box == 16
+    assert particles.pixel_size == 3.0  # the schema's default inside the simulate block
+    assert (tmp_path / "results/d/simulated/truth.mrc").exists()
+    assert "simulated 4 / 4 particles" in (tmp_path / "logs/simulate/d.log").read_text()
+
+
+def test_mock_snakemake_gives_the_rules_params_with_nested_defaults_and_a_configfile(tmp_path):
+    write_config(tmp_path, {"datasets": {"d": {"simulate": {"box": 16}}},
+                            "reconstruction": {"stages_A": [30, 20], "seeds": [5]}})
+    (tmp_path / "more.yaml").write_text("reconstruction:\n  minibatch_size: 7\n")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from _common import "
+            "mock_snakemake as m; s = m('reconstruct_stage', configfile='more.yaml', "
+            "dataset='d', seed='5', stage='2'); t = m('simulate', dataset='d'); "
+            "print(json.dumps([dict(t.params.simulate), s.params.options, list(s.input), "
+            "s.threads]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    simulate, options, inputs, threads = json.loads(proc.stdout.splitlines()[-1])
+    assert simulate["box"] == 16 and simulate["snr"] == 0.05
+    assert options["minibatch_size"] == 7 and options["importance_max_shifts"] == 64
+    assert "results/d/abinitio/seed5/stage1/state.npz" in inputs
+    assert threads >= 1
+
+
+def _star_naming_a_missing_stack(directory):
+    star = directory / "p.star"
+    star.write_text(
+        "data_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n_rlnImageSize #3\n"
+        "_rlnVoltage #4\n_rlnSphericalAberration #5\n_rlnAmplitudeContrast #6\n"
+        "1 2.0 32 300 2.7 0.1\n\ndata_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n"
+        "_rlnDefocusV #3\n_rlnDefocusAngle #4\n_rlnOpticsGroup #5\n"
+        "000001@missing.mrcs 10000 10000 0 1\n000002@missing.mrcs 10000 10000 0 1\n")
+    write_config(directory, {"datasets": {"x": {"particles": str(star)}}})
+    return f"cryoday: {directory / 'missing.mrcs'}: particle stack not found"
+
+
+def test_bad_input_in_a_rule_prints_one_line_and_logs_the_traceback(tmp_path):
+    message = _star_naming_a_missing_stack(tmp_path)
+    proc = _run_script(tmp_path, "preprocess.py", "dataset=x")
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines()[-1] == message
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" in (tmp_path / "logs/preprocess/x.log").read_text()
+    # Through Snakemake: the message once, no traceback among the job's output.
+    proc = run_snakemake(tmp_path, "--cores", "1", "results/x/preprocess/particles.star")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count("particle stack not found") == 1 and message in output
+    assert "Traceback" not in output

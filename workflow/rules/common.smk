@@ -1,27 +1,12 @@
 # All Python of the workflow lives here (snakemake --lint asks rules and functions apart).
-import copy
 import json
 from pathlib import Path
 
-import yaml
 from snakemake.utils import validate
 
+# Fills in the schema's defaults at every depth (each dataset's simulate block too; a test in
+# tests/test_workflow.py checks it): they live only in the schema.
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
-
-
-def _schema_defaults(section):
-    schema = yaml.safe_load(
-        open(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
-    )
-    props = schema["$defs"][section]["properties"]
-    return {key: spec["default"] for key, spec in props.items() if "default" in spec}
-
-
-# Defaults inside per-dataset blocks are filled here: the schema validator fills only
-# top-level sections.
-for _name, _dataset in config["datasets"].items():
-    if "simulate" in _dataset:
-        _dataset["simulate"] = {**_schema_defaults("simulate"), **_dataset["simulate"]}
 
 DATASETS = sorted(config["datasets"])
 RECON = config["reconstruction"]

@@ -1,0 +1,519 @@
+"""One coarse-to-fine stage of ab initio reconstruction: SAGD on the marginal likelihood.
+
+A stage works on images Fourier-cropped to its box, uses the coefficients up to its resolution,
+evaluates minibatches of training images with poses marginalised over its quadrature grid (or an
+importance-sampled part of it), takes SAGD steps with the prior and non-negativity, tracks the
+held-out images' mean negative log-likelihood, stops when that stops improving, and checkpoints
+so a killed stage resumes where it was.
+
+The pieces, composed by :func:`run_stage`:
+
+* :class:`StageConfig`: the stage's settings, built once from the validated ``reconstruction``
+  section, with :func:`stage_schedule`'s learning rate, undersampling and seed for the stage;
+* :func:`resume_or_start`: the optimiser, importance sampler and history a stage starts from
+  (its own checkpoint, the previous stage's state, or nothing);
+* :func:`train`: SAGD iterations with held-out evaluation and early stopping;
+* :func:`final_poses`: every particle's most probable pose at the final map.
+
+Defaults live only in ``workflow/schemas/config.schema.yaml``; :func:`default_reconstruction_config`
+reads them for tests and benchmarks that run a stage without the workflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import yaml
+
+from cryoday import records
+from cryoday.errors import InputError
+from cryoday.importance import ImportanceSampler
+from cryoday.initial import low_pass
+from cryoday.io import read_rows
+from cryoday.likelihood import empty_map_subsets, make_batch, marginal_nll
+from cryoday.priors import make_prior
+from cryoday.projection import SliceOperator
+from cryoday.quadrature import pose_grid, undersampling_for_level
+from cryoday.sagd import SAGD
+from cryoday.tunables import IMAGE_CACHE_BYTES, KEPT_BATCHES
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# A held-out error counts as an improvement when it beats the best so far by this fraction:
+# the importance-sampled estimate wobbles by less, a real gain in a stage's last epochs by more.
+MIN_RELATIVE_IMPROVEMENT = 1e-4
+# Training images whose power sets a random start's scale (``scale_to_data``).
+SCALE_SAMPLE = 200
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+class StageSchedule(NamedTuple):
+    """What changes from stage to stage: SAGD's learning rate, the grid's angular
+    undersampling and the stage's random seed."""
+
+    learning_rate: float
+    undersampling: float
+    seed: int
+
+
+def stage_schedule(section: dict, stage: int, seed: int) -> StageSchedule:
+    """The schedule of stage ``stage`` (1-based) of random start ``seed``.
+
+    The learning rate halves at each stage, floored at ``learning_rate_min``; undersampling
+    ``'auto'`` follows ``cryoday.quadrature.UNDERSAMPLING_BY_LEVEL``, a list gives one factor per
+    stage (1 beyond its end); the stage's seed is ``seed * 1000 + stage``, so every stage of every
+    start draws its own minibatches and importance samples.
+    """
+    level = stage - 1
+    learning_rate = max(section["learning_rate_min"], section["learning_rate"] * 0.5**level)
+    factors = section["undersampling"]
+    if factors == "auto":
+        undersampling = undersampling_for_level(level)
+    else:
+        undersampling = float(factors[level]) if level < len(factors) else 1.0
+    return StageSchedule(float(learning_rate), float(undersampling), int(seed) * 1000 + stage)
+
+
+# A field's annotation (a string: annotations are postponed) -> how a config value is cast.
+_CASTS = {"int": int, "float": float, "bool": bool, "str": str,
+          "tuple": lambda values: tuple(float(v) for v in values)}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A stage's settings (the schema's ``reconstruction`` keys, with the stage's schedule
+    applied); no field has a default: build it with :meth:`from_config`."""
+
+    minibatch_size: int
+    max_iterations: int
+    min_iterations: int
+    patience: int
+    heldout_every: int
+    checkpoint_every: int
+    learning_rate: float
+    undersampling: float
+    seed: int
+    prior: str
+    prior_strength: float
+    shift_sigma_A: float
+    importance_sampling: bool
+    s0: float
+    importance_min_grid_points: int
+    importance_max_rotations: int
+    importance_max_shifts: int
+    importance_coverage: float
+    importance_dataset_prior: tuple
+
+    @classmethod
+    def from_config(cls, section: dict, stage: int, seed: int) -> StageConfig:
+        """The settings of stage ``stage`` (1-based) of random start ``seed``.
+
+        Parameters
+        ----------
+        section : dict
+            The validated config's ``reconstruction`` section, defaults filled in
+            (``validate(..., set_default=True)``, or :func:`default_reconstruction_config`).
+        stage, seed : int
+            See :func:`stage_schedule`.
+        """
+        schedule = stage_schedule(section, stage, seed)._asdict()
+        keys = [f for f in fields(cls) if f.name not in schedule]
+        missing = [f.name for f in keys if f.name not in section]
+        if missing:
+            raise InputError(f"reconstruction.{missing[0]} is missing: the section must be "
+                             "validated against the schema, which fills in the defaults")
+        values = {f.name: _CASTS[f.type](section[f.name]) for f in keys}
+        return cls(**values, **schedule)
+
+    def sampler_options(self, iterations_per_epoch: int) -> dict:
+        """The importance sampler's constructor arguments."""
+        return {"enabled": self.importance_sampling, "s0": self.s0, "seed": self.seed,
+                "iterations_per_epoch": iterations_per_epoch,
+                "min_grid_points": self.importance_min_grid_points,
+                "max_rotations": self.importance_max_rotations,
+                "max_shifts": self.importance_max_shifts,
+                "coverage": self.importance_coverage,
+                "dataset_prior": self.importance_dataset_prior}
+
+
+def default_reconstruction_config(schema=SCHEMA, **overrides) -> dict:
+    """The ``reconstruction`` section as the workflow sees it when the user sets only
+    ``overrides``: the schema's defaults, updated.
+
+    For tests and benchmarks that run stages without Snakemake; the workflow fills the same
+    defaults with ``validate(config, schema, set_default=True)``. The schema is the checkout's
+    (``workflow/`` is not part of the installed package): pass ``schema`` from elsewhere.
+    """
+    with open(schema) as f:
+        spec = yaml.safe_load(f)["properties"]["reconstruction"]["properties"]
+    unknown = sorted(set(overrides) - set(spec))
+    if unknown:
+        raise InputError(f"reconstruction.{unknown[0]}: not a key of {schema}")
+    section = {k: copy.deepcopy(v["default"]) for k, v in spec.items() if "default" in v}
+    section.update(overrides)
+    return section
+
+
+# ---------------------------------------------------------------------- data and objective
+
+
+class _Data:
+    """Stage images and CTFs: held in memory when small, read per batch otherwise.
+
+    Batches are built on demand (transforms, padded transforms for in-plane turning, CTFs), which
+    costs a few FFTs per image; the last few are kept because an SAGD step evaluates the same
+    minibatch several times (line search), and the held-out set is evaluated repeatedly.
+    """
+
+    def __init__(self, op, images, ctf, sigma, pixel_size):
+        self.op, self.images, self.ctf, self.pixel_size = op, images, ctf, pixel_size
+        n = len(images)
+        self.sigma = np.broadcast_to(np.asarray(sigma, np.float32), (n,))
+        self.cache = None
+        if images.nbytes <= IMAGE_CACHE_BYTES:
+            self.cache = np.asarray(read_rows(images, np.arange(n)), dtype=np.float32)
+        self._kept: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, rows):
+        rows = np.asarray(rows)
+        key = rows.tobytes()
+        if key in self._kept:
+            return self._kept[key]
+        if self.cache is not None:
+            images = self.cache[rows]
+        else:
+            images = read_rows(self.images, np.sort(rows))[np.argsort(np.argsort(rows))]
+        ctf = {k: (v[rows] if np.ndim(v) else v) for k, v in self.ctf.items()}
+        batch = make_batch(self.op, images, ctf, self.pixel_size, self.sigma[rows])
+        if len(self._kept) >= KEPT_BATCHES:
+            self._kept.pop(next(iter(self._kept)))
+        self._kept[key] = batch
+        return batch
+
+
+def finite_or_raise(nll: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``nll`` if every value is finite; otherwise an error naming the particles (1-based rows
+    of the STAR file), whose images, CTF or the map hold NaN or infinite values (the likelihood
+    makes a NaN energy the image's nll rather than dropping it)."""
+    bad = ~np.isfinite(nll)
+    if bad.any():
+        named = ", ".join(str(int(r) + 1) for r in np.asarray(rows)[bad][:5])
+        more = f" and {int(bad.sum()) - 5} more" if bad.sum() > 5 else ""
+        raise FloatingPointError(
+            f"the likelihood of particle row(s) {named}{more} is not finite: their images or "
+            "CTF parameters, or the map, hold NaN or infinite values")
+    return nll
+
+
+class _Objective:
+    """The minibatch objective SAGD calls, and the held-out error, over one stage's data.
+
+    ``iteration`` is the importance sampler's clock (SAGD's ``t`` when the step began), set by
+    :func:`train` before each step; ``last`` is the last gradient evaluation's result, whose
+    evaluated-point count goes into the history.
+    """
+
+    def __init__(self, op, data: _Data, grid, sampler, partition, heldout_rows, batch_size):
+        self.op, self.data, self.grid, self.sampler = op, data, grid, sampler
+        self.partition = partition
+        self.heldout_rows = np.asarray(heldout_rows)
+        self.batch_size = batch_size
+        self.n_train = sum(len(p) for p in partition)
+        self.iteration = 0
+        self.last = None
+
+    def __call__(self, volume, batch_id: int, want_grad: bool):
+        """Mean negative log-likelihood of minibatch ``batch_id`` and its gradient (or None)."""
+        rows = self.partition[batch_id]
+        subsets = self.sampler.subsets(self.grid, rows, self.iteration)
+        result = marginal_nll(self.op, volume, self.data.batch(rows), self.grid, subsets,
+                              want_grad=want_grad)
+        finite_or_raise(result.nll, rows)
+        if want_grad:
+            self.sampler.update(self.grid, rows, subsets, result)
+            self.last = result
+        grad = None if result.grad is None else result.grad / len(rows)
+        return float(result.nll.mean()), grad
+
+    def heldout_nll(self, volume) -> float:
+        """Mean negative log-likelihood of the held-out images (NaN if there are none)."""
+        rows_all = self.heldout_rows
+        if len(rows_all) == 0:
+            return float("nan")
+        total = 0.0
+        cube = self.op.prepare(volume)
+        for rows in np.array_split(rows_all, max(1, len(rows_all) // self.batch_size)):
+            subsets = self.sampler.subsets(self.grid, rows, self.iteration)
+            result = marginal_nll(self.op, volume, self.data.batch(rows), self.grid, subsets,
+                                  want_grad=False, cube=cube)
+            self.sampler.update(self.grid, rows, subsets, result)
+            total += finite_or_raise(result.nll, rows).sum()
+        return total / len(rows_all)
+
+
+def scale_to_data(volume, op, data, grid, rows, rng) -> np.ndarray:
+    """Scale ``volume`` so its CTF-modulated slices carry the data's signal power.
+
+    The data's signal power is its power minus the expected noise power (sigma^2 per
+    coefficient); the model's is averaged over random grid rotations. Pure noise gives no
+    signal: the volume is then kept at a tenth of the noise power, a harmless start.
+    """
+    batch = data.batch(rows)
+    w = op.weights
+    power = np.sum(w * np.abs(batch.data) ** 2, axis=1) - batch.sigma2 * w.sum()
+    signal = max(float(np.mean(power)), 0.0)
+    picks = rng.integers(0, len(grid.rotations), len(rows))
+    slices = op.forward(volume, grid.rotations[picks])
+    model = float(np.mean(np.sum(w * batch.ctf**2 * np.abs(slices) ** 2, axis=1)))
+    if signal <= 0:
+        signal = 0.1 * float(np.mean(batch.sigma2)) * w.sum()
+    return (volume * np.sqrt(signal / max(model, 1e-30))).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- the stage's parts
+
+
+@dataclass
+class Start:
+    """What a stage starts from (see :func:`resume_or_start`)."""
+
+    volume: np.ndarray
+    optimiser: SAGD
+    sampler: ImportanceSampler
+    history: list
+    resumed: bool
+
+
+def resume_or_start(volume, n_images: int, n_batches: int, config: StageConfig,
+                    sagd_state=None, checkpoint_path=None, log=print) -> Start:
+    """The stage's own checkpoint if there is one; else the previous stage's optimiser and
+    sampler (``sagd_state``, its stored gradients dropped: they do not survive resampling);
+    else a fresh optimiser and sampler. ``volume`` is returned unless the checkpoint's
+    replaces it."""
+    options = config.sampler_options(n_batches)
+    eps = config.learning_rate
+    if checkpoint_path and Path(checkpoint_path).exists():
+        optimiser, extra = SAGD.load(checkpoint_path)
+        volume = extra.pop("volume").astype(np.float32)
+        history = records.history_from_array(extra.pop("history"))
+        sampler = ImportanceSampler.from_state(extra, **options)
+        log(f"resuming from checkpoint {checkpoint_path} at iteration {len(history)}")
+        return Start(volume, optimiser, sampler, history, resumed=True)
+    if sagd_state is not None:
+        optimiser, extra = SAGD.load(sagd_state)
+        sampler = ImportanceSampler.from_state(extra, **options)
+        if optimiser.n_batches != n_batches:
+            optimiser = SAGD(n_batches, volume.shape, eps, optimiser.L, seed=config.seed)
+        optimiser.reset_for_new_stage(volume.shape, eps)
+    else:
+        optimiser = SAGD(n_batches, volume.shape, eps, L=1.0, seed=config.seed)
+        sampler = ImportanceSampler(n_images, **options)
+    return Start(volume, optimiser, sampler, [], resumed=False)
+
+
+def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageConfig,
+          history: list, log=print, checkpoint_path=None, start_time=None) -> np.ndarray:
+    """SAGD iterations from ``len(history) + 1`` to ``config.max_iterations``, appending one
+    row per iteration to ``history``; returns the final volume.
+
+    Every ``heldout_every`` iterations (and at the last) the held-out error is evaluated; the
+    stage stops once it has run ``min_iterations`` and that error has not improved (by
+    ``MIN_RELATIVE_IMPROVEMENT``) for ``patience`` evaluations in a row. The optimiser, volume,
+    history and sampler are checkpointed every ``checkpoint_every`` iterations.
+    """
+    start_time = time.perf_counter() if start_time is None else start_time
+    n_train = objective.n_train
+    best = min((h["heldout_nll"] for h in history
+                if h["heldout_nll"] is not None and np.isfinite(h["heldout_nll"])),
+               default=np.inf)
+    since_best = 0
+    for iteration in range(len(history) + 1, config.max_iterations + 1):
+        objective.iteration = optimiser.t
+        batch_id = optimiser.next_batch()
+        volume, figures = optimiser.step(volume, batch_id, objective, prior, n_train)
+        last = objective.last
+        row = {"iteration": iteration, "epoch": iteration * config.minibatch_size / n_train,
+               "heldout_nll": float("nan"), "n_evaluated": last.n_evaluated,
+               "n_full": len(objective.partition[batch_id]) * objective.grid.size,
+               "kl": objective.sampler.last_kl, "kl_epoch": objective.sampler.last_kl_epochs,
+               **figures}
+        stop = False
+        if iteration % config.heldout_every == 0 or iteration == config.max_iterations:
+            value = objective.heldout_nll(volume)
+            row["heldout_nll"] = value
+            if not np.isfinite(best) or value < best - MIN_RELATIVE_IMPROVEMENT * abs(best):
+                best, since_best = value, 0
+            else:
+                since_best += 1
+            stop = iteration >= config.min_iterations and since_best >= config.patience
+            log(f"iteration {iteration} (epoch {row['epoch']:.2f}): held-out nll {value:.4f}, "
+                f"objective {row['objective']:.4f}, step {row['step']:.3g}, "
+                f"evaluated {last.n_evaluated / row['n_full']:.2%} of the grid, "
+                f"{time.perf_counter() - start_time:.1f} s")
+        row["wall_s"] = time.perf_counter() - start_time
+        history.append(row)
+        if checkpoint_path and iteration % config.checkpoint_every == 0:
+            optimiser.save(checkpoint_path, volume=volume,
+                           history=records.history_to_array(history),
+                           **objective.sampler.state())
+        if stop:
+            log(f"held-out error has not improved for {config.patience} evaluations: "
+                "stage done")
+            break
+    return volume
+
+
+class Poses(NamedTuple):
+    """Every particle's most probable pose at a map, and its likelihoods (nats)."""
+
+    rotations: np.ndarray  # (n, 3, 3)
+    shifts_px: np.ndarray  # (n, 2), pixels of the stage's box
+    nll: np.ndarray  # -log p(I | V)
+    null_nll: np.ndarray  # -log p(I | V = 0)
+
+
+def final_poses(volume, objective: _Objective, iteration: int, log=print,
+                start_time=None) -> Poses:
+    """The pose pass over every particle (training and held out) at the final ``volume``,
+    with the sampler's proposals at ``iteration`` (their posteriors are updated too).
+
+    ``null_nll`` explains the images as pure noise: validation asks whether the map explains
+    the held-out images better than that (a likelihood-ratio test for signal).
+    """
+    start_time = time.perf_counter() if start_time is None else start_time
+    op, data, grid, sampler = objective.op, objective.data, objective.grid, objective.sampler
+    n = len(data)
+    rotations, shifts = np.empty((n, 3, 3)), np.empty((n, 2))
+    nll, null_nll = np.empty(n), np.empty(n)
+    cube = op.prepare(volume)
+    empty = np.zeros_like(volume)
+    empty_cube = op.prepare(empty)
+    chunks = np.array_split(np.arange(n), max(1, n // objective.batch_size))
+    log(f"final poses of all {n} particles at the stage's map")
+    next_report = 0.1
+    for done, rows in enumerate(chunks, 1):
+        batch = data.batch(rows)
+        subsets = sampler.subsets(grid, rows, iteration)
+        result = marginal_nll(op, volume, batch, grid, subsets, want_grad=False, cube=cube)
+        sampler.update(grid, rows, subsets, result)
+        rotations[rows] = grid.rotations[result.best_rot]
+        shifts[rows] = grid.shifts[result.best_shift]
+        nll[rows] = result.nll
+        null_nll[rows] = marginal_nll(op, empty, batch, grid, empty_map_subsets(grid, len(rows)),
+                                      want_grad=False, cube=empty_cube).nll
+        if done / len(chunks) >= next_report:
+            log(f"final poses: {rows[-1] + 1} / {n} particles, "
+                f"{time.perf_counter() - start_time:.1f} s")
+            next_report += 0.1
+    return Poses(rotations, shifts, nll, null_nll)
+
+
+# ---------------------------------------------------------------------- the stage
+
+
+@dataclass
+class StageResult:
+    """What a stage hands to the next one and to the user."""
+
+    volume: np.ndarray
+    optimiser: SAGD
+    sampler: ImportanceSampler
+    history: list = field(default_factory=list)
+    rotations: np.ndarray | None = None
+    shifts_px: np.ndarray | None = None
+    nll: np.ndarray | None = None
+    null_nll: np.ndarray | None = None
+    heldout_rows: np.ndarray | None = None
+
+    def save_state(self, path) -> None:
+        """``state.npz``: what the next stage starts from."""
+        self.optimiser.save(path, **self.sampler.state())
+
+    def save_history(self, path) -> None:
+        records.write_history(path, self.history)
+
+    def save_poses(self, path, pixel_size: float) -> None:
+        records.write_poses(path, self.rotations, self.shifts_px * pixel_size, self.nll,
+                            self.null_nll, self.heldout_rows)
+
+
+def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, train_rows,
+              heldout_rows, config: StageConfig, sagd_state=None,
+              log: Callable[[str], object] = print, checkpoint_path=None,
+              scale_start=False) -> StageResult:
+    """Run one stage; see the module docstring.
+
+    Parameters
+    ----------
+    volume0 : (box, box, box) float32
+        Start (the resampled previous stage, or the random start).
+    images : (n, box, box) array-like
+        A memory map of the stage's images, normalised, protein bright.
+    ctf_params : dict of (n,) arrays
+        ``cryoday.ctf.evaluate_ctf`` argument names.
+    sigma : float or (n,) array
+        Noise standard deviation per pixel at this box.
+    pixel_size, resolution_A : float
+        The stage's pixel size and resolution (A).
+    train_rows, heldout_rows : int arrays
+        Particle rows.
+    config : StageConfig
+    sagd_state : path or None
+        The previous stage's ``state.npz``, or None for the first stage.
+    log : callable
+        Receives one progress line at a time.
+    checkpoint_path : path or None
+        Where to checkpoint; resumed from if it exists.
+    scale_start : bool
+        Scale ``volume0`` to the data's signal power (for random starts).
+    """
+    start_time = time.perf_counter()
+    box = volume0.shape[0]
+    radius = box * pixel_size / resolution_A
+    op = SliceOperator(box, radius)
+    grid = pose_grid(resolution_A, box, pixel_size, config.undersampling,
+                     shift_sigma_A=config.shift_sigma_A)
+    data = _Data(op, images, ctf_params, sigma, pixel_size)
+    train_rows = np.asarray(train_rows)
+    heldout_rows = np.asarray(heldout_rows)
+    # One generator, drawn in this order: the partition, then a random start's scale sample.
+    rng = np.random.default_rng(config.seed)
+    n_batches = max(1, int(np.ceil(len(train_rows) / config.minibatch_size)))
+    partition = np.array_split(rng.permutation(train_rows), n_batches)
+    log(f"stage at {resolution_A:g} A: box {box}, {op.n_coef} coefficients, grid "
+        f"{grid.n_dir} directions x {grid.n_inp} in-plane x {grid.n_shift} shifts "
+        f"= {grid.size:,} points per image; {len(train_rows)} training images in "
+        f"{n_batches} minibatches, {len(heldout_rows)} held out")
+
+    start = resume_or_start(low_pass(volume0, radius), len(images), n_batches, config,
+                            sagd_state, checkpoint_path, log)
+    volume = start.volume
+    if scale_start and not start.resumed:
+        sample = rng.choice(train_rows, min(len(train_rows), SCALE_SAMPLE), replace=False)
+        volume = scale_to_data(volume, op, data, grid, sample, rng)
+    start.sampler.set_grid(grid)
+
+    top = volume.max()
+    reference_density = float(volume[volume > 0.1 * top].mean()) if top > 0 else 1.0
+    prior = make_prior(config.prior, reference_density, config.prior_strength)
+    objective = _Objective(op, data, grid, start.sampler, partition, heldout_rows,
+                           config.minibatch_size)
+    volume = train(volume, start.optimiser, objective, prior, config, start.history, log,
+                   checkpoint_path, start_time)
+    poses = final_poses(volume, objective, start.optimiser.t, log, start_time)
+    return StageResult(volume, start.optimiser, start.sampler, start.history, *poses,
+                       heldout_rows)
+
+
+__all__ = ["StageConfig", "StageSchedule", "stage_schedule", "default_reconstruction_config",
+           "resume_or_start", "train", "final_poses", "run_stage", "StageResult", "Start",
+           "Poses", "scale_to_data", "finite_or_raise"]

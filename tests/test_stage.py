@@ -1,0 +1,155 @@
+"""The stage driver: its configuration from the schema, the stage schedule, early stopping, and
+resuming from a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from snakemake.utils import validate
+
+from cryoday import initial, molecule, simulate
+from cryoday.errors import InputError
+from cryoday.importance import ImportanceSampler
+from cryoday.quadrature import UNDERSAMPLING_BY_LEVEL
+from cryoday.sagd import SAGD
+from cryoday.stage import (SCHEMA, StageConfig, default_reconstruction_config, run_stage,
+                           stage_schedule, train)
+
+# Keys of the reconstruction section read outside StageConfig: by the workflow (stages, seeds),
+# the schedule (learning_rate_min) and the rule script (the stage-1 start).
+OUTSIDE_STAGE_CONFIG = {"stages_A", "seeds", "learning_rate_min", "particle_diameter_A",
+                        "initial_model"}
+
+
+def test_defaults_are_the_schemas_as_the_workflow_fills_them():
+    config = {"datasets": {"d": {"simulate": {}}}}
+    validate(config, str(SCHEMA), set_default=True)
+    assert config["reconstruction"] == default_reconstruction_config()
+    assert config["datasets"]["d"]["simulate"]["n_particles"] == 2000  # nested defaults too
+    assert default_reconstruction_config(seeds=[7])["seeds"] == [7]
+    with pytest.raises(InputError, match="reconstruction.seed:"):
+        default_reconstruction_config(seed=7)
+
+
+def test_every_reconstruction_key_is_read_and_stage_config_has_no_defaults():
+    names = {f.name for f in dataclasses.fields(StageConfig)}
+    schedule = {"learning_rate", "undersampling", "seed"}
+    assert set(default_reconstruction_config()) == (names - {"seed"}) | OUTSIDE_STAGE_CONFIG
+    assert schedule <= names
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(StageConfig))
+    config = StageConfig.from_config(default_reconstruction_config(), 1, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 2
+
+
+def test_a_section_not_filled_by_the_schema_is_refused_with_the_key_named():
+    section = default_reconstruction_config()
+    del section["patience"]
+    with pytest.raises(InputError, match="reconstruction.patience"):
+        StageConfig.from_config(section, 1, 1)
+
+
+def test_schedule_halves_the_learning_rate_down_to_its_floor_and_seeds_each_stage():
+    section = default_reconstruction_config(learning_rate=0.8, learning_rate_min=0.15)
+    rates = [stage_schedule(section, stage, 3).learning_rate for stage in range(1, 6)]
+    assert rates == pytest.approx([0.8, 0.4, 0.2, 0.15, 0.15])
+    assert [stage_schedule(section, s, 3).seed for s in (1, 2)] == [3001, 3002]
+    assert stage_schedule(section, 1, 4).seed != stage_schedule(section, 1, 3).seed
+
+
+def test_auto_undersampling_is_the_quadratures_and_a_list_ends_at_one():
+    auto = default_reconstruction_config()
+    n = len(UNDERSAMPLING_BY_LEVEL)
+    assert [stage_schedule(auto, s, 1).undersampling for s in range(1, n + 2)] == \
+        [*UNDERSAMPLING_BY_LEVEL, 1.0]
+    listed = default_reconstruction_config(undersampling=[2.0, 1.75])
+    assert [stage_schedule(listed, s, 1).undersampling for s in (1, 2, 3)] == [2.0, 1.75, 1.0]
+
+
+def test_importance_settings_reach_the_sampler():
+    section = default_reconstruction_config(importance_min_grid_points=123,
+                                            importance_max_rotations=45,
+                                            importance_max_shifts=6, importance_coverage=0.5,
+                                            importance_dataset_prior=[0.1, 0.2, 0.3], s0=4)
+    config = StageConfig.from_config(section, 2, 1)
+    sampler = ImportanceSampler(10, **config.sampler_options(iterations_per_epoch=3))
+    assert (sampler.min_grid_points, sampler.max_rotations, sampler.max_shifts,
+            sampler.coverage, sampler.s0) == (123, 45, 6, 0.5, 4.0)
+    assert sampler.dataset_prior == (0.1, 0.2, 0.3)
+
+
+class _ScriptedObjective:
+    """A quadratic minibatch objective whose held-out error follows a script."""
+
+    def __init__(self, heldout):
+        self.heldout = list(heldout)
+        self.partition = [np.arange(5), np.arange(5, 10)]
+        self.n_train = 10
+        self.grid = SimpleNamespace(size=100)
+        self.sampler = SimpleNamespace(last_kl=float("nan"), last_kl_epochs=float("nan"))
+        self.iteration = 0
+        self.last = None
+
+    def __call__(self, volume, batch_id, want_grad):
+        if want_grad:
+            self.last = SimpleNamespace(n_evaluated=50)
+        return 0.5 * float(np.sum(volume.astype(np.float64) ** 2)), volume.copy()
+
+    def heldout_nll(self, volume):
+        return self.heldout.pop(0)
+
+
+@pytest.mark.parametrize(("min_iterations", "expected"), [(0, 4), (6, 6)])
+def test_training_stops_when_the_heldout_error_stops_improving(min_iterations, expected):
+    # Best at the second evaluation, then two without improvement: patience 2 stops at the
+    # fourth iteration, unless the stage must run six.
+    config = StageConfig.from_config(default_reconstruction_config(
+        minibatch_size=5, max_iterations=10, min_iterations=min_iterations, patience=2,
+        heldout_every=1), 1, 1)
+    objective = _ScriptedObjective([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9])
+    history = []
+    volume = np.ones((4, 4, 4), np.float32)
+    out = train(volume, SAGD(2, volume.shape, seed=1), objective, None, config, history,
+                log=lambda *_: None)
+    assert len(history) == expected
+    assert [h["iteration"] for h in history] == list(range(1, expected + 1))
+    assert [h["heldout_nll"] for h in history][:4] == [5.0, 4.0, 4.5, 4.6]
+    assert out.sum() < volume.sum()  # it descended
+
+
+def _tiny_set():
+    volume = molecule.synthetic_molecule(24, 8.0)
+    images, table = next(simulate.simulate_chunks(volume, 8.0, 100, snr=0.5, seed=2))
+    images = ((images - images.mean()) / images[:, :3].std()).astype(np.float32)
+    ctf = {"defocus_u": table.rlnDefocusU.to_numpy(), "defocus_v": table.rlnDefocusV.to_numpy(),
+           "defocus_angle": table.rlnDefocusAngle.to_numpy(), "voltage": 300.0, "cs": 2.7,
+           "amplitude_contrast": 0.1}
+    return images, ctf
+
+
+def test_a_stage_resumes_from_its_checkpoint(tmp_path):
+    images, ctf = _tiny_set()
+    rows = np.arange(len(images))
+    start = initial.random_blobs(24, 8.0, seed=1)
+    checkpoint = tmp_path / "checkpoint.npz"
+    lines = []
+
+    def stage(max_iterations):
+        section = default_reconstruction_config(
+            minibatch_size=40, max_iterations=max_iterations, min_iterations=max_iterations,
+            heldout_every=2, checkpoint_every=2)
+        return run_stage(start, images, ctf, 1.0, 8.0, 30.0, rows[20:], rows[:20],
+                         StageConfig.from_config(section, 1, 1), log=lines.append,
+                         checkpoint_path=checkpoint, scale_start=True)
+
+    first = stage(2)
+    assert checkpoint.exists()
+    resumed = stage(4)
+    assert f"resuming from checkpoint {checkpoint} at iteration 2" in lines
+    assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4]
+    assert [h["objective"] for h in resumed.history[:2]] == \
+        [h["objective"] for h in first.history]
+    assert resumed.optimiser.t == 4 and np.isfinite(resumed.nll).all()
