@@ -69,22 +69,6 @@ def last_stage_of_seed(name, seed):
     return f"results/{name}/abinitio/seed{seed}/stage{STAGES[-1]}"
 
 
-def all_seed_volumes(wildcards):
-    return [f"{last_stage_of_seed(wildcards.dataset, s)}/volume.mrc" for s in SEEDS]
-
-
-def all_seed_poses(wildcards):
-    return [f"{last_stage_of_seed(wildcards.dataset, s)}/poses.npz" for s in SEEDS]
-
-
-def all_stage_dirs(wildcards):
-    return [
-        f"results/{wildcards.dataset}/abinitio/seed{s}/stage{st}/history.tsv"
-        for s in SEEDS
-        for st in STAGES
-    ]
-
-
 def stage_size(input):
     """(images, box) of a stage's cropped stack, or None before the stack exists."""
     info_path, stack_path = Path(input.info), Path(input.stack)
@@ -151,10 +135,6 @@ def simulate_params(wildcards):
 
 def pixel_size_override(wildcards):
     return config["datasets"][wildcards.dataset].get("pixel_size")
-
-
-def simulated_flag(wildcards):
-    return is_simulated(wildcards.dataset)
 
 
 # --- inputs of finalize, validate and report
