@@ -645,10 +645,3 @@ class ImageSource:
                 f"(particle row {row + 1}) has NaN or infinite pixels"
             )
         return out
-
-
-def iter_chunks(source: ImageSource, chunk_size: int):
-    """Yield ``(rows, images)`` over all particles, ``chunk_size`` at a time."""
-    for start in range(0, len(source), chunk_size):
-        rows = np.arange(start, min(start + chunk_size, len(source)))
-        yield rows, source.read(rows)

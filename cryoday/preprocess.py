@@ -129,11 +129,6 @@ def stage_box(box: int, pixel_size: float, resolution_A: float) -> tuple[int, fl
     return new_box, box * pixel_size / new_box
 
 
-def stage_boxes(box: int, pixel_size: float, resolutions) -> list[tuple[int, float]]:
-    """:func:`stage_box` for each stage resolution."""
-    return [stage_box(box, pixel_size, r) for r in resolutions]
-
-
 def preprocess_stream(read, n: int, box: int, out, chunk_size: int = 1000, sign: int = 1,
                       mask_radius: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normalise every image to zero background and unit noise, protein bright, into ``out``.
