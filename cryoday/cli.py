@@ -96,7 +96,7 @@ def reconstruct_main(args) -> None:
                              f"last of the {len(rows)} particles of {args.particles}")
         rows = rows[first:last]
     if args.half:
-        rows = rows[half_sets_of(len(rows))[args.half - 1]]
+        rows = rows[_half_sets(len(rows))[args.half - 1]]
     if len(rows) == 0:
         raise InputError("the particle subset is empty")
     box = args.box or particles.box
@@ -123,8 +123,8 @@ def reconstruct_main(args) -> None:
              pixel_size)
 
 
-def half_sets_of(n: int):
-    from cryoday.reconstruct import half_sets
+def _half_sets(n: int):
+    from cryoday.reconstruct import half_sets  # numba kernels: imported only when needed
 
     return half_sets(n)
 
