@@ -4,7 +4,8 @@
     cryoday fsc MAP1 MAP2 [--align] [--pixel-size A]
 
 Each command is a module-level pair ``add_args(parser)`` / ``main(args)``, as cryoDRGN does.
-Bad input prints one line naming the problem and exits with status 2.
+Every argument is checked before any work: a bad one, or bad input files, print one line naming
+the problem and exit with status 2; an unexpected error (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,27 +18,71 @@ import numpy as np
 
 from cryoday.errors import InputError
 
+log = logging.getLogger("cryoday.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage block) pointing at ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, minimum=None, strict=True):
+    """An argparse type: ``kind`` (int or float), finite, above (or at) ``minimum``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'above' if strict else 'at least'} {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _subset(text: str) -> tuple[int, int | None]:
+    """``FIRST:LAST`` (0-based, LAST excluded; either may be empty) as a pair of ints."""
+    first, colon, last = text.partition(":")
+    try:
+        pair = (int(first) if first.strip() else 0, int(last) if last.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIRST:LAST (e.g. 0:1000)") from None
+    if not colon or pair[0] < 0 or (pair[1] is not None and pair[1] <= pair[0]):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not FIRST:LAST with 0 <= FIRST < LAST (e.g. 0:1000)")
+    return pair
+
 
 def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("particles", help="RELION STAR file with poses (rlnAngleRot/Tilt/Psi)")
     parser.add_argument("-o", "--output", required=True, help="output map (.mrc)")
-    parser.add_argument("--box", type=int, help="output box in px (default: the images' box)")
-    parser.add_argument("--pixel-size", type=float,
+    parser.add_argument("--box", type=_number(int, 8, strict=False),
+                        help="output box in px, at most the images' box (default: the images')")
+    parser.add_argument("--pixel-size", type=_number(float, 0),
                         help="pixel size in A, if the STAR file has none")
-    parser.add_argument("--max-resolution", type=float, help="highest resolution used (A)")
-    parser.add_argument("--subset", help="particle rows FIRST:LAST (0-based, LAST excluded)")
+    parser.add_argument("--max-resolution", type=_number(float, 0),
+                        help="highest resolution used (A)")
+    parser.add_argument("--subset", type=_subset,
+                        help="particle rows FIRST:LAST (0-based, LAST excluded)")
     parser.add_argument("--half", type=int, choices=(1, 2),
                         help="one of two random halves (gold-standard half maps)")
-    parser.add_argument("--wiener", type=float, default=1e-3,
+    parser.add_argument("--wiener", type=_number(float, 0), default=1e-3,
                         help="regularisation relative to the mean CTF^2 weight (default 1e-3)")
-    parser.add_argument("--chunk-size", type=int, default=500)
+    parser.add_argument("--chunk-size", type=_number(int, 1, strict=False), default=500)
 
 
 def reconstruct_main(args) -> None:
     from cryoday import io
-    from cryoday.geometry import euler_to_matrix
-    from cryoday.reconstruct import half_sets, reconstruct
 
+    io.check_writable(args.output)
     particles = io.read_particles(args.particles, pixel_size=args.pixel_size)
     pose = io.poses(particles)
     if pose is None:
@@ -45,14 +90,28 @@ def reconstruct_main(args) -> None:
                          "known-pose reconstruction needs poses")
     rows = np.arange(len(particles))
     if args.subset:
-        first, _, last = args.subset.partition(":")
-        rows = rows[int(first or 0):int(last) if last else None]
+        first, last = args.subset
+        if first >= len(rows):
+            raise InputError(f"--subset {first}:{'' if last is None else last} starts past the "
+                             f"last of the {len(rows)} particles of {args.particles}")
+        rows = rows[first:last]
     if args.half:
-        rows = rows[half_sets(len(rows))[args.half - 1]]
+        rows = rows[_half_sets(len(rows))[args.half - 1]]
     if len(rows) == 0:
         raise InputError("the particle subset is empty")
     box = args.box or particles.box
+    if box > particles.box:
+        raise InputError(f"--box {box} is larger than the images' {particles.box} px; the box "
+                         "can only shrink (Fourier cropping)")
     pixel_size = particles.pixel_size * particles.box / box
+    if args.max_resolution and args.max_resolution < 2 * pixel_size:
+        log.warning("--max-resolution %.2f A is finer than the Nyquist limit of %d px at "
+                    "%.4f A/px (%.2f A); using the Nyquist limit", args.max_resolution,
+                    box, pixel_size, 2 * pixel_size)
+    # Imported after the checks: bad arguments are refused without compiling any kernel.
+    from cryoday.geometry import euler_to_matrix
+    from cryoday.reconstruct import reconstruct
+
     ctf = {k: v[rows] for k, v in io.ctf_params(particles).items()}
     shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1)[rows] / pixel_size
     rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])[rows]
@@ -60,22 +119,27 @@ def reconstruct_main(args) -> None:
         volume = reconstruct(lambda r: source.read(rows[r]), len(rows), rotations, shifts, ctf,
                              pixel_size, box, args.max_resolution, args.wiener, args.chunk_size)
     io.write_map(args.output, volume, pixel_size)
-    logging.info("wrote %s: %d particles, %d px at %.4f A/px", args.output, len(rows), box,
-                 pixel_size)
+    log.info("wrote %s: %d particles, %d px at %.4f A/px", args.output, len(rows), box,
+             pixel_size)
+
+
+def _half_sets(n: int):
+    from cryoday.reconstruct import half_sets  # numba kernels: imported only when needed
+
+    return half_sets(n)
 
 
 def add_fsc_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("map1")
     parser.add_argument("map2")
-    parser.add_argument("--pixel-size", type=float, help="A/px if the headers have none")
+    parser.add_argument("--pixel-size", type=_number(float, 0),
+                        help="A/px if the headers have none")
     parser.add_argument("--align", action="store_true",
                         help="first find the rotation, shift and hand between the maps")
 
 
 def fsc_main(args) -> None:
     from cryoday import io
-    from cryoday.align import fsc_after_alignment
-    from cryoday.fsc import fsc, resolution_at
 
     a, pa = io.read_map(args.map1)
     b, _ = io.read_map(args.map2)
@@ -84,6 +148,9 @@ def fsc_main(args) -> None:
         raise InputError(f"{args.map1}: no voxel size in the header; pass --pixel-size")
     if a.shape != b.shape:
         raise InputError(f"{args.map1} is {a.shape[0]} px but {args.map2} is {b.shape[0]} px")
+    from cryoday.align import fsc_after_alignment
+    from cryoday.fsc import fsc, resolution_at
+
     if args.align:
         alignment, freq, curve, _ = fsc_after_alignment(a, b, pixel_size)
         print(f"alignment: correlation {alignment.correlation:.3f}, "
@@ -102,12 +169,13 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cryoday", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cryoday", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_text) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.captureWarnings(True)
     try:
         COMMANDS[args.command][1](args)
     except InputError as exc:

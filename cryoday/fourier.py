@@ -43,13 +43,6 @@ def freq_index(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.float64) - n // 2
 
 
-def freq_grid_2d(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fourier indices ``(kx, ky)`` of an ``n x n`` centred spectrum, each ``[y, x]``-shaped."""
-    k = freq_index(n)
-    ky, kx = np.meshgrid(k, k, indexing="ij")
-    return kx, ky
-
-
 def radial_index_3d(n: int) -> np.ndarray:
     """Radius ``|k|`` in Fourier pixels of every voxel of a centred ``n^3`` spectrum."""
     k = freq_index(n)

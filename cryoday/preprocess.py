@@ -1,18 +1,23 @@
 """Preprocessing of particle images: noise estimate, normalisation, contrast, held-out set, boxes.
 
-All functions work on chunks of images so that a stack of any size streams through in bounded
-memory (``chunk_size`` images at a time); callers pass a ``read(rows)`` function (a memory-mapped
+:func:`preprocess_particles` is the pipeline's preprocessing step (the one place a user's
+particle set is judged, through :func:`cryoday.io.read_particles`). The other functions work on
+chunks of images so that a stack of any size streams through in bounded memory (``chunk_size``
+images at a time); callers pass a ``read(rows)`` function (a memory-mapped
 :class:`cryoday.io.ImageSource` in the pipeline, a numpy array's indexing in tests).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from cryoday import io
 from cryoday.errors import InputError
 from cryoday.fourier import fourier_crop_2d
 
@@ -109,6 +114,31 @@ def choose_heldout(n: int, n_heldout: int, seed: int = 0) -> np.ndarray:
     return mask
 
 
+def check_heldout_disjoint(image_keys, heldout: np.ndarray) -> None:
+    """Refuse a split in which an image is both held out and trained on.
+
+    The held-out likelihood is the test that a map explains images it never saw; an image
+    named twice (once in each set) voids it. :func:`cryoday.io.read_particles` refuses repeated
+    images, so this guards the invariant, naming the rows, should another reader feed us.
+
+    Parameters
+    ----------
+    image_keys : sequence of hashable
+        One key per particle row identifying its image (e.g. ``(stack path, index)``).
+    heldout : numpy.ndarray of bool
+        The held-out mask, as :func:`choose_heldout` returns.
+    """
+    keys = np.asarray([str(k) for k in image_keys])
+    heldout = np.asarray(heldout, dtype=bool)
+    shared = np.isin(keys, keys[heldout]) & ~heldout
+    if shared.any():
+        row = int(np.flatnonzero(shared)[0])
+        twin = int(np.flatnonzero(heldout & (keys == keys[row]))[0])
+        raise InputError(f"particle rows {twin + 1} (held out) and {row + 1} (training) are the "
+                         f"same image {keys[row]}; {int(shared.sum())} training rows repeat a "
+                         "held-out image: keep each image once")
+
+
 def stage_box(box: int, pixel_size: float, resolution_A: float) -> tuple[int, float]:
     """The even box a stage at ``resolution_A`` needs, and its pixel size.
 
@@ -127,11 +157,6 @@ def stage_box(box: int, pixel_size: float, resolution_A: float) -> tuple[int, fl
             f"({2 * pixel_size:.2f} A); raise the stage resolution"
         )
     return new_box, box * pixel_size / new_box
-
-
-def stage_boxes(box: int, pixel_size: float, resolutions) -> list[tuple[int, float]]:
-    """:func:`stage_box` for each stage resolution."""
-    return [stage_box(box, pixel_size, r) for r in resolutions]
 
 
 def preprocess_stream(read, n: int, box: int, out, chunk_size: int = 1000, sign: int = 1,
@@ -164,3 +189,109 @@ def downsample_stream(read, n: int, out, new_box: int, chunk_size: int = 1000) -
     for start in range(0, n, chunk_size):
         rows = np.arange(start, min(start + chunk_size, n))
         out[rows[0]:rows[-1] + 1] = fourier_crop_2d(read(rows), new_box)
+
+
+def preprocess_particles(star, stack_out, star_out, info_out, references=(),
+                         pixel_size: float | None = None, *, n_heldout: int = 100,
+                         heldout_seed: int = 0, contrast: str = "auto",
+                         mask_radius_fraction: float = 0.95, chunk_size: int = 1000) -> dict:
+    """Validate a particle set, detect its contrast, normalise it and choose held-out images.
+
+    The pipeline's ``preprocess`` step. Every check of the user's files happens before the
+    first output is written (:func:`cryoday.io.read_particles`, the reference maps); the three
+    outputs appear together or not at all.
+
+    Parameters
+    ----------
+    star : path
+        The user's particle STAR file.
+    stack_out, star_out, info_out : path
+        Normalised stack, its STAR file (original names in ``rlnImageOriginalName``, the
+        held-out flag in ``cryodayHeldOut``, noise sigma in ``cryodayNoiseSigma``) and a JSON
+        summary.
+    references : sequence of path
+        Reference maps to check now rather than after the reconstruction.
+    pixel_size : float, optional
+        Pixel size in A when the files have none.
+    n_heldout, heldout_seed, contrast, mask_radius_fraction, chunk_size
+        The config's ``preprocess`` keys.
+
+    Returns
+    -------
+    dict
+        What ``info_out`` holds.
+
+    Raises
+    ------
+    InputError
+        For a bad particle set or reference, naming the file, column and row.
+    """
+    particles = io.read_particles(star, pixel_size=pixel_size)
+    n, box, psize = len(particles.table), particles.box, particles.pixel_size
+    log.info("%s: %d particles, %d px, %.4f A/px", star, n, box, psize)
+    for reference in references:
+        log.info(io.check_reference(reference, box, psize))
+    heldout = choose_heldout(n, n_heldout, heldout_seed)
+    check_heldout_disjoint(zip(particles.stack_paths, particles.stack_index), heldout)
+
+    mask_radius = mask_radius_fraction * box / 2
+    written = []
+    try:
+        with io.ImageSource(particles) as source:
+            detected = detect_contrast(source.read, n, box, mask_radius=mask_radius)
+            sign = _contrast_sign(contrast, detected)
+            with io.StackWriter(stack_out, n, box, psize) as writer:
+                _, sigmas = preprocess_stream(source.read, n, box, writer.data,
+                                              chunk_size=chunk_size, sign=sign,
+                                              mask_radius=mask_radius)
+        written.append(Path(stack_out))
+        table = particles.table.copy()
+        stack_name = Path(stack_out).name
+        table["rlnImageOriginalName"] = particles.table["rlnImageName"]
+        table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
+        table["cryodayHeldOut"] = heldout.astype(int)
+        table["cryodayNoiseSigma"] = sigmas
+        table["rlnImagePixelSize"] = psize
+        io.write_particles(star_out, table, particles.optics)
+        written.append(Path(star_out))
+        info = {
+            "input_star": str(star),
+            "n_particles": n,
+            "n_heldout": int(heldout.sum()),
+            "box": box,
+            "pixel_size": psize,
+            "contrast_sign": int(sign),
+            "contrast_detected_sign": int(detected.sign),
+            "contrast_z": float(detected.z_score),
+            "noise_sigma_median": float(np.median(sigmas)),
+            "mask_radius_px": float(mask_radius),
+        }
+        with io.atomic_path(info_out) as tmp:
+            Path(tmp).write_text(json.dumps(info, indent=2))
+    except BaseException:
+        # Each file is written atomically; this keeps the set whole (no stack without its STAR).
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    log.info("normalised %d particles (median noise sigma %.4g); %d held out",
+             n, info["noise_sigma_median"], info["n_heldout"])
+    return info
+
+
+def _contrast_sign(contrast: str, detected: Contrast) -> int:
+    if contrast == "auto":
+        if detected.sign < 0:
+            log.warning(
+                "particles are dark on a bright background (z = %.1f over %d images); "
+                "inverting the contrast so protein is bright, as RELION expects",
+                detected.z_score, detected.n_used,
+            )
+        else:
+            log.info("particles are bright on dark (z = %.1f over %d images), as RELION expects",
+                     detected.z_score, detected.n_used)
+        return detected.sign
+    if contrast not in ("keep", "invert"):
+        raise InputError(f"preprocess.contrast is {contrast!r}; use auto, keep or invert")
+    log.info("contrast forced by config: %s (detected sign %+d, z = %.1f)",
+             contrast, detected.sign, detected.z_score)
+    return -1 if contrast == "invert" else 1

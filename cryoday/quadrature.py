@@ -161,17 +161,3 @@ def inplane_matrices(angles_rad: np.ndarray) -> np.ndarray:
     """
     full = euler_to_matrix(0.0, 0.0, np.degrees(np.asarray(angles_rad, dtype=np.float64)))
     return np.ascontiguousarray(full.reshape(-1, 3, 3)[:, :2, :2])
-
-
-def grid_size_table(resolutions, box: int, pixel_size: float, undersampling=None,
-                    shift_sigma_A: float = 10.0) -> list[dict]:
-    """Grid sizes per stage, for logs and the README."""
-    rows = []
-    for level, res in enumerate(resolutions):
-        us = undersampling[level] if undersampling else undersampling_for_level(level)
-        a = angular_step(res, box, pixel_size, us)
-        n_dir, n_inp = int(np.ceil((3.6 / a) ** 2)), int(np.ceil(2 * np.pi / a))
-        n_shift = len(shift_grid(res, pixel_size, us, shift_sigma_A, 60.0)[0])
-        rows.append({"resolution_A": res, "n_dir": n_dir, "n_inp": n_inp, "n_shift": n_shift,
-                     "points": n_dir * n_inp * n_shift})
-    return rows

@@ -122,7 +122,9 @@ def test_truncated_stack(tmp_path):
     stack = tmp_path / "stack.mrcs"
     data = stack.read_bytes()
     stack.write_bytes(data[: len(data) - 24 * 24 * 4 * 3])
-    assert_refused(run_preprocess(tmp_path), tmp_path, "stack.mrcs")
+    # Named as truncated with both sizes, not as a bad header.
+    assert_refused(run_preprocess(tmp_path), tmp_path, "stack.mrcs", "truncated",
+                   f"{len(data):,}", f"{len(data) - 24 * 24 * 4 * 3:,}")
 
 
 def test_nan_image(tmp_path):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
+import errno
 import os
+import shutil
 import tracemalloc
 import warnings
 
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 
 from cryoday import io
-from cryoday.errors import InputError
+from cryoday.errors import InputError, OutputError
 
 warnings.filterwarnings("ignore", module="mrcfile")
 
@@ -28,7 +29,6 @@ PARTICLE_FILES = [
     ("cryodrgn/relion31.star", 5, 2.806),
     ("cryodrgn/relion31.v2.star", 5, 2.806),
     ("cryodrgn/relion31.6opticsgroups.star", 139, None),
-    ("cryodrgn/relion5.star", 17, 0.89),
     ("cryodrgn/empiar_10076_7.star", 7, 1.31),
     ("cryodrgn/FinalRefinement-OriginalParticles-PfCRT.star", 5, 1.035),
     ("cryojax/trpv1_small_stack.star", 10, 4.88),
@@ -37,15 +37,19 @@ PARTICLE_FILES = [
     ("simplecryoem/particles.star", 4501, 1.2445),
     ("simplecryoem/pyem.star", 24, 3.54),
     ("scipion-em-esrf/input_particles.star", 2021, 3.0),
-    ("starfile/rln3.1_data_style.star", 2, 1.04),
     ("aspire/rln_proj_64_centered.star", 4, 1.0),
     ("aspire/rln_proj_64_shifted.star", 4, 1.0),
     ("cryodrgn/sta_testing_bin8.star", 219, 1.96),
-    ("cryodrgn/toy_projections_13.star", 13, 1.035),
     ("cryojax/example_particles.star", 4, 4.4),
     ("cryojax/ribosome_4ug0_particles.star", 5, 4.0),
     ("cryojax/test_starfile.star", 3, 12.0),
 ]
+
+# Particle files (test fixtures of other projects) that name an image twice: (path, count, pixel
+# size, the 1-based rows of the first repeat). Refused by row; read once the repeats are dropped.
+DUPLICATED = [("cryodrgn/relion5.star", 17, 0.89, (1, 12)),
+              ("starfile/rln3.1_data_style.star", 2, 1.04, (1, 2)),
+              ("cryodrgn/toy_projections_13.star", 13, 1.035, (10, 13))]
 
 # Particle files whose pixel size is nowhere (STAR nor stack header): refused by name unless the
 # config gives one.
@@ -63,6 +67,24 @@ def test_every_dialect_is_read(shared_data, name, count, pixel_size):
         assert particles.pixel_size == pytest.approx(pixel_size, rel=2e-3)
     assert (particles.stack_index >= 0).all()
     assert all(p.startswith(str(shared_data)) or p.startswith("/") for p in particles.stack_paths)
+
+
+@pytest.mark.parametrize(("name", "count", "pixel_size", "rows"), DUPLICATED)
+def test_a_file_naming_an_image_twice_is_refused_by_row(shared_data, tmp_path, name, count,
+                                                        pixel_size, rows):
+    with pytest.raises(InputError, match=f"particle rows {rows[0]} and {rows[1]} name the same"):
+        io.read_particles(shared_data / name, require_ctf=False, check_stacks=False)
+    # Without the repeated rows the dialect reads like the others.
+    seen, kept = set(), []
+    for line in (shared_data / name).read_text().splitlines():
+        image = next((w for w in line.split() if "@" in w), None)
+        if image is None or image not in seen:
+            kept.append(line)
+            seen.add(image)
+    (tmp_path / "once.star").write_text("\n".join(kept) + "\n")
+    particles = io.read_particles(tmp_path / "once.star", require_ctf=False, check_stacks=False)
+    assert 0 < len(particles) < count
+    assert particles.pixel_size == pytest.approx(pixel_size, rel=2e-3)
 
 
 @pytest.mark.parametrize(("name", "count"), NO_PIXEL_SIZE)
@@ -284,3 +306,128 @@ def test_stack_header_statistics_are_those_of_the_images(tmp_path, rng):
         assert float(header.dmax) == pytest.approx(images.max())
         assert float(header.dmean) == pytest.approx(images.mean(), abs=1e-5)
         assert float(header.rms) == pytest.approx(images.std(), rel=1e-5)
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullDisk:
+    """A file object whose writes fail as on a full disk."""
+
+    def __init__(self, file):
+        self._file = file
+        self.name = file.name
+
+    def seek(self, *args):
+        return self._file.seek(*args)
+
+    def write(self, data):
+        no_space()
+
+    def close(self):
+        self._file.close()
+
+
+def test_a_full_disk_names_the_output_not_the_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "results" / "x.json"
+    with (pytest.raises(OutputError, match=f"{target}: cannot write it \\(No space left"),
+          io.atomic_path(target) as tmp):
+        no_space(tmp)
+    with (pytest.raises(OutputError, match="s.mrcs: cannot write it"),
+          io.StackWriter(tmp_path / "s.mrcs", 4, 8, 1.0) as writer):
+        writer._file = FullDisk(writer._file)
+        writer.data._file = writer._file
+        writer.data[0:2] = 1.0
+    monkeypatch.setattr(io.starfile, "write", no_space)
+    with pytest.raises(OutputError, match="p.star: cannot write it"):
+        io.write_particles(tmp_path / "p.star", pd.DataFrame({"rlnImageName": ["1@s.mrcs"]}))
+    monkeypatch.setattr(io.mrcfile, "new", no_space)
+    with pytest.raises(OutputError, match="m.mrc: cannot write it"):
+        io.write_map(tmp_path / "m.mrc", np.zeros((4, 4, 4), np.float32), 1.0)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_an_error_that_is_not_the_writers_keeps_its_type(tmp_path):
+    with pytest.raises(FileNotFoundError), io.atomic_path(tmp_path / "x.json"):
+        (tmp_path / "some input that is not there").read_text()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_that_could_never_be_written_are_refused_first(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OutputError, match="is a directory"):
+        io.check_writable(tmp_path)
+    with pytest.raises(OutputError, match="a_file is a file, not a directory"):
+        io.check_writable(tmp_path / "a_file" / "map.mrc")
+    with pytest.raises(OutputError, match="a_file"), io.atomic_path(tmp_path / "a_file/map.mrc"):
+        pass
+    assert io.check_writable(tmp_path / "new" / "folder" / "map.mrc").name == "map.mrc"
+
+
+def test_a_real_map_cut_short_is_called_truncated(shared_data, tmp_path):
+    data = (shared_data / "mrcfile/EMD-3197.map").read_bytes()
+    (tmp_path / "cut.map").write_bytes(data[:-4000])
+    with pytest.raises(InputError, match=f"cut.map: truncated: .* {len(data):,} bytes, but the "
+                                         f"file has {len(data) - 4000:,} bytes"):
+        io.read_map(tmp_path / "cut.map")
+    volume, _ = io.read_map(shared_data / "mrcfile/EMD-3197.map")  # whole, with its header
+    assert volume.shape == (20, 20, 20)
+
+
+def test_every_shared_stack_and_map_agrees_with_its_header(shared_data):
+    files = sorted(shared_data.glob("*/*.mrc*")) + sorted(shared_data.glob("*/*.map"))
+    for path in files:
+        if path.suffix in (".mrc", ".mrcs", ".map"):
+            nx, ny, nz, mode, _, _ = io.mrc_header(path)
+            assert min(nx, ny, nz) > 0 and mode in io.MRC_MODE_BYTES
+
+
+def test_a_file_fixed_in_place_is_read_afresh(tmp_path):
+    # starfile reads through linecache; a failed parse left the file's lines cached, so the
+    # fixed file (same size, same time stamp) was parsed from the broken lines again.
+    star = write_set(tmp_path)
+    good = star.read_text()
+    bad = "data_particles\n"
+    star.write_text(bad + "#" * (len(good) - len(bad) - 1) + "\n")
+    with pytest.raises(InputError, match="not a readable STAR file"):
+        io.read_particles(star)
+    stamp = star.stat()
+    star.write_text(good)
+    os.utime(star, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert len(io.read_particles(star)) == 4
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("4@s.mrcs\t10000.000000\t1", "4@s.mrcs\t10000.0"),
+         "truncated at line"),
+        (lambda t: t.replace("2@s.mrcs\t10000.000000", "2@s.mrcs"), "line .* has 2 values"),
+        (lambda t: t.replace("10000.000000", "1.5"),
+         "rlnDefocusU 1.5 at particle row 1 .*multiply by 10,000"),
+        (lambda t: t.replace("10000.000000\t1\n", "-5000\t1\n", 1), "negative"),
+        (lambda t: t.replace("3@s.mrcs", "1@s.mrcs"), "particle rows 1 and 3"),
+        (lambda t: t.replace("300.000000", "0.000000"), "rlnVoltage 0 at data_optics row 1"),
+        (lambda t: t.replace("0.100000", "10.000000"), "percentage"),
+        (lambda t: t.replace("2.700000", "2700.000000"), "micrometres"),
+        (lambda t: t.replace("\t2.000000", "\t0.000000", 1), "rlnImagePixelSize 0"),
+    ],
+)
+def test_structure_units_and_repeats_are_refused_by_line_column_and_row(tmp_path, edit, message):
+    star = write_set(tmp_path)
+    text = star.read_text()
+    edited = edit(text)
+    assert edited != text
+    star.write_text(edited.rstrip("\n") if "truncated" in message else edited)
+    with pytest.raises(InputError, match=message):
+        io.read_particles(star)
+
+
+def test_a_pixel_size_given_in_nm_by_the_config_is_refused(tmp_path):
+    star = write_set(tmp_path)
+    star.write_text(star.read_text().replace("_rlnImagePixelSize", "_rlnSomething"))
+    with mrcfile.open(tmp_path / "s.mrcs", "r+") as mrc:
+        mrc.voxel_size = 0.0
+    with pytest.raises(InputError, match="pixel size 0.15 A/px \\(from the pixel size given"):
+        io.read_particles(star, pixel_size=0.15)

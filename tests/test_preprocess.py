@@ -131,3 +131,36 @@ def test_streaming_memory_is_bounded_by_the_chunk(tmp_path, rng):
     tracemalloc.stop()
     whole = n * box * box * 4
     assert peak < 12 * chunk * box * box * 4 < whole, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_the_preprocessing_step_is_the_streaming_functions_composed(shared_data, tmp_path):
+    """preprocess_particles writes what its parts compute: the normalised stack, the held-out
+    choice of choose_heldout, the noise sigmas; and refuses a bad contrast option by name."""
+    import json
+    import shutil
+
+    from cryoday import io
+
+    shutil.copy(shared_data / "cryojax/trpv1_small_stack.mrcs", tmp_path / "batch_0_restacked.mrc")
+    shutil.copy(shared_data / "cryojax/trpv1_small_stack.star", tmp_path / "particles.star")
+    out = tmp_path / "out"
+    info = preprocess.preprocess_particles(
+        tmp_path / "particles.star", out / "p.mrcs", out / "p.star", out / "info.json",
+        n_heldout=3, heldout_seed=5, contrast="invert", chunk_size=4)
+    particles = io.read_particles(tmp_path / "particles.star")
+    with io.ImageSource(particles) as source:
+        images = source.read(np.arange(10))
+    expected = np.empty_like(images)
+    preprocess.preprocess_stream(lambda rows: images[rows], 10, 48, expected, sign=-1,
+                                 mask_radius=0.95 * 24)
+    assert np.array_equal(io.open_stack(out / "p.mrcs"), expected)
+    written = io.read_particles(out / "p.star")
+    assert np.array_equal(written.table["cryodayHeldOut"].to_numpy().astype(bool),
+                          preprocess.choose_heldout(10, 3, seed=5))
+    assert json.loads((out / "info.json").read_text()) == info
+    assert info["contrast_sign"] == -1 and info["n_heldout"] == 3
+    with pytest.raises(InputError, match="preprocess.contrast is 'flip'"):
+        preprocess.preprocess_particles(
+            tmp_path / "particles.star", tmp_path / "o2/p.mrcs", tmp_path / "o2/p.star",
+            tmp_path / "o2/info.json", contrast="flip")
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
