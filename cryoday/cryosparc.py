@@ -266,6 +266,7 @@ def cs_to_table(data: np.ndarray, path="<array>") -> pd.DataFrame:
     n = len(data)
     table = {}
     index = data["blob/idx"].astype(np.int64)
+    io._refuse_duplicate_images(path, stack_paths, index)
     stacks = _decode(data["blob/path"])
     table["rlnImageName"] = pd.Series(index + 1).map("{:06d}".format).to_numpy(object) + "@" \
         + stacks.astype(object)
@@ -418,13 +419,16 @@ def read_cs(cs_path, passthrough=None, pixel_size: float | None = None, require_
     _check_values(path, data)
     table = cs_to_table(data, path)
     optics, particle_columns = _optics_table(table)
-    psize = io._pixel_size(path, table, optics, pixel_size)
+    # The same judgement of values (units, ranges) as a STAR file's, by column and row.
+    io._check_values(path, table, optics, particle_columns)
+    psize, _ = io._pixel_size(path, table, optics, pixel_size)
     names = table["rlnImageName"].str.partition("@")[2].to_numpy(str)
     base = _stack_base(path, names, project_dir, check_stacks)
     stacks = np.array([str(Path(s) if Path(s).is_absolute() else base / s)
                        for s in np.unique(names)])
     stack_paths = stacks[np.searchsorted(np.unique(names), names)]
     index = data["blob/idx"].astype(np.int64)
+    io._refuse_duplicate_images(path, stack_paths, index)
     result = io.Particles(table, optics, path, psize, None, stack_paths, index, particle_columns)
     if check_stacks:
         io._check_stacks(result)

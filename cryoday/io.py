@@ -532,7 +532,7 @@ def _resolve_images(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndarra
 
 def read_particles(star_path, pixel_size: float | None = None, require_ctf: bool = True,
                    check_stacks: bool = True) -> Particles:
-    """Read a RELION particle STAR file (3.0 to 5) into a :class:`Particles`.
+    """Read a RELION particle STAR file (3.0 to 5) or a cryoSPARC ``.cs`` into :class:`Particles`.
 
     This is where a user's particle set is judged: besides the file's structure (a truncated
     or malformed row named by its line, missing columns, non-numeric values), values no
@@ -560,6 +560,12 @@ def read_particles(star_path, pixel_size: float | None = None, require_ctf: bool
         With the file, column and particle row of the problem.
     """
     path = Path(star_path)
+    if path.suffix.lower() == ".cs":
+        # cryoSPARC's numpy table; imported here because cryoday.cryosparc builds on this module.
+        from cryoday.cryosparc import read_cs
+
+        return read_cs(path, pixel_size=pixel_size, require_ctf=require_ctf,
+                       check_stacks=check_stacks)
     blocks = _read_star_blocks(path)
     block, particles = _particle_block(path, blocks)
     if len(particles) == 0:
