@@ -266,7 +266,6 @@ def cs_to_table(data: np.ndarray, path="<array>") -> pd.DataFrame:
     n = len(data)
     table = {}
     index = data["blob/idx"].astype(np.int64)
-    io._refuse_duplicate_images(path, stack_paths, index)
     stacks = _decode(data["blob/path"])
     table["rlnImageName"] = pd.Series(index + 1).map("{:06d}".format).to_numpy(object) + "@" \
         + stacks.astype(object)
