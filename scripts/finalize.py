@@ -10,7 +10,7 @@ if "snakemake" not in globals():
 
 from _common import setup_logging
 
-from cryoday import io, records, validation
+from cryoday import cryosparc, io, records, validation
 from cryoday.fourier import rescale_volume
 from cryoday.geometry import matrix_to_euler
 
@@ -40,6 +40,10 @@ table["rlnOriginYAngst"] = poses["shifts_A"][:, 1]
 table = table.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in table])
 table["rlnImageName"] = source.image_names_from(Path(snakemake.output.star).parent)
 io.write_particles(snakemake.output.star, source.original_table(table), source.optics)
+# The same poses for cryoSPARC; a .cs input is kept field for field (uids included).
+source_cs = snakemake.input.source if str(snakemake.input.source).endswith(".cs") else None
+cryosparc.write_cs(snakemake.output.cs, table, source_cs=source_cs,
+                   pixel_size=info["pixel_size"], box=info["box"])
 
 with io.atomic_path(snakemake.output.choice) as tmp:
     Path(tmp).write_text(json.dumps({"chosen_seed": best, "heldout_nll": scores}, indent=2))

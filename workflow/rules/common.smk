@@ -123,6 +123,7 @@ def final_outputs():
         outputs += [
             f"results/{name}/final/volume.mrc",
             f"results/{name}/final/particles.star",
+            f"results/{name}/final/particles.cs",
             f"results/{name}/validation/metrics.json",
             f"results/{name}/report.html",
         ]

@@ -36,6 +36,7 @@ rule finalize:
     output:
         volume="results/{dataset}/final/volume.mrc",
         star="results/{dataset}/final/particles.star",
+        cs="results/{dataset}/final/particles.cs",
         choice="results/{dataset}/final/seed_choice.json",
     log:
         "logs/finalize/{dataset}.log",
