@@ -62,7 +62,8 @@ def _subset(text: str) -> tuple[int, int | None]:
 
 
 def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("particles", help="RELION STAR file with poses (rlnAngleRot/Tilt/Psi), or a cryoSPARC .cs with alignments3D")
+    parser.add_argument("particles", help="RELION STAR file with poses (rlnAngleRot/Tilt/Psi), "
+                        "or a cryoSPARC .cs with alignments3D/pose and shift")
     parser.add_argument("-o", "--output", required=True, help="output map (.mrc)")
     parser.add_argument("--box", type=_number(int, 8, strict=False),
                         help="output box in px, at most the images' box (default: the images')")
