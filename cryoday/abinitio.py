@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from cryoday import importance as importance_mod
+from cryoday.batch import make_batch
 from cryoday.initial import low_pass
 from cryoday.io import atomic_path, read_rows
-from cryoday.likelihood import empty_map_subsets, make_batch, marginal_nll
+from cryoday.likelihood import marginal_nll
+from cryoday.pose_sets import empty_map_subsets
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid

@@ -90,7 +90,7 @@ from scipy.spatial import cKDTree
 from scipy.special import logsumexp
 
 from cryoday import jit
-from cryoday.likelihood import PoseSubsets, exhaustive_subsets
+from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 from cryoday.posteriors import exp32
 
 K_STORED = 32

@@ -11,7 +11,9 @@ from scipy.special import logsumexp
 
 from cryoday import molecule, simulate
 from cryoday.importance import ImportanceSampler, kl_on_union
-from cryoday.likelihood import exhaustive_subsets, make_batch, marginal_nll
+from cryoday.batch import make_batch
+from cryoday.likelihood import marginal_nll
+from cryoday.pose_sets import exhaustive_subsets
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 

@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 from reference import elementwise, turned_image_nll
 
-from cryoday import molecule, simulate
+from cryoday import _likelihood_kernels as kernels
+from cryoday import likelihood, molecule, simulate, tunables
+from cryoday.batch import image_padded_size, make_batch
 from cryoday.fourier import ft2
-from cryoday.likelihood import (
-    PoseSubsets,
-    edge_taper,
-    exhaustive_subsets,
-    image_padded_size,
-    make_batch,
-    marginal_nll,
-)
+from cryoday.likelihood import LikelihoodPlan, edge_taper, marginal_nll
+from cryoday.pose_sets import PoseSubsets, empty_map_subsets, exhaustive_subsets
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 
@@ -240,8 +236,6 @@ def test_single_pose_nll_is_the_energy_and_the_empty_map_nll_is_exact(problem):
         assert result.nll[i] == pytest.approx(energy, rel=1e-4, abs=1e-3)
     # An empty map: the in-plane angles alone give -log p(I | 0) exactly (any direction or
     # shift predicts the same zero image), which is |d|^2 / 2 s2 of the unturned data.
-    from cryoday.likelihood import empty_map_subsets
-
     empty = np.zeros_like(volume)
     null = marginal_nll(op, empty, batch, grid, empty_map_subsets(grid, n), want_grad=False).nll
     full = marginal_nll(op, empty, batch, grid, exhaustive_subsets(grid, n), want_grad=False).nll
@@ -252,8 +246,6 @@ def test_single_pose_nll_is_the_energy_and_the_empty_map_nll_is_exact(problem):
 
 
 def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
-    from cryoday import likelihood
-
     volume, grid, op, batch, _, _, _ = problem
     rng = np.random.default_rng(5)
     n = len(batch)
@@ -268,9 +260,12 @@ def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
     block = likelihood._marginal_nll_block
     monkeypatch.setattr(likelihood, "_marginal_nll_block",
                         lambda *a, **k: calls.append(1) or block(*a, **k))
-    # Each image samples half the grid: about two images fit under this bound.
-    monkeypatch.setattr(likelihood, "MAX_DIRECTIONS_PER_BLOCK", n_pick + n_pick // 2)
-    blocks = marginal_nll(op, volume, batch, grid, subsets)
+    # Each image samples half the grid: about two images fit under this bound. The plan kept
+    # for these subsets has one block: a new plan is made under the new bound.
+    monkeypatch.setattr(tunables, "MAX_DIRECTIONS_PER_BLOCK", n_pick + n_pick // 2)
+    plan = LikelihoodPlan(subsets, grid)
+    assert len(plan.blocks) >= len(batch) // 2
+    blocks = marginal_nll(op, volume, batch, grid, subsets, plan=plan)
     assert len(calls) >= len(batch) // 2
     assert np.allclose(blocks.nll, whole.nll)
     assert np.allclose(blocks.grad, whole.grad, rtol=1e-4, atol=1e-6 * np.abs(whole.grad).max())
@@ -279,14 +274,12 @@ def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
 
 
 def test_images_sharing_the_grid_are_sliced_once(problem, monkeypatch):
-    from cryoday import likelihood
-
     volume, grid, op, batch, _, _, _ = problem
     calls = []
     block = likelihood._marginal_nll_block
     monkeypatch.setattr(likelihood, "_marginal_nll_block",
                         lambda *a, **k: calls.append(1) or block(*a, **k))
-    monkeypatch.setattr(likelihood, "MAX_DIRECTIONS_PER_BLOCK", grid.n_dir)
+    monkeypatch.setattr(tunables, "MAX_DIRECTIONS_PER_BLOCK", grid.n_dir)
     marginal_nll(op, volume, batch, grid, exhaustive_subsets(grid, len(batch)))
     assert len(calls) == 1  # the bound counts distinct directions, not image-direction pairs
 
@@ -294,8 +287,8 @@ def test_images_sharing_the_grid_are_sliced_once(problem, monkeypatch):
 def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     """The kernel's CTF at turned frequencies equals evaluate_ctf there (astigmatism, B-factor,
     phase shift), so turning an image turns its CTF exactly."""
+    from cryoday.batch import ctf_parameter_table
     from cryoday.ctf import evaluate_ctf
-    from cryoday.likelihood import _prepare_image, ctf_parameter_table
     from cryoday.quadrature import inplane_matrices
 
     op = SliceOperator(32, 12.0)
@@ -309,9 +302,12 @@ def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     b_re, b_im, c2, wc2 = (np.empty((1, op.n_coef), np.float32) for _ in range(4))
     kx, ky = op.kx.astype(np.float64), op.ky.astype(np.float64)
     weights = op.weights
-    data = np.ones(op.n_coef, np.complex64)
-    dnorm = _prepare_image(data, padded, 1.0, 20.0, table, 1.0 / (32 * psize), p2,
-                           np.zeros(1, np.int64), kx, ky, weights, b_re, b_im, c2, wc2)
+    images = kernels.Images(data=np.ones((1, op.n_coef), np.complex64), padded=padded[None],
+                            pad=1.0, centre=20.0, ctf_params=table[None],
+                            freq_scale=1.0 / (32 * psize), sigma2=np.ones(1, np.float32))
+    coef = likelihood.operator_coefficients(op)._replace(weights=weights)  # untapered
+    dnorm = kernels.prepare_image(images, 0, np.zeros(1, np.int64), p2, coef, b_re, b_im, c2,
+                                  wc2)
     assert dnorm == pytest.approx(weights.sum())
     b_re, b_im, c2, wc2, p2 = b_re[0], b_im[0], c2[0], wc2[0], p2[0]
     turned = np.stack([kx, ky], axis=1) @ p2.T
@@ -327,11 +323,9 @@ def test_fast_sine_matches_numpy():
     """The kernel's polynomial sine (it keeps the CTF loop free of library calls) against numpy,
     beyond the range of CTF phases (|chi| reaches hundreds of radians at high defocus and fine
     sampling)."""
-    from cryoday.likelihood import _sin
-
     x = np.random.default_rng(0).uniform(-5000.0, 5000.0, 200_000)
     x[:5] = [0.0, np.pi / 2, -np.pi / 2, np.pi, 1e-8]
-    assert np.max(np.abs(elementwise(_sin)(x) - np.sin(x))) < 1e-9
+    assert np.max(np.abs(elementwise(kernels.sine)(x) - np.sin(x))) < 1e-9
 
 
 @pytest.mark.parametrize("one_shift", [False, True], ids=["ragged shifts", "one shift each"])
@@ -340,8 +334,6 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, on
     one, with each image's own in-plane angles and shifts, so the groups' column offsets are
     ragged; with one shift per image, the group kernel merges the norm term into the cross
     term's GEMM, and the gradient's two GEMMs into one."""
-    from cryoday import likelihood
-
     volume, _, op, batch, _, _, _ = problem
     grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0, shift_sigma_A=30.0)  # 5 shifts
     rng = np.random.default_rng(8)
@@ -355,8 +347,8 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, on
         inps, [grid.inp_log_weights[x] for x in inps],
         shifts, [grid.shift_log_weights[x] for x in shifts])
     calls = []
-    shared = likelihood._shared_kernel
-    monkeypatch.setattr(likelihood, "_shared_kernel", lambda *a: calls.append(1) or shared(*a))
+    shared = kernels.shared_kernel
+    monkeypatch.setattr(kernels, "shared_kernel", lambda *a: calls.append(1) or shared(*a))
     grouped = marginal_nll(op, volume, batch, grid, subsets)
     assert calls, "the images share their directions: the group kernel should have run"
     monkeypatch.setattr(likelihood, "shared_groups", lambda *a: None)
@@ -373,7 +365,7 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, on
 def test_images_share_directions_only_with_the_same_weights():
     """The group kernel gives a group one row of direction weights: images whose directions
     agree but whose weights differ must not be grouped."""
-    from cryoday.likelihood import common_directions
+    from cryoday.pose_sets import common_directions
 
     grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0)
     same = exhaustive_subsets(grid, 3)
@@ -390,8 +382,6 @@ def test_images_share_directions_only_with_the_same_weights():
 def test_a_nan_in_an_image_makes_its_nll_nan(problem, monkeypatch, grouped):
     """Bad input surfaces (Numba's fast maths here leave out no-NaN assumptions): a NaN in one
     image's transform makes that image's nll NaN, and leaves the others' as they were."""
-    from cryoday import likelihood
-
     volume, grid, op, batch, _, _, _ = problem
     subsets = exhaustive_subsets(grid, len(batch))
     if not grouped:
@@ -424,15 +414,13 @@ def test_a_non_finite_likelihood_names_the_particles():
 def test_columns_built_in_chunks_equal_columns_built_at_once(problem, monkeypatch):
     """An image's columns built in several chunks (the path for images with more columns than
     COLUMN_BYTES holds) against one chunk: nll, posteriors and gradient."""
-    from cryoday import likelihood
-
     volume, _, op, batch, _, _, _ = problem
     grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0, shift_sigma_A=30.0)  # 5 shifts
     subsets = exhaustive_subsets(grid, len(batch))
     monkeypatch.setattr(likelihood, "shared_groups", lambda *a: None)
     once = marginal_nll(op, volume, batch, grid, subsets)
     # Room for the columns of 2 in-plane angles (x 5 shifts) per chunk.
-    monkeypatch.setattr(likelihood, "COLUMN_BYTES", 8 * op.n_coef * 2 * grid.n_shift)
+    monkeypatch.setattr(tunables, "COLUMN_BYTES", 8 * op.n_coef * 2 * grid.n_shift)
     chunked = marginal_nll(op, volume, batch, grid, subsets)
     assert grid.n_inp > 2
     assert np.allclose(chunked.nll, once.nll, rtol=1e-6)

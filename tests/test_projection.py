@@ -77,7 +77,7 @@ def test_a_map_resampled_for_a_stage_projects_at_the_cropped_images_scale(new_bo
     from cryoday import molecule, simulate
     from cryoday.fourier import fourier_crop_2d
     from cryoday.initial import resample_for_stage
-    from cryoday.likelihood import make_batch
+    from cryoday.batch import make_batch
 
     # A stage only ever resamples maps already limited to the previous stage's resolution; a
     # sharp map cropped hard in Fourier space rings far outside its box, which no interpolating
