@@ -45,10 +45,12 @@ importance sampling) are taken in small groups whose columns share one GEMM
 (:func:`cryoday._likelihood_kernels.shared_kernel`).
 
 What the kernels need is built once and kept: per operator its coefficients' weights and
-layout (:func:`operator_coefficients`), per set of pose subsets on a grid a :class:`LikelihoodPlan` (its blocks of images, their distinct directions in slicing
-order), which :func:`marginal_nll` keeps for as long as the subsets live, as a line search
-evaluates the same subsets several times. The kernels are in :mod:`cryoday._likelihood_kernels`.
+layout (:func:`operator_coefficients`); per set of pose subsets on a grid a
+:class:`LikelihoodPlan` (its blocks of images, their distinct directions in slicing order),
+which :func:`marginal_nll` keeps for as long as the subsets live, since a line search evaluates
+the same subsets several times. The kernels are in :mod:`cryoday._likelihood_kernels`.
 """
+
 from __future__ import annotations
 
 import functools

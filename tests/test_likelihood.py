@@ -61,17 +61,27 @@ def problem():
     return volume, grid, op, batch, true_r, true_s, (noisy, ctf)
 
 
-def reference_nll(raw, volume, grid, op, batch, dirs=None, inps=None, shifts=None):
+def reference_nll(raw, volume, grid, op, batch, dirs=None, inps=None, shifts=None,
+                  volume_grad=False):
+    """:func:`reference.turned_image_nll` of the images in ``raw``; with ``volume_grad``, also
+    the gradient of their summed nll with respect to ``volume``: the twin's gradient with
+    respect to the slices, taken to the volume by the operator's adjoint (which
+    ``tests/test_projection.py`` holds to its own twin)."""
     images, ctf = raw
     dirs = np.arange(grid.n_dir) if dirs is None else dirs
     inps = np.arange(grid.n_inp) if inps is None else inps
     shifts = np.arange(grid.n_shift) if shifts is None else shifts
     slices = op.forward(volume, grid.direction_rotations[dirs]).astype(np.complex128)
     weights = op.weights * edge_taper(op)
-    return turned_image_nll(slices, images, ctf, batch.sigma2, PSIZE, op.kx, op.ky, weights,
-                            grid.inplane_matrices[inps], grid.shifts[shifts],
-                            grid.dir_log_weights[dirs], grid.inp_log_weights[inps],
-                            grid.shift_log_weights[shifts], image_padded_size(op.box))
+    out = turned_image_nll(slices, images, ctf, batch.sigma2, PSIZE, op.kx, op.ky, weights,
+                           grid.inplane_matrices[inps], grid.shifts[shifts],
+                           grid.dir_log_weights[dirs], grid.inp_log_weights[inps],
+                           grid.shift_log_weights[shifts], image_padded_size(op.box),
+                           slice_grad=volume_grad)
+    if not volume_grad:
+        return out
+    nll, slice_grad = out
+    return nll, op.adjoint(slice_grad / op.weights, grid.direction_rotations[dirs])
 
 
 def test_matches_dense_reference(problem):
@@ -156,6 +166,43 @@ def test_gradient_matches_finite_differences(problem):
     analytic = float(np.sum(result.grad.astype(np.float64) * direction))
     # float32 energies and GEMMs: agreement to ~1% of the directional derivative.
     assert analytic == pytest.approx(numeric, rel=2e-2)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["image by image", "group kernel"])
+def test_gradient_matches_the_dense_reference(problem, monkeypatch, shared):
+    """nll and volume gradient against the numpy twin, away from the truth: each image with its
+    own directions, in-plane angles and shifts (the image-by-image kernel), or all images with
+    the same directions and one shift each (the group kernel, its GEMMs merged)."""
+    volume, grid, op, batch, _, _, raw = problem
+    start = (0.7 * volume + 0.05).astype(np.float32)
+    rng = np.random.default_rng(12)
+    n = len(batch)
+    common = np.sort(rng.choice(grid.n_dir, 4, replace=False))
+    dir_sets = [common if shared else np.sort(rng.choice(grid.n_dir, 2 + i % 3, replace=False))
+                for i in range(n)]
+    inp_sets = [np.sort(rng.choice(grid.n_inp, 2 + i % 3, replace=False)) for i in range(n)]
+    shift_sets = [np.sort(rng.choice(grid.n_shift, 1 if shared else min(grid.n_shift, 1 + i % 3),
+                                     replace=False)) for i in range(n)]
+    subsets = PoseSubsets.from_sets(
+        grid.n_inp, dir_sets, [grid.dir_log_weights[d] for d in dir_sets], inp_sets,
+        [grid.inp_log_weights[p] for p in inp_sets], shift_sets,
+        [grid.shift_log_weights[s] for s in shift_sets])
+    calls = []
+    kernel = kernels.shared_kernel
+    monkeypatch.setattr(kernels, "shared_kernel", lambda *a: calls.append(1) or kernel(*a))
+    result = marginal_nll(op, start, batch, grid, subsets)
+    assert bool(calls) == shared
+    images, ctf = raw
+    expected = np.zeros(volume.shape)
+    for i in range(n):
+        one = (images[i:i + 1], {k: (v[i:i + 1] if np.ndim(v) else v) for k, v in ctf.items()})
+        nll, grad = reference_nll(one, start, grid, op, batch.take(slice(i, i + 1)), dir_sets[i],
+                                  inp_sets[i], shift_sets[i], volume_grad=True)
+        assert result.nll[i] == pytest.approx(nll[0], rel=1e-4)
+        expected += grad
+    # float32 slices, GEMMs and accumulators against float64: 1e-3 of the largest voxel.
+    assert np.abs(result.grad - expected).max() < 1e-3 * np.abs(expected).max()
+    assert np.abs(expected).max() > 0
 
 
 def test_ragged_subsets_equal_the_exhaustive_result_restricted(problem):
