@@ -50,10 +50,12 @@ import numpy as np
 
 from cryoday import initial, molecule, records, simulate
 from cryoday.align import fsc_after_alignment
+from cryoday.batch import make_batch, shift_phases
 from cryoday.fourier import fourier_crop_2d
 from cryoday.geometry import euler_to_matrix
 from cryoday.importance import ImportanceSampler
-from cryoday.likelihood import exhaustive_subsets, make_batch, marginal_nll, shift_phases
+from cryoday.likelihood import marginal_nll
+from cryoday.pose_sets import exhaustive_subsets
 from cryoday.preprocess import choose_heldout, estimate_noise, normalise, outer_mask, stage_box
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid

@@ -33,7 +33,9 @@ import numpy as np
 from scipy.special import logsumexp
 
 from cryoday import molecule
-from cryoday.likelihood import PoseSubsets, exhaustive_subsets, make_batch, marginal_nll
+from cryoday.batch import make_batch
+from cryoday.likelihood import marginal_nll
+from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 from cryoday.preprocess import stage_box
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from cryoday.fourier import fourier_crop_2d, ift3
-from cryoday.likelihood import make_batch
+from cryoday.batch import make_batch
 from cryoday.projection import SliceOperator, _scatter_trilinear
 
 

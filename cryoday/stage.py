@@ -31,11 +31,13 @@ import numpy as np
 import yaml
 
 from cryoday import records
+from cryoday.batch import make_batch
 from cryoday.errors import InputError
 from cryoday.importance import ImportanceSampler
 from cryoday.initial import low_pass
 from cryoday.io import read_rows
-from cryoday.likelihood import empty_map_subsets, make_batch, marginal_nll
+from cryoday.likelihood import marginal_nll
+from cryoday.pose_sets import empty_map_subsets
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid, undersampling_for_level

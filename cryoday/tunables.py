@@ -6,9 +6,28 @@ tolerance, unless its comment says otherwise. Numba's compilation flags are in `
 """
 
 # ---------------------------------------------------------------- image batches (cryoday.batch)
+# Zero padding of the images before their transforms are turned by bilinear interpolation: the
+# interpolation error falls with it (2.6% at 2, 0.6% at 4) and the padded transforms, rebuilt per
+# minibatch, grow as its square. Changes the objective slightly.
+IMAGE_PADDING = 3.0
 
 
 # ---------------------------------------------------------------- likelihood (cryoday.likelihood)
+# Width (Fourier px) of the soft edge inside the cutoff: with a hard one, sums over a turned
+# image's coefficients jump with the angle by the power on the rim. Changes the objective.
+TAPER_PX = 1.5
+# Distinct directions per block of images: bounds the slices and the per-thread gradient
+# accumulators (workflow/rules/common.smk's memory estimate assumes 4,000).
+MAX_DIRECTIONS_PER_BLOCK = 4000
+# Per thread, the (in-plane x shift) columns built at once: large enough that an importance
+# sample's columns are built once and kept for the gradient pass.
+COLUMN_BYTES = 32 << 20
+# Per group of images sharing their directions: their columns, cross terms and posteriors, kept
+# within about half of a core's L2 cache.
+GROUP_BYTES = 1 << 20
+# Tilt (rad) of the bands in which directions are sliced in turn: consecutive slices then read
+# nearby parts of the cube; much narrower bands lose more between sweeps than they gain.
+LOCALITY_BAND = 0.1
 
 
 # ---------------------------------------------------------------- importance sampling

@@ -198,7 +198,7 @@ def test_simulated_set_round_trips_through_the_engine_operator(tiny_run):
     CTF and shift phases, must explain the images up to exactly the noise."""
     from cryoday import io
     from cryoday.geometry import euler_to_matrix
-    from cryoday.likelihood import make_batch, shift_phases
+    from cryoday.batch import make_batch, shift_phases
     from cryoday.projection import SliceOperator
 
     simulated = tiny_run / "results/tiny/simulated"

@@ -11,11 +11,13 @@ import pytest
 from scipy.special import logsumexp
 
 from cryoday import molecule, simulate, tunables
+from cryoday.batch import make_batch
 from cryoday.errors import InputError
 from cryoday.importance import (ImportanceSampler, PosteriorStore, kl_on_union, proposals,
                                 schedule)
 from cryoday.importance.geometry import Domain
-from cryoday.likelihood import exhaustive_subsets, make_batch, marginal_nll
+from cryoday.likelihood import marginal_nll
+from cryoday.pose_sets import exhaustive_subsets
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 from reference import kl_on_union_reference

@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 from reference import elementwise, turned_image_nll
 
-from cryoday import molecule, simulate
+from cryoday import _likelihood_kernels as kernels
+from cryoday import likelihood, molecule, simulate, tunables
+from cryoday.batch import image_padded_size, make_batch
 from cryoday.fourier import ft2
-from cryoday.likelihood import (
-    PoseSubsets,
-    edge_taper,
-    exhaustive_subsets,
-    image_padded_size,
-    make_batch,
-    marginal_nll,
-)
+from cryoday.likelihood import LikelihoodPlan, edge_taper, marginal_nll
+from cryoday.pose_sets import PoseSubsets, empty_map_subsets, exhaustive_subsets
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 
@@ -65,17 +61,27 @@ def problem():
     return volume, grid, op, batch, true_r, true_s, (noisy, ctf)
 
 
-def reference_nll(raw, volume, grid, op, batch, dirs=None, inps=None, shifts=None):
+def reference_nll(raw, volume, grid, op, batch, dirs=None, inps=None, shifts=None,
+                  volume_grad=False):
+    """:func:`reference.turned_image_nll` of the images in ``raw``; with ``volume_grad``, also
+    the gradient of their summed nll with respect to ``volume``: the twin's gradient with
+    respect to the slices, taken to the volume by the operator's adjoint (which
+    ``tests/test_projection.py`` holds to its own twin)."""
     images, ctf = raw
     dirs = np.arange(grid.n_dir) if dirs is None else dirs
     inps = np.arange(grid.n_inp) if inps is None else inps
     shifts = np.arange(grid.n_shift) if shifts is None else shifts
     slices = op.forward(volume, grid.direction_rotations[dirs]).astype(np.complex128)
     weights = op.weights * edge_taper(op)
-    return turned_image_nll(slices, images, ctf, batch.sigma2, PSIZE, op.kx, op.ky, weights,
-                            grid.inplane_matrices[inps], grid.shifts[shifts],
-                            grid.dir_log_weights[dirs], grid.inp_log_weights[inps],
-                            grid.shift_log_weights[shifts], image_padded_size(op.box))
+    out = turned_image_nll(slices, images, ctf, batch.sigma2, PSIZE, op.kx, op.ky, weights,
+                           grid.inplane_matrices[inps], grid.shifts[shifts],
+                           grid.dir_log_weights[dirs], grid.inp_log_weights[inps],
+                           grid.shift_log_weights[shifts], image_padded_size(op.box),
+                           slice_grad=volume_grad)
+    if not volume_grad:
+        return out
+    nll, slice_grad = out
+    return nll, op.adjoint(slice_grad / op.weights, grid.direction_rotations[dirs])
 
 
 def test_matches_dense_reference(problem):
@@ -162,6 +168,43 @@ def test_gradient_matches_finite_differences(problem):
     assert analytic == pytest.approx(numeric, rel=2e-2)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["image by image", "group kernel"])
+def test_gradient_matches_the_dense_reference(problem, monkeypatch, shared):
+    """nll and volume gradient against the numpy twin, away from the truth: each image with its
+    own directions, in-plane angles and shifts (the image-by-image kernel), or all images with
+    the same directions and one shift each (the group kernel, its GEMMs merged)."""
+    volume, grid, op, batch, _, _, raw = problem
+    start = (0.7 * volume + 0.05).astype(np.float32)
+    rng = np.random.default_rng(12)
+    n = len(batch)
+    common = np.sort(rng.choice(grid.n_dir, 4, replace=False))
+    dir_sets = [common if shared else np.sort(rng.choice(grid.n_dir, 2 + i % 3, replace=False))
+                for i in range(n)]
+    inp_sets = [np.sort(rng.choice(grid.n_inp, 2 + i % 3, replace=False)) for i in range(n)]
+    shift_sets = [np.sort(rng.choice(grid.n_shift, 1 if shared else min(grid.n_shift, 1 + i % 3),
+                                     replace=False)) for i in range(n)]
+    subsets = PoseSubsets.from_sets(
+        grid.n_inp, dir_sets, [grid.dir_log_weights[d] for d in dir_sets], inp_sets,
+        [grid.inp_log_weights[p] for p in inp_sets], shift_sets,
+        [grid.shift_log_weights[s] for s in shift_sets])
+    calls = []
+    kernel = kernels.shared_kernel
+    monkeypatch.setattr(kernels, "shared_kernel", lambda *a: calls.append(1) or kernel(*a))
+    result = marginal_nll(op, start, batch, grid, subsets)
+    assert bool(calls) == shared
+    images, ctf = raw
+    expected = np.zeros(volume.shape)
+    for i in range(n):
+        one = (images[i:i + 1], {k: (v[i:i + 1] if np.ndim(v) else v) for k, v in ctf.items()})
+        nll, grad = reference_nll(one, start, grid, op, batch.take(slice(i, i + 1)), dir_sets[i],
+                                  inp_sets[i], shift_sets[i], volume_grad=True)
+        assert result.nll[i] == pytest.approx(nll[0], rel=1e-4)
+        expected += grad
+    # float32 slices, GEMMs and accumulators against float64: 1e-3 of the largest voxel.
+    assert np.abs(result.grad - expected).max() < 1e-3 * np.abs(expected).max()
+    assert np.abs(expected).max() > 0
+
+
 def test_ragged_subsets_equal_the_exhaustive_result_restricted(problem):
     volume, grid, op, batch, _, _, raw = problem
     rng = np.random.default_rng(8)
@@ -240,8 +283,6 @@ def test_single_pose_nll_is_the_energy_and_the_empty_map_nll_is_exact(problem):
         assert result.nll[i] == pytest.approx(energy, rel=1e-4, abs=1e-3)
     # An empty map: the in-plane angles alone give -log p(I | 0) exactly (any direction or
     # shift predicts the same zero image), which is |d|^2 / 2 s2 of the unturned data.
-    from cryoday.likelihood import empty_map_subsets
-
     empty = np.zeros_like(volume)
     null = marginal_nll(op, empty, batch, grid, empty_map_subsets(grid, n), want_grad=False).nll
     full = marginal_nll(op, empty, batch, grid, exhaustive_subsets(grid, n), want_grad=False).nll
@@ -252,8 +293,6 @@ def test_single_pose_nll_is_the_energy_and_the_empty_map_nll_is_exact(problem):
 
 
 def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
-    from cryoday import likelihood
-
     volume, grid, op, batch, _, _, _ = problem
     rng = np.random.default_rng(5)
     n = len(batch)
@@ -268,9 +307,12 @@ def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
     block = likelihood._marginal_nll_block
     monkeypatch.setattr(likelihood, "_marginal_nll_block",
                         lambda *a, **k: calls.append(1) or block(*a, **k))
-    # Each image samples half the grid: about two images fit under this bound.
-    monkeypatch.setattr(likelihood, "MAX_DIRECTIONS_PER_BLOCK", n_pick + n_pick // 2)
-    blocks = marginal_nll(op, volume, batch, grid, subsets)
+    # Each image samples half the grid: about two images fit under this bound. The plan kept
+    # for these subsets has one block: a new plan is made under the new bound.
+    monkeypatch.setattr(tunables, "MAX_DIRECTIONS_PER_BLOCK", n_pick + n_pick // 2)
+    plan = LikelihoodPlan(subsets, grid)
+    assert len(plan.blocks) >= len(batch) // 2
+    blocks = marginal_nll(op, volume, batch, grid, subsets, plan=plan)
     assert len(calls) >= len(batch) // 2
     assert np.allclose(blocks.nll, whole.nll)
     assert np.allclose(blocks.grad, whole.grad, rtol=1e-4, atol=1e-6 * np.abs(whole.grad).max())
@@ -279,14 +321,12 @@ def test_blocks_of_images_give_the_same_result(problem, monkeypatch):
 
 
 def test_images_sharing_the_grid_are_sliced_once(problem, monkeypatch):
-    from cryoday import likelihood
-
     volume, grid, op, batch, _, _, _ = problem
     calls = []
     block = likelihood._marginal_nll_block
     monkeypatch.setattr(likelihood, "_marginal_nll_block",
                         lambda *a, **k: calls.append(1) or block(*a, **k))
-    monkeypatch.setattr(likelihood, "MAX_DIRECTIONS_PER_BLOCK", grid.n_dir)
+    monkeypatch.setattr(tunables, "MAX_DIRECTIONS_PER_BLOCK", grid.n_dir)
     marginal_nll(op, volume, batch, grid, exhaustive_subsets(grid, len(batch)))
     assert len(calls) == 1  # the bound counts distinct directions, not image-direction pairs
 
@@ -294,8 +334,8 @@ def test_images_sharing_the_grid_are_sliced_once(problem, monkeypatch):
 def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     """The kernel's CTF at turned frequencies equals evaluate_ctf there (astigmatism, B-factor,
     phase shift), so turning an image turns its CTF exactly."""
+    from cryoday.batch import ctf_parameter_table
     from cryoday.ctf import evaluate_ctf
-    from cryoday.likelihood import _prepare_image, ctf_parameter_table
     from cryoday.quadrature import inplane_matrices
 
     op = SliceOperator(32, 12.0)
@@ -309,9 +349,12 @@ def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     b_re, b_im, c2, wc2 = (np.empty((1, op.n_coef), np.float32) for _ in range(4))
     kx, ky = op.kx.astype(np.float64), op.ky.astype(np.float64)
     weights = op.weights
-    data = np.ones(op.n_coef, np.complex64)
-    dnorm = _prepare_image(data, padded, 1.0, 20.0, table, 1.0 / (32 * psize), p2,
-                           np.zeros(1, np.int64), kx, ky, weights, b_re, b_im, c2, wc2)
+    images = kernels.Images(data=np.ones((1, op.n_coef), np.complex64), padded=padded[None],
+                            pad=1.0, centre=20.0, ctf_params=table[None],
+                            freq_scale=1.0 / (32 * psize), sigma2=np.ones(1, np.float32))
+    coef = likelihood.operator_coefficients(op)._replace(weights=weights)  # untapered
+    dnorm = kernels.prepare_image(images, 0, np.zeros(1, np.int64), p2, coef, b_re, b_im, c2,
+                                  wc2)
     assert dnorm == pytest.approx(weights.sum())
     b_re, b_im, c2, wc2, p2 = b_re[0], b_im[0], c2[0], wc2[0], p2[0]
     turned = np.stack([kx, ky], axis=1) @ p2.T
@@ -327,11 +370,9 @@ def test_fast_sine_matches_numpy():
     """The kernel's polynomial sine (it keeps the CTF loop free of library calls) against numpy,
     beyond the range of CTF phases (|chi| reaches hundreds of radians at high defocus and fine
     sampling)."""
-    from cryoday.likelihood import _sin
-
     x = np.random.default_rng(0).uniform(-5000.0, 5000.0, 200_000)
     x[:5] = [0.0, np.pi / 2, -np.pi / 2, np.pi, 1e-8]
-    assert np.max(np.abs(elementwise(_sin)(x) - np.sin(x))) < 1e-9
+    assert np.max(np.abs(elementwise(kernels.sine)(x) - np.sin(x))) < 1e-9
 
 
 @pytest.mark.parametrize("one_shift", [False, True], ids=["ragged shifts", "one shift each"])
@@ -340,8 +381,6 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, on
     one, with each image's own in-plane angles and shifts, so the groups' column offsets are
     ragged; with one shift per image, the group kernel merges the norm term into the cross
     term's GEMM, and the gradient's two GEMMs into one."""
-    from cryoday import likelihood
-
     volume, _, op, batch, _, _, _ = problem
     grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0, shift_sigma_A=30.0)  # 5 shifts
     rng = np.random.default_rng(8)
@@ -355,8 +394,8 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, on
         inps, [grid.inp_log_weights[x] for x in inps],
         shifts, [grid.shift_log_weights[x] for x in shifts])
     calls = []
-    shared = likelihood._shared_kernel
-    monkeypatch.setattr(likelihood, "_shared_kernel", lambda *a: calls.append(1) or shared(*a))
+    shared = kernels.shared_kernel
+    monkeypatch.setattr(kernels, "shared_kernel", lambda *a: calls.append(1) or shared(*a))
     grouped = marginal_nll(op, volume, batch, grid, subsets)
     assert calls, "the images share their directions: the group kernel should have run"
     monkeypatch.setattr(likelihood, "shared_groups", lambda *a: None)
@@ -373,7 +412,7 @@ def test_groups_sharing_directions_equal_image_by_image(problem, monkeypatch, on
 def test_images_share_directions_only_with_the_same_weights():
     """The group kernel gives a group one row of direction weights: images whose directions
     agree but whose weights differ must not be grouped."""
-    from cryoday.likelihood import common_directions
+    from cryoday.pose_sets import common_directions
 
     grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0)
     same = exhaustive_subsets(grid, 3)
@@ -390,8 +429,6 @@ def test_images_share_directions_only_with_the_same_weights():
 def test_a_nan_in_an_image_makes_its_nll_nan(problem, monkeypatch, grouped):
     """Bad input surfaces (Numba's fast maths here leave out no-NaN assumptions): a NaN in one
     image's transform makes that image's nll NaN, and leaves the others' as they were."""
-    from cryoday import likelihood
-
     volume, grid, op, batch, _, _, _ = problem
     subsets = exhaustive_subsets(grid, len(batch))
     if not grouped:
@@ -424,15 +461,13 @@ def test_a_non_finite_likelihood_names_the_particles():
 def test_columns_built_in_chunks_equal_columns_built_at_once(problem, monkeypatch):
     """An image's columns built in several chunks (the path for images with more columns than
     COLUMN_BYTES holds) against one chunk: nll, posteriors and gradient."""
-    from cryoday import likelihood
-
     volume, _, op, batch, _, _, _ = problem
     grid = pose_grid(40.0, BOX, PSIZE, undersampling=3.0, shift_sigma_A=30.0)  # 5 shifts
     subsets = exhaustive_subsets(grid, len(batch))
     monkeypatch.setattr(likelihood, "shared_groups", lambda *a: None)
     once = marginal_nll(op, volume, batch, grid, subsets)
     # Room for the columns of 2 in-plane angles (x 5 shifts) per chunk.
-    monkeypatch.setattr(likelihood, "COLUMN_BYTES", 8 * op.n_coef * 2 * grid.n_shift)
+    monkeypatch.setattr(tunables, "COLUMN_BYTES", 8 * op.n_coef * 2 * grid.n_shift)
     chunked = marginal_nll(op, volume, batch, grid, subsets)
     assert grid.n_inp > 2
     assert np.allclose(chunked.nll, once.nll, rtol=1e-6)

@@ -77,7 +77,7 @@ def test_a_map_resampled_for_a_stage_projects_at_the_cropped_images_scale(new_bo
     from cryoday import molecule, simulate
     from cryoday.fourier import fourier_crop_2d
     from cryoday.initial import resample_for_stage
-    from cryoday.likelihood import make_batch
+    from cryoday.batch import make_batch
 
     # A stage only ever resamples maps already limited to the previous stage's resolution; a
     # sharp map cropped hard in Fourier space rings far outside its box, which no interpolating
@@ -93,3 +93,33 @@ def test_a_map_resampled_for_a_stage_projects_at_the_cropped_images_scale(new_bo
     w = op.weights
     scale = (w * (np.conj(model) * batch.data).real).sum() / (w * np.abs(model) ** 2).sum()
     assert scale == pytest.approx(1.0, abs=0.03)
+
+
+def test_slices_match_the_numpy_twin(rng):
+    """``forward`` against :func:`reference.slice_trilinear` (the same interpolation written
+    with numpy's FFT and scipy's ``map_coordinates``), the sub-cube reaching the spectrum's
+    edge in the second case."""
+    from reference import slice_trilinear
+
+    for box, radius in ((16, 5.5), (17, 7.9)):
+        op = SliceOperator(box, radius)
+        volume = rng.standard_normal((box,) * 3).astype(np.float32)
+        rotations = simulate.random_rotations(7, rng)
+        expected = slice_trilinear(volume.astype(np.float64), rotations, op.kx, op.ky)
+        # float32 transform and slices: 1e-5 of the largest coefficient.
+        error = np.abs(op.forward(volume, rotations) - expected).max()
+        assert error < 1e-5 * np.abs(expected).max()
+
+
+def test_adjoint_matches_the_numpy_twin(rng):
+    """``adjoint`` against :func:`reference.slice_adjoint`, the transpose of the twin's slicing
+    formed as a dense matrix."""
+    from reference import slice_adjoint
+
+    box = 8
+    op = SliceOperator(box, 3.7)
+    rotations = simulate.random_rotations(3, rng)
+    y = rng.standard_normal((3, op.n_coef)) + 1j * rng.standard_normal((3, op.n_coef))
+    expected = slice_adjoint(y, (box,) * 3, rotations, op.kx, op.ky, op.weights)
+    # float32 accumulators: 1e-5 of the largest voxel.
+    assert np.abs(op.adjoint(y, rotations) - expected).max() < 1e-5 * np.abs(expected).max()

@@ -16,7 +16,7 @@ import numpy as np
 from cryoday.importance.average import DatasetAverage
 from cryoday.importance.geometry import GridKernels
 from cryoday.importance.store import normalised_logw
-from cryoday.likelihood import PoseSubsets
+from cryoday.pose_sets import PoseSubsets
 
 
 def prior_parts(kernels: GridKernels, average: DatasetAverage, dataset_prior) -> list:

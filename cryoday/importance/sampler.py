@@ -21,7 +21,7 @@ from cryoday.importance.geometry import GridKernels
 from cryoday.importance.proposals import (capped_draw_counts, prior_parts, proposal_matrices,
                                           ragged_subsets, sample)
 from cryoday.importance.store import K_STORED, PosteriorStore, marginals, top_points
-from cryoday.likelihood import PoseSubsets, exhaustive_subsets
+from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 
 # Config keys (section ``reconstruction``): the constructor argument each sets, its type and, for
 # numbers, their range (lower bound, whether it is excluded, upper bound).
