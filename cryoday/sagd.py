@@ -122,6 +122,10 @@ class SAGD:
     # ------------------------------------------------------------------ persistence
 
     def state(self) -> dict:
+        """Everything the next step depends on: ``L``, ``t``, the stored gradients and their
+        weights, what is left of this epoch's minibatch order and the generator that shuffles
+        the next (its full bit-generator state), so a restored optimiser steps exactly as the
+        saved one would have."""
         return {
             "n_batches": self.n_batches, "shape": np.array(self.shape), "eps": self.eps,
             "L": self.L, "line_search_every": self.line_search_every, "t": self.t,
@@ -138,7 +142,19 @@ class SAGD:
     def load(cls, path) -> tuple[SAGD, dict]:
         """Restore a saved optimiser; also returns the extra arrays saved with it (a state saved
         with the former ``seen`` flags returns those among them, unused)."""
-        data = read_npz(path)
+        return cls.from_state(read_npz(path))
+
+    @classmethod
+    def from_state(cls, data: dict) -> tuple[SAGD, dict]:
+        """The optimiser saved in ``data`` (the arrays of a saved ``.npz``) and the other arrays.
+
+        Raises
+        ------
+        KeyError, ValueError
+            A key is missing, or the arrays disagree with each other (stored gradients of
+            another shape or number, a minibatch order naming minibatches that do not exist):
+            a checkpoint that would otherwise fail later with an IndexError.
+        """
         opt = cls(int(data["n_batches"]), tuple(int(s) for s in data["shape"]), float(data["eps"]),
                   float(data["L"]), int(data["line_search_every"]))
         opt.t = int(data["t"])
@@ -146,6 +162,12 @@ class SAGD:
         opt.weight = data["weight"]
         opt._order = [int(b) for b in data["order"]]
         opt.rng.bit_generator.state = ast.literal_eval(bytes(data["rng"]).decode())
+        if (opt.stored.shape != (opt.n_batches,) + opt.shape
+                or opt.weight.shape != (opt.n_batches,)
+                or any(not 0 <= b < opt.n_batches for b in opt._order)):
+            raise ValueError(f"the optimiser's arrays disagree: {opt.n_batches} minibatches of "
+                             f"shape {opt.shape}, stored gradients {opt.stored.shape}, weights "
+                             f"{opt.weight.shape}, order {opt._order}")
         known = set(opt.state())
         return opt, {k: v for k, v in data.items() if k not in known}
 

@@ -53,6 +53,7 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = (tmp_path / "logs/reconstruct_stage/r_seed1_stage2.log").read_text()
     assert "resuming from checkpoint" in log
+    assert "starting the stage afresh" not in log, "the rerun's own checkpoint did not fit it"
     assert stage1_volume.stat().st_mtime == stage1_mtime, "the finished stage 1 was rerun"
     assert (tmp_path / "results/r/final/volume.mrc").exists()
     assert not (stage2 / "checkpoint.npz").exists(), "a finished stage removes its checkpoint"

@@ -20,7 +20,8 @@ from cryoday.importance.average import DatasetAverage
 from cryoday.importance.geometry import GridKernels
 from cryoday.importance.proposals import (capped_draw_counts, prior_parts, proposal_matrices,
                                           ragged_subsets, sample)
-from cryoday.importance.store import K_STORED, PosteriorStore, marginals, top_points
+from cryoday.importance.store import (DIMENSIONS, K_STORED, PosteriorStore, marginals,
+                                      top_points)
 from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 
 # Config keys (section ``reconstruction``): the constructor argument each sets, its type and, for
@@ -174,9 +175,22 @@ class ImportanceSampler:
 
     # ------------------------------------------------------------------ state
 
-    def state(self) -> dict:
-        """The per-image posteriors to save (``is_*`` arrays, see :class:`PosteriorStore`)."""
-        return self.store.state()
+    def state(self, exact: bool = False) -> dict:
+        """The per-image posteriors to save (``is_*`` arrays, see :class:`PosteriorStore`).
+
+        ``exact`` (for a stage's checkpoint) adds the dataset average's sums on the current
+        grid (``is_average_*``): kept up to date by adding and removing each visit's
+        contribution, they differ in their last bits from sums rebuilt from the store, and
+        the proposals, hence the draws, would too. Nothing else of the sampler decides a
+        later draw: the draws are seeded by ``(seed, iteration, rows)``, the cached sample
+        sets are only reused within an iteration, and the proposals kept for the KL are
+        popped by the update of the same iteration.
+        """
+        state = self.store.state()
+        if exact and self.average is not None:
+            for name, deposits in zip(DIMENSIONS, self.average.deposits):
+                state[f"is_average_{name}"] = deposits
+        return state
 
     @classmethod
     def from_state(cls, state: dict, **kwargs) -> ImportanceSampler:
@@ -187,14 +201,30 @@ class ImportanceSampler:
         sampler.store = store
         return sampler
 
-    def set_grid(self, grid) -> None:
+    def set_grid(self, grid, average: dict | None = None) -> None:
         """Work on ``grid`` from now on: its kernels, the stored points snapped to it afresh, the
-        dataset average rebuilt on it, and no cached samples."""
+        dataset average rebuilt on it (or restored from ``average``, an exact :meth:`state`
+        saved on this grid), and no cached samples.
+
+        Raises
+        ------
+        ValueError
+            ``average``'s sums are not of this grid's sizes.
+        """
         self.grid = grid
         self.kernels = GridKernels(grid, self.store)
         self._cache_key = None
         self._cache = {}
         self.average = DatasetAverage(self.kernels)
+        if average is not None and f"is_average_{DIMENSIONS[0]}" in average:
+            restored = [np.array(average[f"is_average_{name}"], dtype=np.float64)
+                        for name in DIMENSIONS]
+            sizes = [dom.n for dom in self.kernels.domains]
+            if [len(d) for d in restored] != sizes:
+                raise ValueError(f"dataset average of sizes {[len(d) for d in restored]}, "
+                                 f"the grid has {sizes}")
+            # Nothing has read the average since it was built, so no smoothed copy is stale.
+            self.average.deposits = restored
 
     @property
     def active(self) -> bool:

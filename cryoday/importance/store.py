@@ -80,7 +80,8 @@ class PosteriorStore:
         """The store saved as :meth:`state` (copies of its arrays).
 
         A state saved before log masses were kept has normalised masses (``is_*_p``, 0 for
-        empty slots) instead, and still loads.
+        empty slots) instead, and still loads. Arrays of inconsistent shapes raise ValueError
+        (rather than an IndexError at the first proposal).
         """
         has = state["is_has"]
         store = cls(len(has))
@@ -93,6 +94,13 @@ class PosteriorStore:
                 with np.errstate(divide="ignore"):
                     logp = np.log(np.array(state[f"is_{prefix}_p"], dtype=np.float32))
             setattr(store, f"{prefix}_logp", logp)
+        expected = {"has": (store.n,), "dir_xyz": (store.n, K_STORED, 3),
+                    "inp_angle": (store.n, K_STORED), "shift_A": (store.n, K_STORED, 2),
+                    **{f"{prefix}_logp": (store.n, K_STORED) for prefix in DIMENSIONS}}
+        for key, shape in expected.items():
+            if getattr(store, key).shape != shape:
+                raise ValueError(f"stored posteriors: is_{key} has shape "
+                                 f"{getattr(store, key).shape}, expected {shape}")
         return store
 
 
