@@ -84,6 +84,46 @@ def synthetic_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray
     return volume / volume.max()
 
 
+def other_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray:
+    """A second built-in density, unlike :func:`synthetic_molecule`: junk and a second test map.
+
+    An elongated, bent body: a thick curved rod of pseudo-residues (a quarter of a helix of
+    large radius) spanning ~60% of the box, with a small knob near one end and a flat paddle at
+    the other. Elongated where the synthetic molecule is globular, so their projections do not
+    look alike at any pose. Same pseudo-residue widths as :func:`synthetic_molecule`, so it
+    holds power to the same resolution; the same arguments always give the same map.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[z, y, x]`` non-negative density, maximum 1.
+    """
+    rng = np.random.default_rng([seed, 2])
+    length = 0.6 * box * pixel_size
+    residue_sigma = max(2.0 * pixel_size, 3.0)
+    t = np.linspace(-0.5, 0.5, 90)
+    # The rod's axis: a gentle arc in x-y rising along z, radius of the tube ~ 1.5 blobs.
+    axis = np.stack([t * length, 0.25 * length * (1 - 4 * t * t) - 0.1 * length,
+                     0.15 * length * t], axis=1)
+    points = []
+    for centre in axis:
+        for _ in range(3):
+            step = rng.normal(size=3)
+            points.append(centre + 1.5 * residue_sigma * step / np.linalg.norm(step))
+    knob = axis[12] + np.array([0.0, -0.12, 0.08]) * length
+    points += list(knob + 0.05 * length * rng.normal(size=(25, 3)))
+    paddle_u, paddle_v = np.array([0.0, 0.0, 1.0]), np.array([0.6, 0.8, 0.0])
+    for a in np.linspace(-1, 1, 6):
+        for b in np.linspace(-1, 1, 4):
+            points.append(axis[-8] + 0.09 * length * (a * paddle_u + 0.6 * b * paddle_v))
+    points = np.array(points)
+    points -= points.mean(axis=0)
+    weights = rng.uniform(0.7, 1.3, len(points))
+    sigmas = max(pixel_size, 2.5) * rng.uniform(1.0, 1.4, len(points))
+    volume = _render_gaussians(points, weights, sigmas, box, pixel_size)
+    return volume / volume.max()
+
+
 def density_from_model(path, box: int, pixel_size: float, resolution_A: float | None = None
                        ) -> np.ndarray:
     """Electron-scattering density of a PDB/mmCIF model on a ``box^3`` grid, centred on it.

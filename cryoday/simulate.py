@@ -9,17 +9,27 @@ Measured accuracy: relative L2 error 0.24-0.30% against a brute-force real-space
 (cubic-spline rotation of the volume, summed along z) for the synthetic molecule at 40 and 64 px;
 correlation 0.9997-0.9998 with RELION's own ``relion_project`` images (``aspire/rln_proj_65_*``).
 Speed of :func:`simulate_chunks` on 2 cores: ~1200 images/s at 64 px, ~150 images/s at 128 px
-(the cubic slicer dominates).
+(the cubic slicer dominates); ``extraction="cropped"`` is 2-3x slower (the CTF on a patch twice
+the box dominates), coloured noise costs ~nothing.
+
+Beyond the paper's clean model (white noise, small shifts) the simulator makes data that look
+like a facility's: coloured noise (:func:`noise_power`), a B-factor envelope, defocus per
+particle or per micrograph, large shifts with or without wrap-around, and junk (pure noise or
+another map's projections) flagged in the STAR column :data:`JUNK_COLUMN`; see
+:func:`simulate_chunks`. Their defaults reproduce the clean model bit for bit.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import scipy.fft as sfft
 
+from cryoday import tunables
 from cryoday._simulate_kernels import slice_cubic
 from cryoday.ctf import evaluate_ctf
-from cryoday.fourier import ft3, ift2
+from cryoday.errors import InputError
+from cryoday.fourier import ft2, ft3, ift2
 from cryoday.geometry import euler_to_matrix, matrix_to_euler
 
 
@@ -142,35 +152,176 @@ def optics_table(pixel_size: float, box: int, voltage: float, cs: float,
     })
 
 
-def _clean_images(spectrum, volume_box, pixel_size, params, rows, ctf_kwargs):
+# ----------------------------------------------------------------------------- the data set
+
+#: Column of a simulated STAR file saying what each row really is (written only when
+#: ``junk_fraction > 0``): 0 a particle of the map, 1 pure noise, 2 a projection of another map.
+JUNK_COLUMN = "cryodaySimJunk"
+JUNK_NONE, JUNK_NOISE, JUNK_OTHER = 0, 1, 2
+JUNK_KINDS = ("noise", "other_map", "mixed")
+EXTRACTIONS = ("periodic", "cropped")
+
+
+def _spectrum_shape(noise_spectrum) -> tuple[float, float] | None:
+    """``(low_to_high, falloff_A)`` of a coloured spectrum, None for white noise."""
+    if noise_spectrum is None or (isinstance(noise_spectrum, str) and noise_spectrum == "white"):
+        return None
+    if not isinstance(noise_spectrum, dict) or set(noise_spectrum) != {"low_to_high",
+                                                                        "falloff_A"}:
+        raise InputError(f"simulate.noise_spectrum: expected 'white' or {{low_to_high: R, "
+                         f"falloff_A: F}}, got {noise_spectrum!r}")
+    ratio, falloff = float(noise_spectrum["low_to_high"]), float(noise_spectrum["falloff_A"])
+    if not (ratio > 0 and falloff > 0):
+        raise InputError(f"simulate.noise_spectrum: low_to_high and falloff_A must be > 0, got "
+                         f"{noise_spectrum!r}")
+    return ratio, falloff
+
+
+def noise_power(box: int, pixel_size: float, noise_spectrum="white") -> np.ndarray:
+    """The simulator's noise power spectrum on the centred ``box x box`` Fourier grid, mean 1.
+
+    White noise is flat. A coloured spectrum ``{low_to_high: r, falloff_A: f}`` has the shape
+    ``P(k) = 1 + (r - 1) exp(-(k f)^2)`` (``k`` in 1/A), so the power at zero frequency is ``r``
+    times the power at high frequency (ice and detector make real noise several times stronger
+    at low frequency), the excess having fallen to 1/e at ``k = 1/f``. It is divided by its mean
+    over the grid, so with unitary transforms (Parseval) the noise's variance per pixel is the
+    same as white noise of the same sigma.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(box, box)``, index ``[ky + box // 2, kx + box // 2]``.
+    """
+    shape = _spectrum_shape(noise_spectrum)
+    if shape is None:
+        return np.ones((box, box))
+    ratio, falloff = shape
+    k = (np.arange(box) - box // 2) / (box * pixel_size)
+    s = np.hypot(*np.meshgrid(k, k, indexing="ij"))
+    power = 1.0 + (ratio - 1.0) * np.exp(-((s * falloff) ** 2))
+    return power / power.mean()
+
+
+def _clean_images(spectrum, box, pixel_size, params, rows, ctf_kwargs, extraction="periodic"):
+    if extraction == "cropped":
+        block = max(1, tunables.SIM_CROPPED_BYTES_AT_ONCE // (16 * (2 * box) ** 2))
+        if len(rows) > block:  # images are independent: blocks give the same numbers
+            return np.concatenate([
+                _clean_images(spectrum, box, pixel_size, params, rows[i:i + block], ctf_kwargs,
+                              extraction) for i in range(0, len(rows), block)])
     rot = euler_to_matrix(params["rot"][rows], params["tilt"][rows], params["psi"][rows])
-    spectra = project_ft(np.empty((volume_box,) * 3, np.float32), rot, spectrum)
+    spectra = project_ft(np.empty((box,) * 3, np.float32), rot, spectrum)
     shifts = np.stack([params["shift_x"][rows], params["shift_y"][rows]], axis=1) / pixel_size
-    k = (np.arange(volume_box) - volume_box // 2) / (volume_box * pixel_size)
+    lo = 0
+    if extraction == "cropped":
+        # The particle sits in a patch twice the box (zero outside its projection), is shifted
+        # and CTF-modulated there, and the central box is cut out as a picker would: what moves
+        # or is delocalised past the edge is lost instead of wrapping round to the other side.
+        padded_box = 2 * box
+        lo = padded_box // 2 - box // 2
+        patch = np.zeros((len(rows), padded_box, padded_box), dtype=np.float32)
+        patch[:, lo:lo + box, lo:lo + box] = ift2(spectra)
+        spectra = ft2(patch)
+        box_out, box = box, padded_box
+    k = (np.arange(box) - box // 2) / (box * pixel_size)
     fy, fx = np.meshgrid(k, k, indexing="ij")
     ctf = evaluate_ctf(fx, fy, params["defocus_u"][rows], params["defocus_v"][rows],
                        params["defocus_angle"][rows], **ctf_kwargs)
     # Single precision from here on: the images are stored as float32 anyway.
     spectra = spectra.astype(np.complex64)
-    spectra *= shift_phase(volume_box, shifts).astype(np.complex64)
+    spectra *= shift_phase(box, shifts).astype(np.complex64)
     spectra *= ctf
-    return ift2(spectra)
+    images = ift2(spectra)
+    if extraction == "cropped":
+        images = np.ascontiguousarray(images[:, lo:lo + box_out, lo:lo + box_out])
+    return images
+
+
+def _signal_images(spectra, box, pixel_size, params, rows, kinds, ctf_kwargs, extraction):
+    """Noise-free images of ``rows``: the map's, the other map's, or zeros (pure-noise junk)."""
+    kind = kinds[rows]
+    if not kind.any():
+        return _clean_images(spectra[JUNK_NONE], box, pixel_size, params, rows, ctf_kwargs,
+                             extraction)
+    images = np.zeros((len(rows), box, box), dtype=np.float32)
+    for value in (JUNK_NONE, JUNK_OTHER):
+        these = kind == value
+        if these.any():
+            images[these] = _clean_images(spectra[value], box, pixel_size, params, rows[these],
+                                          ctf_kwargs, extraction)
+    return images
+
+
+def _junk_kinds(n_particles, junk_fraction, junk_kind, seed) -> np.ndarray:
+    """What each row is (``JUNK_*``): ``round(junk_fraction * n)`` junk rows at random places.
+
+    Drawn from their own stream so that the particles' poses, CTFs and noise do not depend on
+    the junk settings.
+    """
+    if not 0 <= junk_fraction < 1:
+        raise InputError(f"simulate.junk_fraction: must be in [0, 1), got {junk_fraction}")
+    if junk_kind not in JUNK_KINDS:
+        raise InputError(f"simulate.junk_kind: must be one of {', '.join(JUNK_KINDS)}, got "
+                         f"{junk_kind!r}")
+    kinds = np.full(n_particles, JUNK_NONE, dtype=np.int64)
+    n_junk = round(junk_fraction * n_particles)
+    chosen = np.random.default_rng([seed, 11]).permutation(n_particles)[:n_junk]
+    if junk_kind == "noise":
+        kinds[chosen] = JUNK_NOISE
+    elif junk_kind == "other_map":
+        kinds[chosen] = JUNK_OTHER
+    else:
+        kinds[chosen[: n_junk // 2]] = JUNK_NOISE
+        kinds[chosen[n_junk // 2:]] = JUNK_OTHER
+    return kinds
+
+
+def _defoci(rng, n_particles, defocus_range_A, astigmatism_A, n_micrographs, defocus_spread_A):
+    """``(defocus_u, defocus_v, angle, micrograph index or None)`` per particle."""
+    if n_micrographs is None:
+        defocus = rng.uniform(*defocus_range_A, n_particles)
+        astig = rng.uniform(0, astigmatism_A, n_particles)
+        return defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n_particles), None
+    if not 1 <= int(n_micrographs) <= n_particles:
+        raise InputError(f"simulate.n_micrographs: must be between 1 and n_particles "
+                         f"({n_particles}), got {n_micrographs}")
+    m = int(n_micrographs)
+    # Consecutive rows share a micrograph, as in a STAR file written micrograph by micrograph.
+    micrograph = np.arange(n_particles) * m // n_particles
+    defocus = rng.uniform(*defocus_range_A, m)[micrograph]
+    astig = rng.uniform(0, astigmatism_A, m)[micrograph]
+    angle = rng.uniform(0, 180, m)[micrograph]
+    # Particles at different heights in the ice.
+    defocus = defocus + defocus_spread_A * rng.standard_normal(n_particles)
+    return defocus + astig / 2, defocus - astig / 2, angle, micrograph
 
 
 def simulate_chunks(volume: np.ndarray, pixel_size: float, n_particles: int, snr: float = 0.05,
                     defocus_range_A=(10000.0, 30000.0), astigmatism_A: float = 500.0,
                     voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
-                    shift_sigma_A: float = 3.0, seed: int = 0, chunk_size: int = 1000):
+                    shift_sigma_A: float = 3.0, seed: int = 0, chunk_size: int = 1000, *,
+                    noise_spectrum="white", bfactor_A2: float = 0.0,
+                    n_micrographs: int | None = None, defocus_spread_A: float = 0.0,
+                    extraction: str = "periodic", junk_fraction: float = 0.0,
+                    junk_kind: str = "mixed", junk_volume: np.ndarray | None = None):
     """Simulate particle images in chunks: ``(images (m, N, N) float32, RELION table)`` each.
 
     Every particle gets a uniform random rotation, a Gaussian origin (``shift_sigma_A``), a
-    defocus uniform in ``defocus_range_A`` with astigmatism up to ``astigmatism_A`` at a random
-    angle, RELION's CTF, and white Gaussian noise. The noise level is set once for the data set
-    so that ``snr`` = (mean over the first 200 particles of the variance of the clean,
-    CTF-applied, shifted image over the pixels inside the inscribed circle of radius N/2) /
-    (variance of the white noise per pixel). The same seed gives the same particles whatever the
-    chunk size: all parameters are drawn up front and each particle's noise has its own stream
-    ``default_rng([seed, 7, index])``.
+    defocus uniform in ``defocus_range_A`` (its own, or its micrograph's) with astigmatism up to
+    ``astigmatism_A`` at a random angle, RELION's CTF times an optional B-factor envelope, and
+    Gaussian noise, white or coloured (``noise_spectrum``).
+
+    **SNR.** The noise level is set once for the data set so that ``snr`` = (mean over the
+    first 200 particles of the variance of the clean, CTF- and envelope-applied, shifted image
+    of the map over the pixels inside the inscribed circle of radius N/2) / (variance of the
+    noise per pixel, in real space). Coloured noise has the same per-pixel variance as white
+    noise of that sigma (its spectrum has mean 1, :func:`noise_power`), so it only moves power
+    between frequencies; an envelope lowers the signal variance and hence the noise sigma.
+
+    The same seed gives the same particles whatever the chunk size: all parameters are drawn up
+    front and each particle's white noise has its own stream ``default_rng([seed, 7, index])``
+    (filtered per image for coloured noise). With every keyword after ``chunk_size`` at its
+    default the output is bit for bit what it was before they existed.
 
     Parameters
     ----------
@@ -190,11 +341,43 @@ def simulate_chunks(volume: np.ndarray, pixel_size: float, n_particles: int, snr
     voltage, cs, amplitude_contrast : float
         kV, mm, fraction (RELION optics).
     shift_sigma_A : float
-        Standard deviation of each origin component, Angstrom.
+        Standard deviation of each origin component, Angstrom (not truncated).
     seed : int
         Seed of everything.
     chunk_size : int
         Images per yielded chunk.
+    noise_spectrum : 'white' or dict
+        ``{"low_to_high": r, "falloff_A": f}`` for coloured noise (:func:`noise_power`).
+    bfactor_A2 : float
+        Envelope ``exp(-B s^2 / 4)`` on the CTF's amplitude (RELION's ``rlnCtfBfactor``
+        convention; ``exp(-B s^2 / 2)`` in power). It is in the images only: the STAR file
+        carries no ``rlnCtfBfactor``, as a CTF estimate does not, so the reconstruction meets
+        the decay unaware, as with real data.
+    n_micrographs : int, optional
+        None: every particle draws its own defocus. An integer M: consecutive particles are
+        split into M micrographs (``rlnMicrographName`` ``micNNNNNN.mrc``), each drawing one
+        defocus, astigmatism and angle, every particle then adding its own height offset.
+    defocus_spread_A : float
+        Standard deviation of that per-particle offset within a micrograph, Angstrom.
+    extraction : 'periodic' or 'cropped'
+        'periodic': shift and CTF act on the box itself, so whatever a large shift or the
+        CTF's delocalisation (~ lambda * defocus * k, ~100 A at 3 um and 6 A) pushes past an
+        edge comes back in at the opposite edge, as the reconstruction's own model assumes.
+        'cropped': the particle is shifted and CTF-modulated in a patch twice the box and the
+        central box is cut out, as when particles are extracted from a micrograph: that signal
+        is lost instead (about 2x slower).
+    junk_fraction : float
+        Fraction of rows (rounded, at random places) that are not particles of ``volume``;
+        they are flagged in the table's ``cryodaySimJunk`` column (:data:`JUNK_COLUMN`: 0
+        particle, 1 pure noise, 2 another map), written only when ``junk_fraction > 0``. Their
+        pose and CTF columns are the ones drawn for the row: for another map's projection, its
+        true pose in that map's frame; for pure noise, meaningless.
+    junk_kind : 'noise', 'other_map' or 'mixed'
+        What junk is; 'mixed' makes half of it (rounded down) noise and the rest another map.
+    junk_volume : (N, N, N) array, optional
+        The other map (default :func:`cryoday.molecule.other_molecule`), scaled so that its
+        images have the same mean variance as the map's: junk is told apart by shape, not by
+        contrast.
 
     Yields
     ------
@@ -202,32 +385,64 @@ def simulate_chunks(volume: np.ndarray, pixel_size: float, n_particles: int, snr
         ``ift2(CTF * ft2(P shifted by -origin)) + noise``, protein bright (RELION's CTF sign).
     table : pandas.DataFrame
         RELION 3.1 particle columns for these images (angles in degrees, origins in A, defocus
-        in A, ``rlnOpticsGroup`` = 1); pair with :func:`optics_table`.
+        in A, ``rlnOpticsGroup`` = 1, and ``rlnMicrographName`` / ``cryodaySimJunk`` as above);
+        pair with :func:`optics_table`.
     """
     box = volume.shape[0]
+    if extraction not in EXTRACTIONS:
+        raise InputError(f"simulate.extraction: must be one of {', '.join(EXTRACTIONS)}, got "
+                         f"{extraction!r}")
+    if bfactor_A2 < 0:
+        raise InputError(f"simulate.bfactor_A2: must be >= 0, got {bfactor_A2}")
+    shape = _spectrum_shape(noise_spectrum)
     rng = np.random.default_rng(seed)
     params = random_poses(n_particles, rng, shift_sigma_A)
-    defocus = rng.uniform(*defocus_range_A, n_particles)
-    astig = rng.uniform(0, astigmatism_A, n_particles)
-    params["defocus_u"] = defocus + astig / 2
-    params["defocus_v"] = defocus - astig / 2
-    params["defocus_angle"] = rng.uniform(0, 180, n_particles)
-    ctf_kwargs = {"voltage": voltage, "cs": cs, "amplitude_contrast": amplitude_contrast}
-    spectrum = padded_spectrum(volume)
+    (params["defocus_u"], params["defocus_v"], params["defocus_angle"],
+     micrograph) = _defoci(rng, n_particles, defocus_range_A, astigmatism_A, n_micrographs,
+                           defocus_spread_A)
+    kinds = _junk_kinds(n_particles, junk_fraction, junk_kind, seed)
+    ctf_kwargs = {"voltage": voltage, "cs": cs, "amplitude_contrast": amplitude_contrast,
+                  "bfactor": bfactor_A2}
+    spectra = {JUNK_NONE: padded_spectrum(volume)}
 
     calibration = np.arange(min(n_particles, 200))
-    clean = _clean_images(spectrum, box, pixel_size, params, calibration, ctf_kwargs)
     k = np.arange(box) - box // 2
     inside = np.hypot(*np.meshgrid(k, k, indexing="ij")) < box / 2
-    signal_var = clean[:, inside].var(axis=1).mean()
+
+    def mean_variance(spectrum):
+        clean = _clean_images(spectrum, box, pixel_size, params, calibration, ctf_kwargs,
+                              extraction)
+        return clean[:, inside].var(axis=1).mean()
+
+    signal_var = mean_variance(spectra[JUNK_NONE])
     noise_sigma = float(np.sqrt(signal_var / snr))
+    if (kinds == JUNK_OTHER).any():
+        if junk_volume is None:
+            from cryoday.molecule import other_molecule
+
+            junk_volume = other_molecule(box, pixel_size, seed=seed)
+        if junk_volume.shape != volume.shape:
+            raise InputError(f"simulate.junk_source: the other map is {junk_volume.shape[0]} px, "
+                             f"the map {box} px")
+        other = padded_spectrum(junk_volume)
+        spectra[JUNK_OTHER] = other * np.float32(np.sqrt(signal_var / mean_variance(other)))
+    # sqrt(P) on numpy's rfft2 layout (P is radial, so the filtered noise stays real).
+    gain = None
+    if shape is not None:
+        power = np.fft.ifftshift(noise_power(box, pixel_size, noise_spectrum))
+        gain = np.sqrt(power[:, : box // 2 + 1]).astype(np.float32)
 
     for start in range(0, n_particles, chunk_size):
         rows = np.arange(start, min(start + chunk_size, n_particles))
-        images = _clean_images(spectrum, box, pixel_size, params, rows, ctf_kwargs)
+        images = _signal_images(spectra, box, pixel_size, params, rows, kinds, ctf_kwargs,
+                                extraction)
+        noise = np.empty((len(rows), box, box))
         for j, row in enumerate(rows):
-            noise_rng = np.random.default_rng([seed, 7, int(row)])
-            images[j] += noise_sigma * noise_rng.standard_normal((box, box))
+            np.random.default_rng([seed, 7, int(row)]).standard_normal(out=noise[j])
+        if gain is not None:
+            noise = sfft.irfft2(sfft.rfft2(noise.astype(np.float32), norm="ortho") * gain,
+                                s=(box, box), norm="ortho")
+        images += noise_sigma * noise
         table = pd.DataFrame({
             "rlnAngleRot": params["rot"][rows], "rlnAngleTilt": params["tilt"][rows],
             "rlnAnglePsi": params["psi"][rows],
@@ -236,4 +451,8 @@ def simulate_chunks(volume: np.ndarray, pixel_size: float, n_particles: int, snr
             "rlnDefocusAngle": params["defocus_angle"][rows],
             "rlnOpticsGroup": np.ones(len(rows), dtype=int),
         })
+        if micrograph is not None:
+            table["rlnMicrographName"] = [f"mic{m + 1:06d}.mrc" for m in micrograph[rows]]
+        if junk_fraction > 0:
+            table[JUNK_COLUMN] = kinds[rows]
         yield images.astype(np.float32), table

@@ -49,3 +49,8 @@ IMAGE_CACHE_BYTES = 2 << 30
 # Prepared minibatches kept per stage: a step's line search and the held-out set revisit the
 # same few batches, and more would cost four padded transforms per image each.
 KEPT_BATCHES = 4
+
+# ---------------------------------------------------------------- simulator (cryoday.simulate)
+# Bytes per complex128 (images x padded patch) array with ``extraction: cropped``: the patch is
+# twice the box, so whole 1000-image chunks would need ~1.3 GB at 64 px and ~5 GB at 128 px.
+SIM_CROPPED_BYTES_AT_ONCE = 64 << 20
