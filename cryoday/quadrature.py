@@ -107,10 +107,15 @@ def angular_step(resolution_A: float, box: int, pixel_size: float, undersampling
 
 
 def shift_grid(resolution_A: float, pixel_size: float, undersampling: float,
-               shift_sigma_A: float, shift_max_A: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """Shifts (px) in a disc and their log prior weights, and the spacing (px)."""
+               shift_sigma_A: float, shift_max_A: float, radius_A: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Shifts (px) in a disc and their log prior weights, and the spacing (px).
+
+    The disc's radius is ``radius_A`` when given (the stage driver's choice, which follows the
+    data: ``cryoday.shift_range``), else ``min(shift_max_A, 2.5 * shift_sigma_A)``.
+    """
     step_A = undersampling * resolution_A / 2.0
-    extent_A = min(shift_max_A, 2.5 * shift_sigma_A)
+    extent_A = min(shift_max_A, 2.5 * shift_sigma_A) if radius_A is None else float(radius_A)
     half = int(np.floor(extent_A / step_A + 1e-9))
     axis = np.arange(-half, half + 1) * step_A
     sx, sy = np.meshgrid(axis, axis, indexing="xy")
@@ -122,10 +127,12 @@ def shift_grid(resolution_A: float, pixel_size: float, undersampling: float,
 
 
 def pose_grid(resolution_A: float, box: int, pixel_size: float, undersampling: float = 1.0,
-              shift_sigma_A: float = 10.0, shift_max_A: float = 60.0) -> PoseGrid:
+              shift_sigma_A: float = 10.0, shift_max_A: float = 60.0,
+              shift_radius_A: float | None = None) -> PoseGrid:
     """The quadrature grid of a stage at ``resolution_A`` on ``box``-px images of ``pixel_size``.
 
-    Sizes (METHOD.md section 1): ``n_dir = ceil((3.6 / a)^2)``, ``n_inp = ceil(2 pi / a)``.
+    Sizes (METHOD.md section 1): ``n_dir = ceil((3.6 / a)^2)``, ``n_inp = ceil(2 pi / a)``;
+    shifts as :func:`shift_grid` (``shift_radius_A`` its ``radius_A``).
     """
     a = angular_step(resolution_A, box, pixel_size, undersampling)
     n_dir = int(np.ceil((3.6 / a) ** 2))
@@ -137,7 +144,7 @@ def pose_grid(resolution_A: float, box: int, pixel_size: float, undersampling: f
                                 np.tile(np.degrees(inplane), n_dir))
     n_rot = n_dir * n_inp
     shifts, shift_logw, shift_step = shift_grid(resolution_A, pixel_size, undersampling,
-                                                shift_sigma_A, shift_max_A)
+                                                shift_sigma_A, shift_max_A, shift_radius_A)
     return PoseGrid(
         directions=directions,
         inplane=inplane,

@@ -29,6 +29,10 @@ from cryoday.io import atomic_path
 HISTORY_COLUMNS = ("iteration", "epoch", "objective", "heldout_nll", "eps", "L", "step", "wall_s",
                    "n_evaluated", "n_full", "kl", "kl_epoch")
 POSE_ARRAYS = ("rotations", "shifts_A", "nll", "null_nll", "heldout_rows")
+# Optional scalars of poses.npz: the stage's shift prior and grid, and what its posteriors said
+# of them (``cryoday.shift_range.ShiftEstimate.state``).
+POSE_SCALARS = ("shift_sigma_A", "shift_radius_A", "shift_sigma_estimate_A",
+                "shift_edge_fraction", "shift_edge_expected", "shift_step_A")
 
 
 def _blank(value) -> object:
@@ -71,20 +75,25 @@ def history_from_array(array) -> list[dict]:
     return [dict(zip(HISTORY_COLUMNS, row)) for row in np.asarray(array).tolist()]
 
 
-def write_poses(path, rotations, shifts_A, nll, null_nll, heldout_rows) -> None:
+def write_poses(path, rotations, shifts_A, nll, null_nll, heldout_rows, **scalars) -> None:
     """Write a stage's per-particle poses and likelihoods as ``poses.npz`` (see the module
-    docstring for the arrays and their units)."""
+    docstring for the arrays and their units), and optional ``scalars`` (``POSE_SCALARS``)."""
+    unknown = sorted(set(scalars) - set(POSE_SCALARS))
+    if unknown:
+        raise ValueError(f"write_poses: {unknown[0]} is not one of POSE_SCALARS")
     with atomic_path(path) as tmp:
-        np.savez(tmp, rotations=np.asarray(rotations, np.float64),
+        np.savez(tmp, **{k: np.float64(v) for k, v in scalars.items()},
+                 rotations=np.asarray(rotations, np.float64),
                  shifts_A=np.asarray(shifts_A, np.float64), nll=np.asarray(nll, np.float64),
                  null_nll=np.asarray(null_nll, np.float64),
                  heldout_rows=np.asarray(heldout_rows, dtype=np.int64))
 
 
 def read_poses(path) -> dict[str, np.ndarray]:
-    """A ``poses.npz`` as a dict of arrays (whichever of ``POSE_ARRAYS`` it holds)."""
+    """A ``poses.npz`` as a dict of arrays (whichever of ``POSE_ARRAYS`` and ``POSE_SCALARS``
+    it holds)."""
     with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in POSE_ARRAYS if k in f}
+        return {k: f[k] for k in POSE_ARRAYS + POSE_SCALARS if k in f}
 
 
 def write_npz(path, **arrays) -> None:

@@ -204,6 +204,25 @@ def defocus_histogram(star, pixel_size) -> str:
     return _img(_png(fig), "defocus histogram")
 
 
+def shift_histogram(star, pixel_size, metrics) -> str:
+    """The final shifts' distances from the box centre, with the last stage's grid radius."""
+    table = io.read_particles(star, pixel_size=pixel_size, check_stacks=False).table
+    if "rlnOriginXAngst" not in table:
+        return ""
+    r = np.hypot(table["rlnOriginXAngst"].to_numpy(), table["rlnOriginYAngst"].to_numpy())
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(r, bins=30)
+    title = "final shifts"
+    radius = metrics.get("shift_radius_A")
+    if radius is not None:
+        ax.axvline(radius, color="C3", ls="--", label=f"grid radius {radius:.1f} A")
+        ax.legend()
+        title += (f": prior sigma {metrics['shift_sigma_A']:.1f} A, "
+                  f"{metrics['shift_edge_fraction']:.1%} at the grid's edge")
+    ax.set(xlabel="|shift| (A)", ylabel="particles", title=title)
+    return _img(_png(fig), "shift histogram")
+
+
 def pose_error_histogram(metrics) -> str:
     counts = metrics.get("pose_error_histogram")
     if not counts:
@@ -326,6 +345,7 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
          f" {info['pixel_size']:.3f} A/px, contrast sign {info['contrast_sign']:+d} "
          f"(z = {info['contrast_z']:.1f}).</p>"),
         defocus_histogram(star, info["pixel_size"]),
+        shift_histogram(star, info["pixel_size"], m),
         particles_and_reprojections(star, preprocessed_star, vol, info["pixel_size"],
                                     n_example_particles),
         ("<h2>Run</h2><table><tr><th>stage</th><th>resolution (A)</th><th>box</th>"

@@ -41,7 +41,7 @@ import numpy as np
 import scipy
 import yaml
 
-from cryoday import __version__, records
+from cryoday import __version__, records, shift_range
 from cryoday.batch import make_batch
 from cryoday.errors import InputError
 from cryoday.importance import ImportanceSampler
@@ -743,17 +743,21 @@ class StageResult:
     nll: np.ndarray | None = None
     null_nll: np.ndarray | None = None
     heldout_rows: np.ndarray | None = None
+    shift_estimate: shift_range.ShiftEstimate | None = None  # the final shift posteriors' fit
+
+    def _shift_state(self) -> dict:
+        return {} if self.shift_estimate is None else self.shift_estimate.state()
 
     def save_state(self, path) -> None:
-        """``state.npz``: what the next stage starts from."""
-        self.optimiser.save(path, **self.sampler.state())
+        """``state.npz``: what the next stage starts from (with the learned shift range)."""
+        self.optimiser.save(path, **self.sampler.state(), **self._shift_state())
 
     def save_history(self, path) -> None:
         records.write_history(path, self.history)
 
     def save_poses(self, path, pixel_size: float) -> None:
         records.write_poses(path, self.rotations, self.shifts_px * pixel_size, self.nll,
-                            self.null_nll, self.heldout_rows)
+                            self.null_nll, self.heldout_rows, **self._shift_state())
 
 
 def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, train_rows,
@@ -794,8 +798,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     box = volume0.shape[0]
     radius = box * pixel_size / resolution_A
     op = SliceOperator(box, radius)
+    shift_prior = shift_range.for_stage(config.shift_sigma_A, box * pixel_size, sagd_state, log)
     grid = pose_grid(resolution_A, box, pixel_size, config.undersampling,
-                     shift_sigma_A=config.shift_sigma_A)
+                     shift_sigma_A=shift_prior.sigma_A, shift_radius_A=shift_prior.radius_A)
     data = _Data(op, images, ctf_params, sigma, pixel_size)
     train_rows = np.asarray(train_rows)
     heldout_rows = np.asarray(heldout_rows)
@@ -837,8 +842,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         if start.resumed and not isinstance(error, (OSError, MemoryError)):
             checkpoint.set_aside(error)
         raise
+    learned = shift_range.learn(start.sampler.store, grid, shift_prior, log)
     return StageResult(volume, start.optimiser, start.sampler, start.history, *poses,
-                       heldout_rows)
+                       heldout_rows, learned)
 
 
 __all__ = ["StageConfig", "StageSchedule", "stage_schedule", "default_reconstruction_config",

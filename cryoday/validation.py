@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoday import io, records
+from cryoday import io, records, shift_range
 from cryoday.align import fsc_after_alignment
 from cryoday.fourier import rescale_volume
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
@@ -405,6 +405,7 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
     if truth_star:
         metrics.update(pose_error_figures(truth_star, final_star, pixel_size))
         log(f"median angular error of the poses: {metrics['pose_error_median_deg']:.1f} degrees")
+    shift_range.add_to_metrics(metrics, records.read_poses(seed_poses[chosen]))
     signal = heldout_signal_test(records.read_poses(seed_poses[chosen]))
     if signal is not None:
         metrics["heldout_signal"] = signal
