@@ -1,7 +1,10 @@
 # All Python of the workflow lives here (snakemake --lint asks rules and functions apart).
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 # Fills in the schema's defaults at every depth (each dataset's simulate block too; a test in
@@ -10,9 +13,39 @@ validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 DATASETS = sorted(config["datasets"])
 RECON = config["reconstruction"]
-STAGES = [str(i + 1) for i in range(len(RECON["stages_A"]))]
 SEEDS = [str(s) for s in RECON["seeds"]]
 ENV = "../../envs/cryoday.yaml"
+
+
+def _load_planning():
+    # By path, standard library only: this process may not have cryoday's environment.
+    path = Path(workflow.basedir) / "workflow" / "rules" / "planning.py"
+    spec = importlib.util.spec_from_file_location("cryoday_workflow_planning", path)
+    planning = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = planning  # dataclasses look their module up there
+    spec.loader.exec_module(planning)
+    return planning
+
+
+def _plan_stages():
+    """Each dataset's stages, fitted to its Nyquist limit; said once, before any job runs."""
+    planning = _load_planning()
+    try:
+        planning.check_decreasing(RECON["stages_A"])
+    except planning.PlanError as exc:
+        raise SystemExit(f"cryoday: {exc}") from None
+    plans = {}
+    for name in DATASETS:
+        plan, message = planning.plan_dataset(
+            name, config["datasets"][name], RECON["stages_A"]
+        )
+        if message:
+            logger.warning(message)
+        plans[name] = plan
+    return plans
+
+
+STAGE_PLANS = _plan_stages()
 
 
 wildcard_constraints:
@@ -50,8 +83,34 @@ def user_reference(wildcards):
     return [ref] if ref else []
 
 
+def dataset_stages(name):
+    """A dataset's stage resolutions (A), coarse first: ``reconstruction.stages_A`` fitted to
+    the data's Nyquist limit (see workflow/rules/planning.py)."""
+    return STAGE_PLANS[name].stages_A
+
+
+def dataset_stages_A(wildcards):
+    return dataset_stages(wildcards.dataset)
+
+
 def stage_resolution(wildcards):
-    return float(RECON["stages_A"][int(wildcards.stage) - 1])
+    return float(dataset_stages(wildcards.dataset)[int(wildcards.stage) - 1])
+
+
+# Keys of the reconstruction section no single stage reads: a change to them (another seed,
+# a stage appended) must not make finished stages "Params have changed".
+NOT_STAGE_KEYS = ("seeds", "stages_A")
+
+
+def stage_options(wildcards):
+    """The reconstruction settings one stage reads (``cryoday.stage.StageConfig.from_config``
+    and the rule script's random start), and no others."""
+    options = {k: v for k, v in RECON.items() if k not in NOT_STAGE_KEYS}
+    if isinstance(options["undersampling"], list):
+        # The schedule reads the factor at the stage's index (1 beyond the list's end), so the
+        # factors of later stages are not this stage's.
+        options["undersampling"] = options["undersampling"][: int(wildcards.stage)]
+    return options
 
 
 def previous_stage(wildcards):
@@ -66,7 +125,7 @@ def previous_stage(wildcards):
 
 
 def last_stage_of_seed(name, seed):
-    return f"results/{name}/abinitio/seed{seed}/stage{STAGES[-1]}"
+    return f"results/{name}/abinitio/seed{seed}/stage{len(dataset_stages(name))}"
 
 
 def stage_size(input):
@@ -146,7 +205,7 @@ def seed_stage_files(wildcards):
     stages = [
         f"results/{wildcards.dataset}/abinitio/seed{s}/stage{st}"
         for s in SEEDS
-        for st in STAGES
+        for st in range(1, len(dataset_stages(wildcards.dataset)) + 1)
     ]
     return {
         "histories": [f"{d}/history.tsv" for d in stages],

@@ -22,7 +22,7 @@ rule reconstruct_stage:
         runtime=stage_runtime,
     params:
         resolution=stage_resolution,
-        options=RECON,
+        options=stage_options,
         checkpoint="results/{dataset}/abinitio/seed{seed}/stage{stage}/checkpoint.npz",
     script:
         "../../scripts/reconstruct_stage.py"

@@ -24,6 +24,6 @@ rule validate:
         runtime=60,
     params:
         seeds=SEEDS,
-        stages_A=RECON["stages_A"],
+        stages_A=dataset_stages_A,
     script:
         "../../scripts/validate.py"
