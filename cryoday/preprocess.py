@@ -144,13 +144,17 @@ def stage_box(box: int, pixel_size: float, resolution_A: float) -> tuple[int, fl
 
     The stage uses Fourier coefficients up to radius ``r = box * pixel_size / resolution_A`` px
     (the same physical frequency in any box). The cropped box keeps a margin of 2 px beyond it
-    (``r <= new_box / 2 - 2``) so that interpolation near the cutoff never touches the Nyquist
-    ring. Never larger than the input box; odd input boxes give the largest even box below.
+    (``r <= new_box / 2 - 2``) where the input box allows, so that interpolation near the cutoff
+    does not touch the Nyquist ring. A stage at the data's Nyquist frequency itself is valid:
+    its disc (``|k| < r``) stays inside the box, and the slices and turned images are read from
+    zero-padded transforms. Never larger than the input box; odd input boxes give the largest
+    even box below.
     """
     radius = box * pixel_size / resolution_A
     new_box = int(2 * np.ceil(radius + 2))
     new_box = min(new_box, box - box % 2)
-    if radius > new_box / 2 - 1:
+    # The margin absorbs rounding: box * ps / (2 ps) can come out just above box / 2.
+    if radius > new_box / 2 * (1 + 1e-9):
         raise InputError(
             f"a stage at {resolution_A} A needs Fourier radius {radius:.1f} px, beyond the "
             f"Nyquist frequency of {box} px images at {pixel_size} A/px "

@@ -197,8 +197,9 @@ class SliceOperator:
     """
 
     def __init__(self, box: int, radius: float):
-        if not 0 < radius < box / 2:
-            raise ValueError(f"radius {radius} must be in (0, {box / 2}) for a {box} px box")
+        # Up to Nyquist itself (the disc keeps |k| < radius), with room for rounding.
+        if not 0 < radius <= box / 2 * (1 + 1e-9):
+            raise ValueError(f"radius {radius} must be in (0, {box / 2}] for a {box} px box")
         self.box = int(box)
         self.radius = float(radius)
         k = np.arange(box) - box // 2

@@ -85,9 +85,11 @@ def test_stage_box(box, psize, res):
     assert 2 * new_psize < res
 
 
-def test_stage_beyond_nyquist_is_refused():
+def test_stage_beyond_nyquist_is_refused_and_at_nyquist_accepted():
     with pytest.raises(InputError, match="Nyquist"):
-        preprocess.stage_box(64, 3.0, 6.1)
+        preprocess.stage_box(64, 3.0, 5.9)
+    # Exactly Nyquist (6 A at 3 A/px) keeps the whole box: the disc |k| < 32 fits in it.
+    assert preprocess.stage_box(64, 3.0, 6.0) == (64, 3.0)
 
 
 def test_downsampling_keeps_low_frequencies(rng):
