@@ -114,7 +114,8 @@ def coefficient_rows(op: SliceOperator) -> tuple[np.ndarray, ...]:
     return (start.astype(np.int64), length.astype(np.int64), kx[start], ky[start])
 
 
-# Kept for as long as the operator lives: made afresh they cost ~0.2 ms a call.
+# Kept for as long as the operator lives: rebuilding them on every call is a fixed cost that
+# small evaluations (one minibatch at a coarse stage) notice.
 _COEFFICIENTS: weakref.WeakKeyDictionary[SliceOperator, kernels.Coefficients] = \
     weakref.WeakKeyDictionary()
 

@@ -128,8 +128,7 @@ def exp_columns(v, col_ref, col_sum):
 def scale_columns(v, col_factor):
     """In place, ``v[a, c] <- v[a, c] col_factor[c]``, flushed to 0 below 1e-30.
 
-    As float32 such values would be subnormal, and GEMMs on subnormals run ~50x slower
-    (measured).
+    As float32 such values would be subnormal, and GEMMs on subnormals run many times slower.
     """
     n_c = np.uint64(v.shape[1])
     for a in range(v.shape[0]):

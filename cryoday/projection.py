@@ -46,9 +46,9 @@ def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
     lie inside the cube (the operator sizes it so). Per slice, a first loop forms the corner
     offsets and fractions (it vectorises); the second does the gathers, with no bounds checks or
     index arithmetic left in it, and interpolates by seven lerps (along x, then y, then z) rather
-    than eight corner weights: the same trilinear value in fewer operations (3,516 slices of
-    2,013 coefficients: 0.112 s with one loop on a complex128 cube, 0.076 s in two loops on a
-    complex64 one, 0.051 s in locality order, 0.031 s with lerps).
+    than eight corner weights: the same trilinear value in fewer operations. Each of these steps
+    (complex64 rather than complex128, the two loops, slices in locality order, lerps) made the
+    kernel faster; ``benchmarks/likelihood.py`` times it (``forward``).
     """
     n_coef = kx.shape[0]
     sy = np.uint64(2 * m)

@@ -1,4 +1,4 @@
-"""Quadrature grids over 3D poses and 2D shifts (METHOD.md section 1).
+"""Quadrature grids over 3D poses and 2D shifts (docs/method.md, section 1).
 
 A rotation is a viewing direction times an in-plane angle. Directions come from a Fibonacci
 (golden-angle) spiral, the Saff-Kuijlaars construction the paper's code uses: near-uniform
@@ -79,7 +79,7 @@ class PoseGrid:
 
 
 def undersampling_for_level(level: int) -> float:
-    """METHOD.md's undersampling factor for the ``level``-th frequency (0-based)."""
+    """The undersampling factor of the ``level``-th stage (0-based; docs/method.md, section 1)."""
     return UNDERSAMPLING_BY_LEVEL[level] if level < len(UNDERSAMPLING_BY_LEVEL) else 1.0
 
 
@@ -131,7 +131,7 @@ def pose_grid(resolution_A: float, box: int, pixel_size: float, undersampling: f
               shift_radius_A: float | None = None) -> PoseGrid:
     """The quadrature grid of a stage at ``resolution_A`` on ``box``-px images of ``pixel_size``.
 
-    Sizes (METHOD.md section 1): ``n_dir = ceil((3.6 / a)^2)``, ``n_inp = ceil(2 pi / a)``;
+    Sizes (docs/method.md, section 1): ``n_dir = ceil((3.6 / a)^2)``, ``n_inp = ceil(2 pi / a)``;
     shifts as :func:`shift_grid` (``shift_radius_A`` its ``radius_A``).
     """
     a = angular_step(resolution_A, box, pixel_size, undersampling)

@@ -456,3 +456,126 @@ def simulate_chunks(volume: np.ndarray, pixel_size: float, n_particles: int, snr
         if junk_fraction > 0:
             table[JUNK_COLUMN] = kinds[rows]
         yield images.astype(np.float32), table
+
+
+def _density(source: str, key: str, box: int, pixel_size: float, seed: int,
+             source_pixel_size: float | None = None) -> np.ndarray:
+    """The density a ``simulate.<key>`` value names, on the simulation's grid.
+
+    ``source`` is ``synthetic``, ``synthetic-other``, an atomic model (``.pdb``, ``.cif``,
+    ``.mmcif``, ``.ent``, rendered at twice the pixel size) or a map (resampled; its header's
+    voxel size, else ``source_pixel_size``).
+    """
+    # Imported here, not at the top: the generative model above needs no file I/O.
+    import logging
+    from pathlib import Path
+
+    from cryoday import io, molecule
+    from cryoday.fourier import rescale_volume
+
+    log = logging.getLogger(__name__)
+    if source == "synthetic":
+        density = molecule.synthetic_molecule(box, pixel_size, seed=seed)
+        log.info("%s: built-in synthetic molecule, %d px at %.3f A/px", key, box, pixel_size)
+    elif source == "synthetic-other":
+        density = molecule.other_molecule(box, pixel_size, seed=seed)
+        log.info("%s: built-in second (elongated) molecule, %d px at %.3f A/px", key, box,
+                 pixel_size)
+    elif Path(source).suffix.lower() in {".pdb", ".cif", ".mmcif", ".ent"}:
+        density = molecule.density_from_model(source, box, pixel_size,
+                                              resolution_A=2 * pixel_size)
+        log.info("%s: density of atomic model %s, %d px at %.3f A/px", key, source, box,
+                 pixel_size)
+    else:
+        volume, voxel_size = io.read_map(source)
+        voxel_size = voxel_size or source_pixel_size
+        if not voxel_size:
+            raise InputError(
+                f"{source}: the map header gives no voxel size; set simulate.source_pixel_size"
+            )
+        density = rescale_volume(volume, voxel_size, box, pixel_size)
+        log.info("%s: map %s (%d px at %.3f A/px) resampled to %d px at %.3f A/px",
+                 key, source, volume.shape[0], voxel_size, box, pixel_size)
+    # A map that is non-negative up to interpolation ringing is clipped to a density.
+    return density.clip(min=0) if density.min() >= -1e-3 * density.max() else density
+
+
+def simulate_dataset(params: dict, star_out, stack_out, truth_out) -> None:
+    """Simulate the particle set one ``simulate:`` block of the config describes, to files.
+
+    The ``simulate`` rule's whole job: the ground-truth density from ``params["source"]``, the
+    images by :func:`simulate_chunks` streamed into the stack, their RELION table (image names
+    pointing at the stack beside it, the :data:`JUNK_COLUMN` when there is junk) and the truth.
+
+    Parameters
+    ----------
+    params : dict
+        The dataset's ``simulate`` block, defaults filled in by the config schema: ``source``,
+        ``box``, ``pixel_size``, ``n_particles``, ``snr``, ``seed``, ``defocus_range_A``,
+        ``astigmatism_A``, ``voltage_kV``, ``cs_mm``, ``amplitude_contrast``, ``shift_sigma_A``,
+        and optionally ``source_pixel_size``, ``noise_spectrum``, ``bfactor_A2``,
+        ``n_micrographs``, ``defocus_spread_A``, ``extraction``, ``junk_fraction``,
+        ``junk_kind``, ``junk_source`` (meanings in :func:`simulate_chunks` and the schema).
+    star_out, stack_out, truth_out : str or Path
+        The particles' STAR file, their ``.mrcs`` stack (beside the STAR file, as its image
+        names say) and the ground-truth map; each written atomically.
+
+    Raises
+    ------
+    InputError
+        A source that cannot be read or a setting out of range, naming the ``simulate`` key.
+    """
+    import logging
+    from pathlib import Path
+
+    from cryoday import io
+
+    log = logging.getLogger(__name__)
+    box, pixel_size = int(params["box"]), float(params["pixel_size"])
+    seed = int(params["seed"])
+    source_pixel_size = params.get("source_pixel_size")
+    truth = _density(params["source"], "source", box, pixel_size, seed, source_pixel_size)
+    junk_fraction = float(params.get("junk_fraction", 0.0))
+    junk_kind = params.get("junk_kind", "mixed")
+    junk_volume = None
+    if junk_fraction > 0 and junk_kind != "noise":
+        junk_volume = _density(params.get("junk_source", "synthetic-other"), "junk_source", box,
+                               pixel_size, seed, source_pixel_size)
+    n_micrographs = params.get("n_micrographs")
+    n = int(params["n_particles"])
+    voltage, cs = float(params["voltage_kV"]), float(params["cs_mm"])
+    amplitude_contrast = float(params["amplitude_contrast"])
+    tables = []
+    with io.StackWriter(stack_out, n, box, pixel_size) as writer:
+        start = 0
+        for images, table in simulate_chunks(
+            truth, pixel_size, n,
+            snr=float(params["snr"]),
+            defocus_range_A=tuple(params["defocus_range_A"]),
+            astigmatism_A=float(params["astigmatism_A"]),
+            voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast,
+            shift_sigma_A=float(params["shift_sigma_A"]),
+            seed=seed,
+            noise_spectrum=params.get("noise_spectrum", "white"),
+            bfactor_A2=float(params.get("bfactor_A2", 0.0)),
+            n_micrographs=None if n_micrographs is None else int(n_micrographs),
+            defocus_spread_A=float(params.get("defocus_spread_A", 0.0)),
+            extraction=params.get("extraction", "periodic"),
+            junk_fraction=junk_fraction, junk_kind=junk_kind, junk_volume=junk_volume,
+        ):
+            writer.data[start : start + len(images)] = images
+            start += len(images)
+            tables.append(table)
+            log.info("simulated %d / %d particles", start, n)
+
+    table = pd.concat(tables, ignore_index=True)
+    if JUNK_COLUMN in table:
+        counts = table[JUNK_COLUMN].value_counts()
+        log.info("junk rows (column %s): %d pure noise, %d another map's projections",
+                 JUNK_COLUMN, counts.get(JUNK_NOISE, 0), counts.get(JUNK_OTHER, 0))
+    stack_name = Path(stack_out).name
+    table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
+    io.write_particles(star_out, table, optics_table(pixel_size, box, voltage, cs,
+                                                     amplitude_contrast))
+    io.write_map(truth_out, truth, pixel_size)
+    log.info("wrote %s, %s and %s", star_out, stack_out, truth_out)

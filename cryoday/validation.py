@@ -298,13 +298,24 @@ def seed_agreement(pairs: dict, halfmap_A: float, last_stage_A: float,
 
 
 def pose_error_figures(truth_star, final_star, pixel_size) -> dict:
-    """Angular errors of the final poses against a simulation's true ones (``pose_errors``)."""
-    from cryoday.geometry import euler_to_matrix
+    """Angular errors of the final poses against a simulation's true ones (``pose_errors``).
 
-    truth = io.poses(io.read_particles(truth_star, check_stacks=False))
+    Rows of the two files match by position. Junk rows (the simulator's ``cryodaySimJunk``
+    column, not 0) are left out: a noise image has no true pose, and another map's projection
+    has one only in that map's frame, so either would only blur the particles' figure.
+    """
+    from cryoday.geometry import euler_to_matrix
+    from cryoday.simulate import JUNK_COLUMN, JUNK_NONE
+
+    truth_particles = io.read_particles(truth_star, check_stacks=False)
+    truth = io.poses(truth_particles)
     est = io.poses(io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False))
-    errors, mirrored = pose_errors(euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"]),
-                                   euler_to_matrix(est["rot"], est["tilt"], est["psi"]))
+    keep = slice(None)
+    if JUNK_COLUMN in truth_particles.table:
+        keep = truth_particles.table[JUNK_COLUMN].to_numpy() == JUNK_NONE
+    errors, mirrored = pose_errors(
+        euler_to_matrix(truth["rot"][keep], truth["tilt"][keep], truth["psi"][keep]),
+        euler_to_matrix(est["rot"][keep], est["tilt"][keep], est["psi"][keep]))
     return {"pose_error_median_deg": float(np.median(errors)),
             "pose_error_hand_flipped": bool(mirrored),
             "pose_error_histogram": np.histogram(errors, bins=18, range=(0, 180))[0].tolist()}

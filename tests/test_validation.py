@@ -84,3 +84,37 @@ def test_resolution_at_interpolates_the_crossing():
     freq = np.linspace(0, 0.5, 11)
     curve = np.clip(1 - 2 * freq, 0, 1)  # crosses 0.143 at f = 0.4285
     assert resolution_at(freq, curve, 0.143) == pytest.approx(1 / 0.4285, rel=1e-3)
+
+
+def test_pose_error_figures_leave_out_simulated_junk(tmp_path):
+    # Particles get their true poses back, junk rows (most of them) random ones: only with the
+    # junk left out is the median error zero and the histogram the particles' count.
+    from cryoday import io
+    from cryoday.validation import pose_error_figures
+
+    volume = molecule.synthetic_molecule(16, 5.0)
+    chunks = list(simulate.simulate_chunks(volume, 5.0, 40, snr=1.0, seed=2, junk_fraction=0.6,
+                                           junk_kind="noise"))
+    truth = chunks[0][1]
+    truth["rlnImageName"] = [f"{i + 1:06d}@particles.mrcs" for i in range(len(truth))]
+    junk = truth[simulate.JUNK_COLUMN].to_numpy() != simulate.JUNK_NONE
+    assert junk.sum() == 24
+    estimated = truth.drop(columns=[simulate.JUNK_COLUMN])
+    rng = np.random.default_rng(5)
+    for column, high in (("rlnAngleRot", 180), ("rlnAngleTilt", 180), ("rlnAnglePsi", 180)):
+        estimated.loc[junk, column] = rng.uniform(-high, high, junk.sum())
+    optics = simulate.optics_table(5.0, 16, 300.0, 2.7, 0.1)
+    io.write_particles(tmp_path / "truth.star", truth, optics)
+    io.write_particles(tmp_path / "final.star", estimated, optics)
+
+    figures = pose_error_figures(tmp_path / "truth.star", tmp_path / "final.star", 5.0)
+    assert figures["pose_error_median_deg"] < 1e-3
+    assert not figures["pose_error_hand_flipped"]
+    assert sum(figures["pose_error_histogram"]) == 16
+    assert figures["pose_error_histogram"][0] == 16
+
+    # Without the junk column every row counts, and the random ones dominate the median.
+    io.write_particles(tmp_path / "truth.star", truth.drop(columns=[simulate.JUNK_COLUMN]), optics)
+    figures = pose_error_figures(tmp_path / "truth.star", tmp_path / "final.star", 5.0)
+    assert sum(figures["pose_error_histogram"]) == 40
+    assert figures["pose_error_median_deg"] > 10
