@@ -8,9 +8,8 @@ whereas the engine interpolates trilinearly.
 Measured accuracy: relative L2 error 0.24-0.30% against a brute-force real-space projection
 (cubic-spline rotation of the volume, summed along z) for the synthetic molecule at 40 and 64 px;
 correlation 0.9997-0.9998 with RELION's own ``relion_project`` images (``aspire/rln_proj_65_*``).
-Speed of :func:`simulate_chunks` on 2 cores: ~1200 images/s at 64 px, ~150 images/s at 128 px
-(the cubic slicer dominates); ``extraction="cropped"`` is 2-3x slower (the CTF on a patch twice
-the box dominates), coloured noise costs ~nothing.
+The cubic slicer dominates the cost; ``extraction="cropped"`` adds the CTF on a patch twice the
+box; coloured noise adds one filter per image.
 
 Beyond the paper's clean model (white noise, small shifts) the simulator makes data that look
 like a facility's: coloured noise (:func:`noise_power`), a B-factor envelope, defocus per
@@ -365,7 +364,7 @@ def simulate_chunks(volume: np.ndarray, pixel_size: float, n_particles: int, snr
         edge comes back in at the opposite edge, as the reconstruction's own model assumes.
         'cropped': the particle is shifted and CTF-modulated in a patch twice the box and the
         central box is cut out, as when particles are extracted from a micrograph: that signal
-        is lost instead (about 2x slower).
+        is lost instead (dearer: the patch has four times the pixels).
     junk_fraction : float
         Fraction of rows (rounded, at random places) that are not particles of ``volume``;
         they are flagged in the table's ``cryodaySimJunk`` column (:data:`JUNK_COLUMN`: 0
