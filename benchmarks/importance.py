@@ -25,7 +25,7 @@ and without it.
 * ``--compare``: the same simulated data set and stages run through
   :func:`cryoday.stage.run_stage` (chained as ``scripts/reconstruct_stage.py`` does: random
   start, resampled volume and SAGD state passed on, the schema's defaults and the pipeline's
-  stage schedule, :func:`cryoday.stage.stage_schedule`) with and without importance sampling, the
+  stage schedule, :func:`cryoday.stage_config.stage_schedule`) with and without importance sampling, the
   same number of iterations each (no early stop); wall-time ratio (total and per stage), FSC
   0.143 to the truth after alignment, and each final volume's held-out ``-log p`` summed over
   the whole last-stage grid.
@@ -59,7 +59,8 @@ from cryoday.pose_sets import exhaustive_subsets
 from cryoday.preprocess import choose_heldout, estimate_noise, normalise, outer_mask, stage_box
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
-from cryoday.stage import StageConfig, default_reconstruction_config, run_stage, stage_schedule
+from cryoday.stage import run_stage
+from cryoday.stage_config import StageConfig, default_reconstruction_config, stage_schedule
 
 CTF_OPTICS = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1}
 

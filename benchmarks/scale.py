@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from cryoday.records import read_history
-from cryoday.stage import default_reconstruction_config
+from cryoday.stage_config import default_reconstruction_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,41 +9,30 @@ never been killed.
 
 The pieces, composed by :func:`run_stage`:
 
-* :class:`StageConfig`: the stage's settings, built once from the validated ``reconstruction``
-  section, with :func:`stage_schedule`'s learning rate, undersampling and seed for the stage;
-* :class:`Checkpoint`: what a stage saves to resume exactly, with a fingerprint of what
-  produced it (:func:`stage_fingerprint`); one that no longer fits, or cannot be read, is
-  discarded with a log line;
+* :class:`~cryoday.stage_config.StageConfig` (``cryoday/stage_config.py``): the stage's
+  settings, built once from the validated ``reconstruction`` section, with
+  :func:`~cryoday.stage_config.stage_schedule`'s learning rate, undersampling and seed;
+* :class:`~cryoday.checkpoint.Checkpoint` (``cryoday/checkpoint.py``): what a stage saves to
+  resume exactly, with a fingerprint of what produced it; one that no longer fits, or cannot be
+  read, is discarded with a log line;
 * :func:`resume_or_start`: the optimiser, importance sampler and history a stage starts from
   (its own checkpoint, the previous stage's state, or nothing);
 * :func:`train`: SAGD iterations with held-out evaluation and early stopping
-  (:class:`EarlyStopping`);
+  (:class:`~cryoday.checkpoint.EarlyStopping`);
 * :func:`final_poses`: every particle's most probable pose at the final map.
-
-Defaults live only in ``workflow/schemas/config.schema.yaml``; :func:`default_reconstruction_config`
-reads them for tests and benchmarks that run a stage without the workflow.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import hashlib
-import json
-import os
 import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-import numba
 import numpy as np
-import scipy
-import yaml
 
-from cryoday import __version__, records, shift_range
+from cryoday import records, shift_range
 from cryoday.batch import make_batch
-from cryoday.errors import InputError
+from cryoday.checkpoint import Checkpoint, EarlyStopping, Start, stage_fingerprint
 from cryoday.importance import ImportanceSampler
 from cryoday.initial import low_pass
 from cryoday.io import read_rows
@@ -51,126 +40,15 @@ from cryoday.likelihood import marginal_nll
 from cryoday.pose_sets import empty_map_subsets
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
-from cryoday.quadrature import pose_grid, undersampling_for_level
+from cryoday.quadrature import pose_grid
 from cryoday.sagd import SAGD
+from cryoday.stage_config import (
+    StageConfig,
+)
 from cryoday.tunables import IMAGE_CACHE_BYTES, KEPT_BATCHES
 
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-# A held-out error counts as an improvement when it beats the best so far by this fraction:
-# the importance-sampled estimate wobbles by less, a real gain in a stage's last epochs by more.
-MIN_RELATIVE_IMPROVEMENT = 1e-4
 # Training images whose power sets a random start's scale (``scale_to_data``).
 SCALE_SAMPLE = 200
-
-
-# ---------------------------------------------------------------------- configuration
-
-
-class StageSchedule(NamedTuple):
-    """What changes from stage to stage: SAGD's learning rate, the grid's angular
-    undersampling and the stage's random seed."""
-
-    learning_rate: float
-    undersampling: float
-    seed: int
-
-
-def stage_schedule(section: dict, stage: int, seed: int) -> StageSchedule:
-    """The schedule of stage ``stage`` (1-based) of random start ``seed``.
-
-    The learning rate halves at each stage, floored at ``learning_rate_min``; undersampling
-    ``'auto'`` follows ``cryoday.quadrature.UNDERSAMPLING_BY_LEVEL``, a list gives one factor per
-    stage (1 beyond its end); the stage's seed is ``seed * 1000 + stage``, so every stage of every
-    start draws its own minibatches and importance samples.
-    """
-    level = stage - 1
-    learning_rate = max(section["learning_rate_min"], section["learning_rate"] * 0.5**level)
-    factors = section["undersampling"]
-    if factors == "auto":
-        undersampling = undersampling_for_level(level)
-    else:
-        undersampling = float(factors[level]) if level < len(factors) else 1.0
-    return StageSchedule(float(learning_rate), float(undersampling), int(seed) * 1000 + stage)
-
-
-# A field's annotation (a string: annotations are postponed) -> how a config value is cast.
-_CASTS = {"int": int, "float": float, "bool": bool, "str": str,
-          "tuple": lambda values: tuple(float(v) for v in values)}
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """A stage's settings (the schema's ``reconstruction`` keys, with the stage's schedule
-    applied); no field has a default: build it with :meth:`from_config`."""
-
-    minibatch_size: int
-    max_iterations: int
-    min_iterations: int
-    patience: int
-    heldout_every: int
-    checkpoint_every: int
-    learning_rate: float
-    undersampling: float
-    seed: int
-    prior: str
-    prior_strength: float
-    shift_sigma_A: float
-    importance_sampling: bool
-    s0: float
-    importance_min_grid_points: int
-    importance_max_rotations: int
-    importance_max_shifts: int
-    importance_coverage: float
-    importance_dataset_prior: tuple
-
-    @classmethod
-    def from_config(cls, section: dict, stage: int, seed: int) -> StageConfig:
-        """The settings of stage ``stage`` (1-based) of random start ``seed``.
-
-        Parameters
-        ----------
-        section : dict
-            The validated config's ``reconstruction`` section, defaults filled in
-            (``validate(..., set_default=True)``, or :func:`default_reconstruction_config`).
-        stage, seed : int
-            See :func:`stage_schedule`.
-        """
-        schedule = stage_schedule(section, stage, seed)._asdict()
-        keys = [f for f in fields(cls) if f.name not in schedule]
-        missing = [f.name for f in keys if f.name not in section]
-        if missing:
-            raise InputError(f"reconstruction.{missing[0]} is missing: the section must be "
-                             "validated against the schema, which fills in the defaults")
-        values = {f.name: _CASTS[f.type](section[f.name]) for f in keys}
-        return cls(**values, **schedule)
-
-    def sampler_options(self, iterations_per_epoch: int) -> dict:
-        """The importance sampler's constructor arguments."""
-        return {"enabled": self.importance_sampling, "s0": self.s0, "seed": self.seed,
-                "iterations_per_epoch": iterations_per_epoch,
-                "min_grid_points": self.importance_min_grid_points,
-                "max_rotations": self.importance_max_rotations,
-                "max_shifts": self.importance_max_shifts,
-                "coverage": self.importance_coverage,
-                "dataset_prior": self.importance_dataset_prior}
-
-
-def default_reconstruction_config(schema=SCHEMA, **overrides) -> dict:
-    """The ``reconstruction`` section as the workflow sees it when the user sets only
-    ``overrides``: the schema's defaults, updated.
-
-    For tests and benchmarks that run stages without Snakemake; the workflow fills the same
-    defaults with ``validate(config, schema, set_default=True)``. The schema is the checkout's
-    (``workflow/`` is not part of the installed package): pass ``schema`` from elsewhere.
-    """
-    with open(schema) as f:
-        spec = yaml.safe_load(f)["properties"]["reconstruction"]["properties"]
-    unknown = sorted(set(overrides) - set(spec))
-    if unknown:
-        raise InputError(f"reconstruction.{unknown[0]}: not a key of {schema}")
-    section = {k: copy.deepcopy(v["default"]) for k, v in spec.items() if "default" in v}
-    section.update(overrides)
-    return section
 
 
 # ---------------------------------------------------------------------- data and objective
@@ -290,312 +168,6 @@ def scale_to_data(volume, op, data, grid, rows, rng) -> np.ndarray:
     if signal <= 0:
         signal = 0.1 * float(np.mean(batch.sigma2)) * w.sum()
     return (volume * np.sqrt(signal / max(model, 1e-30))).astype(np.float32)
-
-
-# ---------------------------------------------------------------------- checkpoints
-
-# StageConfig fields that change no number of the stage, only how often it is saved: a
-# checkpoint written with another value replays exactly.
-NEUTRAL_PARAMS = frozenset({"checkpoint_every"})
-# Fields that decide only when the stage stops: a checkpoint written with other values is
-# kept when the stage as now configured would have run the same iterations up to it (see
-# ``Checkpoint._length_change``), so raising ``max_iterations`` continues a killed stage.
-LENGTH_PARAMS = ("max_iterations", "min_iterations", "patience")
-# The fingerprint's inputs that are digests of contents, as a log line names them.
-INPUT_NAMES = {"images": "images", "ctf": "CTF parameters", "sigma": "noise sigma",
-               "train_rows": "training rows", "heldout_rows": "held-out rows",
-               "start_volume": "start volume", "previous_state": "previous stage's state"}
-# Images hashed for the fingerprint, evenly spaced: a changed preprocessing changes every
-# image (or their number, which is hashed too), and 256 images of 128 px are 16 MB to read.
-FINGERPRINT_IMAGES = 256
-# Blocks of the previous stage's state file hashed (with its size): the file holds stored
-# gradients (GBs at large boxes), and a previous stage rerun with another result also changes
-# its volume, which is hashed whole as this stage's start.
-FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 64, 1 << 16
-# History columns that are integers (a checkpoint stores the history as float64).
-_INT_COLUMNS = ("iteration", "n_evaluated", "n_full")
-
-
-def _digest(*parts) -> str:
-    """A short hash of strings and arrays (their dtype and shape included)."""
-    h = hashlib.blake2b(digest_size=12)
-    for part in parts:
-        if isinstance(part, str):
-            h.update(part.encode())
-        else:
-            a = np.ascontiguousarray(part)
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _file_digest(path) -> str:
-    """A short hash of a file's size and ``FINGERPRINT_BLOCKS`` blocks spread over it."""
-    size = os.path.getsize(path)
-    h = hashlib.blake2b(str(size).encode(), digest_size=12)
-    offsets = np.linspace(0, max(size - FINGERPRINT_BLOCK_BYTES, 0), FINGERPRINT_BLOCKS)
-    with open(path, "rb") as f:
-        for offset in np.unique(offsets.astype(np.int64)):
-            f.seek(int(offset))
-            h.update(f.read(FINGERPRINT_BLOCK_BYTES))
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict:
-    """The code a stage runs: cryoday's version, a hash of its source files and the versions
-    of the libraries whose arithmetic the numbers depend on.
-
-    The source hash, not the version alone: an edited checkout keeps its version number, and
-    a checkpoint written by other code would not replay. Every edit of an engine file (a
-    comment too) therefore discards checkpoints, which costs a restart, never a wrong map.
-    """
-    package = Path(__file__).resolve().parent
-    h = hashlib.blake2b(digest_size=12)
-    for path in sorted(package.rglob("*.py")):
-        h.update(path.relative_to(package).as_posix().encode())
-        h.update(path.read_bytes())
-    return {"cryoday": __version__, "source": h.hexdigest(), "numpy": np.__version__,
-            "scipy": scipy.__version__, "numba": numba.__version__}
-
-
-def stage_fingerprint(config: StageConfig, images, ctf_params, sigma, pixel_size: float,
-                      resolution_A: float, train_rows, heldout_rows, volume0,
-                      sagd_state=None, scale_start: bool = False) -> dict:
-    """What a stage's numbers are a function of, for its checkpoint (JSON-ready).
-
-    ``code`` is :func:`code_version`; ``params`` every :class:`StageConfig` field but
-    ``NEUTRAL_PARAMS``; ``inputs`` everything else :func:`run_stage` is given: digests of the
-    images (shape, dtype and ``FINGERPRINT_IMAGES`` of them), CTF parameters, noise sigma,
-    training and held-out rows, the start volume (whole: it carries the previous stage's map,
-    the initial model or the random start's seed), the previous stage's state file (size and
-    sampled blocks), and the pixel size, resolution and ``scale_start`` as values. Thread
-    counts are not in it: they are the same machine's choice, as the README's promise says.
-    Content rather than file times: a copied or re-made identical input keeps the checkpoint.
-    """
-    n = len(images)
-    sample = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_IMAGES)).round().astype(np.int64))
-    ctf = [part for key in sorted(ctf_params)
-           for part in (key, np.asarray(ctf_params[key], dtype=np.float64))]
-    inputs = {
-        "images": _digest(np.asarray(np.shape(images)), str(getattr(images, "dtype", "")),
-                          read_rows(images, sample) if n else np.zeros(0)),
-        "ctf": _digest(*ctf),
-        "sigma": _digest(np.asarray(sigma, dtype=np.float64)),
-        "train_rows": _digest(np.asarray(train_rows, dtype=np.int64)),
-        "heldout_rows": _digest(np.asarray(heldout_rows, dtype=np.int64)),
-        "start_volume": _digest(np.asarray(volume0)),
-        "previous_state": None if sagd_state is None else _file_digest(sagd_state),
-        "pixel_size": float(pixel_size), "resolution_A": float(resolution_A),
-        "scale_start": bool(scale_start),
-    }
-    params = {f.name: getattr(config, f.name) for f in fields(config)
-              if f.name not in NEUTRAL_PARAMS}
-    # Through JSON, as a saved one is read back (tuples become lists).
-    return json.loads(json.dumps({"code": code_version(), "params": params, "inputs": inputs}))
-
-
-class EarlyStopping:
-    """The held-out error's best so far and the evaluations since it last improved (by
-    ``MIN_RELATIVE_IMPROVEMENT``).
-
-    A pure function of the evaluations in order, so a resumed stage rebuilds it exactly from
-    its history (:meth:`replay`) rather than restarting the count.
-    """
-
-    def __init__(self, config: StageConfig):
-        self.min_iterations, self.patience = config.min_iterations, config.patience
-        self.best, self.since_best = np.inf, 0
-
-    def evaluate(self, iteration: int, value: float) -> bool:
-        """Count the held-out error ``value`` at ``iteration``; whether the stage stops."""
-        if not np.isfinite(self.best) or value < self.best - MIN_RELATIVE_IMPROVEMENT * abs(
-                self.best):
-            self.best, self.since_best = value, 0
-        else:
-            self.since_best += 1
-        return iteration >= self.min_iterations and self.since_best >= self.patience
-
-    @classmethod
-    def replay(cls, history: list, config: StageConfig) -> tuple[EarlyStopping, int | None]:
-        """The state after ``history``'s evaluations, and the first iteration at which ``config``
-        stops (None if none). Rows without a finite held-out error are not evaluations (or, with
-        no held-out images, evaluations that change nothing)."""
-        stopping, stopped_at = cls(config), None
-        for row in history:
-            value = row.get("heldout_nll")
-            if value is None or not np.isfinite(value):
-                continue
-            if stopping.evaluate(int(row["iteration"]), value) and stopped_at is None:
-                stopped_at = int(row["iteration"])
-        return stopping, stopped_at
-
-
-@dataclass
-class Start:
-    """What a stage starts from (see :func:`resume_or_start`); ``reference_density`` is the
-    prior's, saved in a checkpoint (None: take it from ``volume``)."""
-
-    volume: np.ndarray
-    optimiser: SAGD
-    sampler: ImportanceSampler
-    history: list
-    resumed: bool
-    reference_density: float | None = None
-
-
-class Checkpoint:
-    """A stage's checkpoint file: what it saves, and whether a saved one may be resumed.
-
-    It holds everything the next iteration depends on: the volume; the optimiser (``L``,
-    ``t``, stored gradients and weights, the epoch's minibatch order and its generator); the
-    sampler's per-image posteriors and its dataset average's sums (``state(exact=True)``);
-    the prior's reference density (taken from the stage's start volume, not the
-    checkpoint's); the history (from which :class:`EarlyStopping` is rebuilt); and the
-    fingerprint of what produced it. The minibatch partition is not saved: it is the stage
-    generator's first draw (seed, rows and minibatch size are in the fingerprint), and that
-    generator draws nothing after the start.
-
-    Parameters
-    ----------
-    path : path of the ``.npz``
-    fingerprint : dict from :func:`stage_fingerprint`, the stage as it is now
-    log : callable receiving one line
-    """
-
-    def __init__(self, path, fingerprint: dict, log: Callable[[str], object] = print):
-        self.path = Path(path)
-        self.fingerprint = fingerprint
-        self.log = log
-        self.reference_density: float | None = None  # set by run_stage before training
-
-    def save(self, optimiser: SAGD, volume, history: list, sampler: ImportanceSampler) -> None:
-        """Write the checkpoint (atomically)."""
-        optimiser.save(self.path, volume=volume, history=records.history_to_array(history),
-                       reference_density=np.float64(self.reference_density),
-                       fingerprint=np.frombuffer(json.dumps(self.fingerprint).encode(),
-                                                 dtype=np.uint8),
-                       **sampler.state(exact=True))
-
-    def discard(self, why: str) -> None:
-        """Log why the checkpoint is not used, and remove it."""
-        self.log(f"checkpoint {self.path} {why}: starting the stage afresh")
-        self.path.unlink(missing_ok=True)
-
-    def set_aside(self, error: BaseException) -> None:
-        """After a resumed stage failed: move the checkpoint out of the way (``.failed``), so
-        that a rerun starts afresh instead of failing the same way again and again."""
-        if not self.path.exists():
-            return
-        aside = self.path.with_name(self.path.name + ".failed")
-        os.replace(self.path, aside)
-        self.log(f"the stage failed after resuming from checkpoint {self.path} "
-                 f"({type(error).__name__}: {error}); the checkpoint is set aside as {aside}, "
-                 "so that a rerun starts the stage afresh")
-
-    def load(self, config: StageConfig, shape, n_images: int, n_batches: int, grid) -> Start | None:
-        """The saved stage, ready to continue on ``grid``; None (with one log line, the file
-        removed) if there is none, it cannot be read, or it no longer fits the stage."""
-        if not self.path.exists():
-            return None
-        try:
-            with np.load(self.path, allow_pickle=False) as f:
-                if "fingerprint" not in f.files:
-                    self.discard("has no fingerprint (it was written by an older cryoday)")
-                    return None
-                saved = json.loads(bytes(f["fingerprint"]).decode())
-                history = _history_from_checkpoint(f["history"])
-                changes = self._changes(saved, history, config)
-                if changes:
-                    self.discard("was written with " + "; ".join(changes))
-                    return None
-                data = {k: f[k] for k in f.files}
-            optimiser, extra = SAGD.from_state(data)
-            volume = extra.pop("volume").astype(np.float32)
-            reference_density = float(extra.pop("reference_density"))
-            if volume.shape != tuple(shape) or optimiser.shape != tuple(shape):
-                raise ValueError(f"volume {volume.shape} and gradients {optimiser.shape}, "
-                                 f"the stage's box is {tuple(shape)}")
-            if optimiser.n_batches != n_batches:
-                raise ValueError(f"{optimiser.n_batches} minibatches, the stage has {n_batches}")
-            sampler = ImportanceSampler.from_state(extra, **config.sampler_options(n_batches))
-            if sampler.n != n_images:
-                raise ValueError(f"posteriors of {sampler.n} images, the stage has {n_images}")
-            sampler.set_grid(grid, average=extra)
-        except MemoryError:
-            raise
-        # Whatever is wrong with a checkpoint, it must not stop the stage: it is discarded.
-        except Exception as error:  # noqa: BLE001
-            self.discard(f"could not be read ({type(error).__name__}: {error})")
-            return None
-        self.log(f"resuming from checkpoint {self.path} at iteration {len(history)}")
-        return Start(volume, optimiser, sampler, history, resumed=True,
-                     reference_density=reference_density)
-
-    def _changes(self, saved: dict, history: list, config: StageConfig) -> list[str]:
-        """What differs between the saved fingerprint and the stage now, as phrases."""
-        now = self.fingerprint
-        changes = []
-        old_code, new_code = saved.get("code", {}), now["code"]
-        for key, value in new_code.items():
-            old = old_code.get(key)
-            if old != value:
-                changes.append(f"cryoday source {old}, now {value}" if key == "source"
-                               else f"{key} {old}, now {value}")
-        old_inputs = saved.get("inputs", {})
-        for key, value in now["inputs"].items():
-            old = old_inputs.get(key, "missing")
-            if old != value:
-                changes.append(f"different {INPUT_NAMES[key]}" if key in INPUT_NAMES
-                               else f"{key} {old}, now {value}")
-        old_params = saved.get("params", {})
-        for key, value in now["params"].items():
-            if key not in LENGTH_PARAMS and old_params.get(key, "missing") != value:
-                changes.append(f"{key} {old_params.get(key, 'missing')}, now {value}")
-        if not changes:
-            length = _length_change(old_params, history, config)
-            if length:
-                changes.append(length)
-        return changes
-
-
-def _history_from_checkpoint(array) -> list:
-    """The history rows of a checkpoint, integer columns as integers (as a run's own rows)."""
-    rows = records.history_from_array(array)
-    for row in rows:
-        for key in _INT_COLUMNS:
-            if key in row and np.isfinite(row[key]):
-                row[key] = int(row[key])
-    return rows
-
-
-def _length_change(old: dict, history: list, config: StageConfig) -> str | None:
-    """Why a checkpoint's iterations are not those of the stage as configured now, when only
-    ``LENGTH_PARAMS`` changed (None when they are).
-
-    They differ when the checkpoint holds more iterations than the stage now runs, when the
-    old or the new last iteration falls within them off the held-out schedule (the last
-    iteration is always evaluated, and an evaluation updates the sampler), or when the new
-    ``min_iterations`` and ``patience`` would have stopped the stage before the checkpoint.
-    """
-    changed = [k for k in LENGTH_PARAMS if old.get(k) != getattr(config, k)]
-    if not changed:
-        return None
-    described = ", ".join(f"{k} {old.get(k)}, now {getattr(config, k)}" for k in changed)
-    if any(not isinstance(old.get(k), int) for k in LENGTH_PARAMS):
-        return described
-    saved = len(history)
-
-    def off_schedule(last):
-        return last if last <= saved and last % config.heldout_every else None
-
-    if saved > config.max_iterations or (off_schedule(old["max_iterations"])
-                                         != off_schedule(config.max_iterations)):
-        return f"{described} (its {saved} iterations are not those the stage now runs)"
-    stopped_at = EarlyStopping.replay(history, config)[1]
-    if stopped_at is not None and stopped_at < saved:
-        return f"{described} (the stage would have stopped at iteration {stopped_at})"
-    return None
 
 
 # ---------------------------------------------------------------------- the stage's parts
@@ -847,7 +419,5 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
                        heldout_rows, learned)
 
 
-__all__ = ["StageConfig", "StageSchedule", "stage_schedule", "default_reconstruction_config",
-           "resume_or_start", "train", "final_poses", "run_stage", "StageResult", "Start",
-           "Poses", "scale_to_data", "finite_or_raise", "Checkpoint", "EarlyStopping",
-           "stage_fingerprint", "code_version"]
+__all__ = ["resume_or_start", "train", "final_poses", "run_stage", "StageResult", "Poses",
+           "scale_to_data", "finite_or_raise"]

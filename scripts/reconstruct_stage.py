@@ -8,7 +8,8 @@ import numpy as np
 from _common import setup_logging
 
 from cryoday import initial, io
-from cryoday.stage import StageConfig, run_stage
+from cryoday.stage import run_stage
+from cryoday.stage_config import StageConfig
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake

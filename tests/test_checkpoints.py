@@ -21,8 +21,9 @@ import pytest
 
 from cryoday import initial, molecule, records, simulate
 from cryoday.sagd import SAGD
-from cryoday.stage import (StageConfig, _length_change, default_reconstruction_config,
-                           run_stage, train)
+from cryoday.checkpoint import _length_change
+from cryoday.stage import run_stage, train
+from cryoday.stage_config import StageConfig, default_reconstruction_config
 
 REPO = Path(__file__).resolve().parents[1]
 BOX, PIXEL_SIZE, RESOLUTION, N_IMAGES, N_HELDOUT = 32, 5.0, 40.0, 240, 40

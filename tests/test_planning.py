@@ -189,7 +189,7 @@ def test_stages_that_do_not_decrease_are_refused_in_one_line(tmp_path, stages):
 
 
 def test_a_stage_gets_every_key_it_reads_and_no_other(tmp_path):
-    from cryoday.stage import StageConfig, default_reconstruction_config
+    from cryoday.stage_config import StageConfig, default_reconstruction_config
 
     factors = [2.0, 1.5, 1.25]
     write_config(tmp_path, {"datasets": {"d": {"simulate": {"box": 32}}},

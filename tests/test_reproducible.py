@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from cryoday import initial, molecule, simulate
-from cryoday.stage import StageConfig, default_reconstruction_config, run_stage
+from cryoday.stage import run_stage
+from cryoday.stage_config import StageConfig, default_reconstruction_config
 
 
 def _stage(images, table, seed):

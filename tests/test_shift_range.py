@@ -12,7 +12,8 @@ from cryoday import initial, molecule, preprocess, shift_range, simulate
 from cryoday.fourier import fourier_crop_2d
 from cryoday.importance.store import PosteriorStore, top_points
 from cryoday.quadrature import shift_grid
-from cryoday.stage import StageConfig, default_reconstruction_config, run_stage
+from cryoday.stage import run_stage
+from cryoday.stage_config import StageConfig, default_reconstruction_config
 
 
 def _grid(radius_A, step_A=2.0, prior_sigma_A=10.0, pixel_size=1.0):

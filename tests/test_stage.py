@@ -15,8 +15,8 @@ from cryoday.errors import InputError
 from cryoday.importance import ImportanceSampler
 from cryoday.quadrature import UNDERSAMPLING_BY_LEVEL
 from cryoday.sagd import SAGD
-from cryoday.stage import (SCHEMA, StageConfig, default_reconstruction_config, run_stage,
-                           stage_schedule, train)
+from cryoday.stage import run_stage, train
+from cryoday.stage_config import SCHEMA, StageConfig, default_reconstruction_config, stage_schedule
 
 # Keys of the reconstruction section read outside StageConfig: by the workflow (stages, seeds),
 # the schedule (learning_rate_min) and the rule script (the stage-1 start).

@@ -103,7 +103,7 @@ NOT_STAGE_KEYS = ("seeds", "stages_A")
 
 
 def stage_options(wildcards):
-    """The reconstruction settings one stage reads (``cryoday.stage.StageConfig.from_config``
+    """The reconstruction settings one stage reads (``cryoday.stage_config.StageConfig.from_config``
     and the rule script's random start), and no others."""
     options = {k: v for k, v in RECON.items() if k not in NOT_STAGE_KEYS}
     if isinstance(options["undersampling"], list):

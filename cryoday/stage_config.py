@@ -1,0 +1,127 @@
+"""A stage's settings: the validated config's ``reconstruction`` section, with the stage's
+schedule (learning rate, undersampling, seed) applied.
+
+Defaults live only in ``workflow/schemas/config.schema.yaml``; :func:`default_reconstruction_config`
+reads them for tests and benchmarks that run a stage without the workflow.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+from cryoday.errors import InputError
+from cryoday.quadrature import undersampling_for_level
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class StageSchedule(NamedTuple):
+    """What changes from stage to stage: SAGD's learning rate, the grid's angular
+    undersampling and the stage's random seed."""
+
+    learning_rate: float
+    undersampling: float
+    seed: int
+
+
+def stage_schedule(section: dict, stage: int, seed: int) -> StageSchedule:
+    """The schedule of stage ``stage`` (1-based) of random start ``seed``.
+
+    The learning rate halves at each stage, floored at ``learning_rate_min``; undersampling
+    ``'auto'`` follows ``cryoday.quadrature.UNDERSAMPLING_BY_LEVEL``, a list gives one factor per
+    stage (1 beyond its end); the stage's seed is ``seed * 1000 + stage``, so every stage of every
+    start draws its own minibatches and importance samples.
+    """
+    level = stage - 1
+    learning_rate = max(section["learning_rate_min"], section["learning_rate"] * 0.5**level)
+    factors = section["undersampling"]
+    if factors == "auto":
+        undersampling = undersampling_for_level(level)
+    else:
+        undersampling = float(factors[level]) if level < len(factors) else 1.0
+    return StageSchedule(float(learning_rate), float(undersampling), int(seed) * 1000 + stage)
+
+
+# A field's annotation (a string: annotations are postponed) -> how a config value is cast.
+_CASTS = {"int": int, "float": float, "bool": bool, "str": str,
+          "tuple": lambda values: tuple(float(v) for v in values)}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A stage's settings (the schema's ``reconstruction`` keys, with the stage's schedule
+    applied); no field has a default: build it with :meth:`from_config`."""
+
+    minibatch_size: int
+    max_iterations: int
+    min_iterations: int
+    patience: int
+    heldout_every: int
+    checkpoint_every: int
+    learning_rate: float
+    undersampling: float
+    seed: int
+    prior: str
+    prior_strength: float
+    shift_sigma_A: float
+    importance_sampling: bool
+    s0: float
+    importance_min_grid_points: int
+    importance_max_rotations: int
+    importance_max_shifts: int
+    importance_coverage: float
+    importance_dataset_prior: tuple
+
+    @classmethod
+    def from_config(cls, section: dict, stage: int, seed: int) -> StageConfig:
+        """The settings of stage ``stage`` (1-based) of random start ``seed``.
+
+        Parameters
+        ----------
+        section : dict
+            The validated config's ``reconstruction`` section, defaults filled in
+            (``validate(..., set_default=True)``, or :func:`default_reconstruction_config`).
+        stage, seed : int
+            See :func:`stage_schedule`.
+        """
+        schedule = stage_schedule(section, stage, seed)._asdict()
+        keys = [f for f in fields(cls) if f.name not in schedule]
+        missing = [f.name for f in keys if f.name not in section]
+        if missing:
+            raise InputError(f"reconstruction.{missing[0]} is missing: the section must be "
+                             "validated against the schema, which fills in the defaults")
+        values = {f.name: _CASTS[f.type](section[f.name]) for f in keys}
+        return cls(**values, **schedule)
+
+    def sampler_options(self, iterations_per_epoch: int) -> dict:
+        """The importance sampler's constructor arguments."""
+        return {"enabled": self.importance_sampling, "s0": self.s0, "seed": self.seed,
+                "iterations_per_epoch": iterations_per_epoch,
+                "min_grid_points": self.importance_min_grid_points,
+                "max_rotations": self.importance_max_rotations,
+                "max_shifts": self.importance_max_shifts,
+                "coverage": self.importance_coverage,
+                "dataset_prior": self.importance_dataset_prior}
+
+
+def default_reconstruction_config(schema=SCHEMA, **overrides) -> dict:
+    """The ``reconstruction`` section as the workflow sees it when the user sets only
+    ``overrides``: the schema's defaults, updated.
+
+    For tests and benchmarks that run stages without Snakemake; the workflow fills the same
+    defaults with ``validate(config, schema, set_default=True)``. The schema is the checkout's
+    (``workflow/`` is not part of the installed package): pass ``schema`` from elsewhere.
+    """
+    with open(schema) as f:
+        spec = yaml.safe_load(f)["properties"]["reconstruction"]["properties"]
+    unknown = sorted(set(overrides) - set(spec))
+    if unknown:
+        raise InputError(f"reconstruction.{unknown[0]}: not a key of {schema}")
+    section = {k: copy.deepcopy(v["default"]) for k, v in spec.items() if "default" in v}
+    section.update(overrides)
+    return section
