@@ -94,9 +94,9 @@ class Images(NamedTuple):
     noise_weight : (G, K) float32
         ``1 / P(|k|)`` per noise group, a factor on :attr:`Coefficients.weights` (the
         coloured-noise likelihood; ``P`` is radial, so it holds on the turned grid too);
-        ``G = 0``: white noise.
+        ``G = 0`` (the default): white noise.
     noise_group : (B,) int64
-        Each image's row of :attr:`noise_weight`.
+        Each image's row of :attr:`noise_weight` (unread for white noise).
     """
 
     data: np.ndarray
@@ -106,8 +106,9 @@ class Images(NamedTuple):
     ctf_params: np.ndarray
     freq_scale: float
     sigma2: np.ndarray
-    noise_weight: np.ndarray
-    noise_group: np.ndarray
+    # Defaults: white noise (no rows).
+    noise_weight: np.ndarray = np.zeros((0, 0), dtype=np.float32)
+    noise_group: np.ndarray = np.zeros(0, dtype=np.int64)
 
 
 class Poses(NamedTuple):
