@@ -91,6 +91,12 @@ class Images(NamedTuple):
         Fourier index to 1/A.
     sigma2 : (B,) float32
         Noise variance per image.
+    noise_weight : (G, K) float32
+        ``1 / P(|k|)`` per noise group, a factor on :attr:`Coefficients.weights` (the
+        coloured-noise likelihood; ``P`` is radial, so it holds on the turned grid too);
+        ``G = 0`` (the default): white noise.
+    noise_group : (B,) int64
+        Each image's row of :attr:`noise_weight` (unread for white noise).
     """
 
     data: np.ndarray
@@ -100,6 +106,9 @@ class Images(NamedTuple):
     ctf_params: np.ndarray
     freq_scale: float
     sigma2: np.ndarray
+    # Defaults: white noise (no rows).
+    noise_weight: np.ndarray = np.zeros((0, 0), dtype=np.float32)
+    noise_group: np.ndarray = np.zeros(0, dtype=np.int64)
 
 
 class Poses(NamedTuple):
@@ -387,10 +396,20 @@ def prepare_image(images, i, inp_idx_i, inplane, coef, b_re, b_im, c2, wc2):
     -------
     float
         ``sum_k w |d_k|^2``.
+
+    With coloured noise the image's weights are ``w / P`` and its ``c^2`` is ``c^2 / P``: the
+    gradient's accumulators divide by the operator's ``w`` only (:func:`accumulate`).
     """
     data_i = images.data[i]
     padded_i = images.padded[i]
-    kx, ky, weights = coef.kx, coef.ky, coef.weights
+    kx, ky = coef.kx, coef.ky
+    coloured = images.noise_weight.shape[0] > 0
+    if coloured:
+        noise_i = images.noise_weight[images.noise_group[i]]
+        weights = coef.weights * noise_i
+    else:
+        noise_i = coef.weights  # unused
+        weights = coef.weights
     dnorm = 0.0
     for k in range(data_i.shape[0]):
         dnorm += weights[k] * (data_i[k].real ** 2 + data_i[k].imag ** 2)
@@ -415,6 +434,10 @@ def prepare_image(images, i, inp_idx_i, inplane, coef, b_re, b_im, c2, wc2):
                        bc * (r[0, 1] ** 2 - r[1, 1] ** 2) + bs * r[0, 1] * r[1, 1])
         turn_image(flat, padded_i.shape[0], images.pad, images.centre, chi0, astigmatism, r, kx,
                    ky, weights, envelope, offset, fxs, fys, b_re[p], b_im[p], c2[p], wc2[p])
+        if coloured:
+            c2_p = c2[p]
+            for k in range(n_k):
+                c2_p[k] *= noise_i[k]
     return dnorm
 
 

@@ -38,6 +38,9 @@ class ImageBatch:
     ctf_params : (B, 8) float64, per image: defocus U, V (A), astigmatism angle (rad),
         wavelength (A), Cs (A), amplitude contrast, B-factor (A^2), phase shift (rad)
     freq_scale : float, 1 / (box * pixel size): Fourier index to 1/A
+    noise_weight : (G, n_coef) float32 or None, ``1 / P(|k|)`` of each noise group
+        (:class:`cryoday.noise.NoiseSpectrum`); None: white noise
+    noise_group : (B,) int64 or None, each image's row of ``noise_weight``
     """
 
     data: np.ndarray
@@ -46,6 +49,8 @@ class ImageBatch:
     padded: np.ndarray | None = None
     ctf_params: np.ndarray | None = None
     freq_scale: float = 1.0
+    noise_weight: np.ndarray | None = None
+    noise_group: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -55,7 +60,8 @@ class ImageBatch:
         return ImageBatch(self.data[rows], self.ctf[rows], self.sigma2[rows],
                           None if self.padded is None else self.padded[rows],
                           None if self.ctf_params is None else self.ctf_params[rows],
-                          self.freq_scale)
+                          self.freq_scale, self.noise_weight,
+                          None if self.noise_group is None else self.noise_group[rows])
 
 
 def image_padded_size(box: int) -> int:
@@ -115,7 +121,7 @@ def ctf_parameter_table(ctf_params: dict, n: int) -> np.ndarray:
 
 
 def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_size: float,
-               sigma) -> ImageBatch:
+               sigma, noise=None, noise_group=None) -> ImageBatch:
     """Transform ``images`` and evaluate their CTFs at the operator's coefficients.
 
     Parameters
@@ -130,6 +136,10 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
         Pixel size of ``images`` in A.
     sigma : float or (B,) array
         Noise standard deviation per pixel.
+    noise : NoiseSpectrum, optional
+        The relative radial noise power per group (:mod:`cryoday.noise`); None: white.
+    noise_group : (B,) int array, optional
+        Each image's group in ``noise`` (default: all the first).
 
     Returns
     -------
@@ -141,9 +151,15 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
     ctf = evaluate_ctf(op.kx * scale, op.ky * scale, **ctf_params)
     ctf = np.broadcast_to(ctf, data.shape).astype(np.float32)
     sigma2 = np.broadcast_to(np.asarray(sigma, dtype=np.float32) ** 2, (len(images),))
+    noise_weight = None
+    if noise is not None:
+        # Radial, so the same at the turned frequencies: a factor on the likelihood's weights.
+        noise_weight = np.ascontiguousarray(noise.weights(np.hypot(op.kx, op.ky) * scale))
+        noise_group = (np.zeros(len(images), np.int64) if noise_group is None
+                       else np.ascontiguousarray(noise_group, dtype=np.int64))
     return ImageBatch(data, np.ascontiguousarray(ctf), np.ascontiguousarray(sigma2),
                       _padded_transforms(op, images), ctf_parameter_table(ctf_params, len(images)),
-                      scale)
+                      scale, noise_weight, noise_group if noise is not None else None)
 
 
 def shift_phases(op: SliceOperator, shifts_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

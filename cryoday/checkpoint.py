@@ -97,7 +97,8 @@ def code_version() -> dict:
 
 def stage_fingerprint(config: StageConfig, images, ctf_params, sigma, pixel_size: float,
                       resolution_A: float, train_rows, heldout_rows, volume0,
-                      sagd_state=None, scale_start: bool = False) -> dict:
+                      sagd_state=None, scale_start: bool = False, noise=None,
+                      noise_group=None) -> dict:
     """What a stage's numbers are a function of, for its checkpoint (JSON-ready).
 
     ``code`` is :func:`code_version`; ``params`` every :class:`StageConfig` field but
@@ -125,6 +126,9 @@ def stage_fingerprint(config: StageConfig, images, ctf_params, sigma, pixel_size
         "pixel_size": float(pixel_size), "resolution_A": float(resolution_A),
         "scale_start": bool(scale_start),
     }
+    if noise is not None:  # absent for white noise: older checkpoints stay valid
+        inputs["noise"] = _digest(noise.shells, noise.power, np.asarray(
+            np.zeros(n) if noise_group is None else noise_group, dtype=np.int64))
     params = {f.name: getattr(config, f.name) for f in fields(config)
               if f.name not in NEUTRAL_PARAMS}
     # Through JSON, as a saved one is read back (tuples become lists).

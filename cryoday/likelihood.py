@@ -5,7 +5,9 @@ model slice ``S_A`` at rotation ``A`` shifted by ``t_s``, the energy is
 
     E_As = sum_k w_k |d_k - c_k S_A(k) phi_s(k)|^2 / (2 s2),   phi_s(k) = exp(2 pi i k.t_s / box)
 
-with Hermitian weights ``w``, and ``nll_i = -log sum_{A,s} exp(log W_A + log W_s - E_As)``.
+with Hermitian weights ``w`` (times ``1 / P(|k|)`` of the image's noise group for coloured
+noise, :mod:`cryoday.noise`: the coloured-noise likelihood; ``P`` is radial, so the factor is
+the same on the turned grid), and ``nll_i = -log sum_{A,s} exp(log W_A + log W_s - E_As)``.
 
 **One slice per viewing direction.** A rotation is an in-plane turn after a direction,
 ``A = P_psi A_d`` (RELION's ZYZ), so ``S_A(k) = S_d(P^T k)``. Substituting ``k = P k'`` turns the
@@ -333,11 +335,18 @@ def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
 
 
 def _images(op: SliceOperator, batch: ImageBatch) -> kernels.Images:
-    """The kernels' view of ``batch``."""
+    """The kernels' view of ``batch`` (white noise: no noise weight rows)."""
+    if batch.noise_weight is None:
+        noise_weight = np.ones((0, op.n_coef), dtype=np.float32)
+        noise_group = np.zeros(len(batch), dtype=np.int64)
+    else:
+        noise_weight, noise_group = batch.noise_weight, batch.noise_group
     return kernels.Images(
         data=batch.data, padded=batch.padded, pad=image_padded_size(op.box) / op.box,
         centre=float(batch.padded.shape[1] // 2), ctf_params=batch.ctf_params,
-        freq_scale=float(batch.freq_scale), sigma2=batch.sigma2)
+        freq_scale=float(batch.freq_scale), sigma2=batch.sigma2,
+        noise_weight=np.ascontiguousarray(noise_weight, dtype=np.float32),
+        noise_group=np.ascontiguousarray(noise_group, dtype=np.int64))
 
 
 def _poses(subsets: PoseSubsets, dir_loc: np.ndarray, grid) -> kernels.Poses:

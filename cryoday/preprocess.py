@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from cryoday import io
+from cryoday import io, noise
 from cryoday.errors import InputError
 from cryoday.fourier import fourier_crop_2d
 
@@ -196,9 +196,12 @@ def downsample_stream(read, n: int, out, new_box: int, chunk_size: int = 1000) -
 
 
 def preprocess_particles(star, stack_out, star_out, info_out, references=(),
-                         pixel_size: float | None = None, *, n_heldout: int = 100,
-                         heldout_seed: int = 0, contrast: str = "auto",
-                         mask_radius_fraction: float = 0.95, chunk_size: int = 1000) -> dict:
+                         pixel_size: float | None = None, *, noise_out=None,
+                         n_heldout: int = 100, heldout_seed: int = 0, contrast: str = "auto",
+                         mask_radius_fraction: float = 0.95, chunk_size: int = 1000,
+                         noise_model: str = "radial",
+                         noise_micrograph_min_particles: int = noise.MIN_MICROGRAPH_PARTICLES
+                         ) -> dict:
     """Validate a particle set, detect its contrast, normalise it and choose held-out images.
 
     The pipeline's ``preprocess`` step. Every check of the user's files happens before the
@@ -217,7 +220,12 @@ def preprocess_particles(star, stack_out, star_out, info_out, references=(),
         Reference maps to check now rather than after the reconstruction.
     pixel_size : float, optional
         Pixel size in A when the files have none.
-    n_heldout, heldout_seed, contrast, mask_radius_fraction, chunk_size
+    noise_out : path, optional
+        The noise spectrum per group (:class:`cryoday.noise.NoiseSpectrum` TSV; flat for
+        ``noise_model: white``); each particle's group is ``cryodayNoiseGroup`` (0-based
+        column of the TSV after ``shell_invA``).
+    n_heldout, heldout_seed, contrast, mask_radius_fraction, chunk_size, noise_model,
+    noise_micrograph_min_particles
         The config's ``preprocess`` keys.
 
     Returns
@@ -238,7 +246,11 @@ def preprocess_particles(star, stack_out, star_out, info_out, references=(),
     heldout = choose_heldout(n, n_heldout, heldout_seed)
     check_heldout_disjoint(zip(particles.stack_paths, particles.stack_index), heldout)
 
+    if noise_model not in noise.NOISE_MODELS:
+        raise InputError(f"preprocess.noise_model is {noise_model!r}; use white or radial")
     mask_radius = mask_radius_fraction * box / 2
+    groups, labels, parent = noise.noise_groups(
+        particles.table, noise_micrograph_min_particles if noise_model == "radial" else 0)
     written = []
     try:
         with io.ImageSource(particles) as source:
@@ -249,12 +261,26 @@ def preprocess_particles(star, stack_out, star_out, info_out, references=(),
                                               chunk_size=chunk_size, sign=sign,
                                               mask_radius=mask_radius)
         written.append(Path(stack_out))
+        if noise_model == "radial":
+            # From the normalised stack: unit noise, zero background, a radial shape only.
+            stack = io.open_stack(stack_out)
+            spectrum = noise.estimate_spectra(
+                lambda rows: np.asarray(stack[rows[0]:rows[-1] + 1]), n, box, psize, groups,
+                labels, parent, mask_radius, chunk_size, noise_micrograph_min_particles)
+            del stack
+            log.info("noise spectrum: %s", noise.summary(spectrum))
+        else:
+            spectrum = noise.NoiseSpectrum.white(box, psize, labels)
+        if noise_out is not None:
+            spectrum.save(noise_out)
+            written.append(Path(noise_out))
         table = particles.table.copy()
         stack_name = Path(stack_out).name
         table["rlnImageOriginalName"] = particles.table["rlnImageName"]
         table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
         table["cryodayHeldOut"] = heldout.astype(int)
         table["cryodayNoiseSigma"] = sigmas
+        table["cryodayNoiseGroup"] = groups
         table["rlnImagePixelSize"] = psize
         io.write_particles(star_out, table, particles.optics)
         written.append(Path(star_out))
@@ -269,6 +295,8 @@ def preprocess_particles(star, stack_out, star_out, info_out, references=(),
             "contrast_z": float(detected.z_score),
             "noise_sigma_median": float(np.median(sigmas)),
             "mask_radius_px": float(mask_radius),
+            "noise_model": noise_model,
+            "noise_groups": len(labels),
         }
         with io.atomic_path(info_out) as tmp:
             Path(tmp).write_text(json.dumps(info, indent=2))

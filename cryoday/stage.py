@@ -62,9 +62,12 @@ class _Data:
     minibatch several times (line search), and the held-out set is evaluated repeatedly.
     """
 
-    def __init__(self, op, images, ctf, sigma, pixel_size):
+    def __init__(self, op, images, ctf, sigma, pixel_size, noise=None, noise_group=None):
         self.op, self.images, self.ctf, self.pixel_size = op, images, ctf, pixel_size
         n = len(images)
+        self.noise = noise
+        self.noise_group = (None if noise is None else np.zeros(n, np.int64)
+                            if noise_group is None else np.asarray(noise_group, np.int64))
         self.sigma = np.broadcast_to(np.asarray(sigma, np.float32), (n,))
         self.cache = None
         if images.nbytes <= IMAGE_CACHE_BYTES:
@@ -84,7 +87,8 @@ class _Data:
         else:
             images = read_rows(self.images, np.sort(rows))[np.argsort(np.argsort(rows))]
         ctf = {k: (v[rows] if np.ndim(v) else v) for k, v in self.ctf.items()}
-        batch = make_batch(self.op, images, ctf, self.pixel_size, self.sigma[rows])
+        batch = make_batch(self.op, images, ctf, self.pixel_size, self.sigma[rows], self.noise,
+                           None if self.noise is None else self.noise_group[rows])
         if len(self._kept) >= KEPT_BATCHES:
             self._kept.pop(next(iter(self._kept)))
         self._kept[key] = batch
@@ -336,7 +340,8 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
               heldout_rows, config: StageConfig, sagd_state=None,
               log: Callable[[str], object] = print, checkpoint_path=None,
               scale_start=False,
-              after_iteration: Callable[[int], object] | None = None) -> StageResult:
+              after_iteration: Callable[[int], object] | None = None, noise=None,
+              noise_group=None) -> StageResult:
     """Run one stage; see the module docstring.
 
     Parameters
@@ -365,6 +370,11 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         Scale ``volume0`` to the data's signal power (for random starts).
     after_iteration : callable or None
         Called with each iteration's number once it (and its checkpoint) is done.
+    noise : cryoday.noise.NoiseSpectrum or None
+        Relative radial noise power per group (None: white); every likelihood term weights
+        each coefficient by its inverse.
+    noise_group : (n,) int array or None
+        Each particle's group in ``noise`` (default: the first).
     """
     start_time = time.perf_counter()
     box = volume0.shape[0]
@@ -373,7 +383,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     shift_prior = shift_range.for_stage(config.shift_sigma_A, box * pixel_size, sagd_state, log)
     grid = pose_grid(resolution_A, box, pixel_size, config.undersampling,
                      shift_sigma_A=shift_prior.sigma_A, shift_radius_A=shift_prior.radius_A)
-    data = _Data(op, images, ctf_params, sigma, pixel_size)
+    data = _Data(op, images, ctf_params, sigma, pixel_size, noise, noise_group)
     train_rows = np.asarray(train_rows)
     heldout_rows = np.asarray(heldout_rows)
     # One generator, drawn in this order: the partition, then a random start's scale sample.
@@ -389,7 +399,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     if checkpoint_path:
         checkpoint = Checkpoint(checkpoint_path, stage_fingerprint(
             config, images, ctf_params, sigma, pixel_size, resolution_A, train_rows,
-            heldout_rows, volume0, sagd_state, scale_start), log)
+            heldout_rows, volume0, sagd_state, scale_start, noise, noise_group), log)
     start = resume_or_start(low_pass(volume0, radius), len(images), n_batches, config,
                             sagd_state, checkpoint, log, grid)
     volume = start.volume

@@ -19,6 +19,7 @@ preprocess.preprocess_particles(
     stack_out=snakemake.output.stack,
     star_out=snakemake.output.star,
     info_out=snakemake.output.info,
+    noise_out=snakemake.output.noise,
     references=list(snakemake.input.reference),
     pixel_size=snakemake.params.pixel_size,
     **snakemake.params.options,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from _common import setup_logging
 
-from cryoday import initial, io
+from cryoday import initial, io, noise
 from cryoday.stage import run_stage
 from cryoday.stage_config import StageConfig
 
@@ -26,6 +26,11 @@ info = json.loads(Path(snakemake.input.info).read_text())
 box, pixel_size, resolution = info["box"], info["pixel_size"], info["resolution_A"]
 particles = io.read_particles(snakemake.input.particles)
 heldout = particles.table["cryodayHeldOut"].to_numpy().astype(bool)
+spectrum = noise.NoiseSpectrum.load(snakemake.input.noise)
+noise_group = (particles.table["cryodayNoiseGroup"].to_numpy().astype(np.int64)
+               if "cryodayNoiseGroup" in particles.table else None)
+if not np.any(spectrum.power != 1.0):
+    spectrum = None  # white noise: the white likelihood exactly
 
 sagd_state = None
 if stage > 1:
@@ -51,7 +56,8 @@ result = run_stage(
     sigma=info["noise_sigma"], pixel_size=pixel_size, resolution_A=resolution,
     train_rows=np.flatnonzero(~heldout), heldout_rows=np.flatnonzero(heldout), config=config,
     sagd_state=sagd_state, log=log.info, checkpoint_path=snakemake.params.checkpoint,
-    scale_start=(stage == 1 and not section["initial_model"]),
+    scale_start=(stage == 1 and not section["initial_model"]), noise=spectrum,
+    noise_group=noise_group,
 )
 io.write_map(snakemake.output.volume, result.volume, pixel_size)
 result.save_state(snakemake.output.state)

@@ -26,7 +26,8 @@ def turned_image_nll(dir_slices, images, ctf_params, sigma2, pixel_size, kx, ky,
     ``|d|^2`` on the unturned grid, with ``d(Pk)`` read bilinearly (``map_coordinates``,
     order 1) from the gridding-corrected, ``padding``-times zero-padded transform of the image
     (``numpy.fft``) and ``c(Pk)`` from ``evaluate_ctf`` at the turned frequencies.
-    images: (B, N, N); dir_slices: (n_dir, K); returns (B,) nll.
+    images: (B, N, N); dir_slices: (n_dir, K); returns (B,) nll. ``weights`` is ``(K,)``, or
+    ``(B, K)`` for one row per image (coloured noise: ``w / P(|k|)`` of the image's group).
 
     With ``slice_grad``, also the gradient of ``sum_i nll_i`` with respect to the slices:
     ``G`` ``(n_dir, K)`` complex with ``d nll = Re sum conj(dS) G``, i.e.
@@ -44,7 +45,9 @@ def turned_image_nll(dir_slices, images, ctf_params, sigma2, pixel_size, kx, ky,
     out = np.empty(len(images))
     grad = np.zeros(np.shape(dir_slices), dtype=np.complex128)
     k = np.stack([kx, ky], axis=1).astype(np.float64)
+    all_weights = np.broadcast_to(np.asarray(weights, np.float64), (len(images), len(kx)))
     for i, image in enumerate(images):
+        weights = all_weights[i]
         big = np.zeros((m, m))
         lo = m // 2 - n // 2
         big[lo:lo + n, lo:lo + n] = image / np.outer(g, g)

@@ -6,6 +6,7 @@ rule preprocess:
         star="results/{dataset}/preprocess/particles.star",
         stack="results/{dataset}/preprocess/particles.mrcs",
         info="results/{dataset}/preprocess/info.json",
+        noise="results/{dataset}/preprocess/noise_spectrum.tsv",
     log:
         "logs/preprocess/{dataset}.log",
     benchmark:

@@ -3,6 +3,7 @@ rule reconstruct_stage:
         stack="results/{dataset}/preprocess/stage{stage}.mrcs",
         info="results/{dataset}/preprocess/stage{stage}.json",
         particles="results/{dataset}/preprocess/particles.star",
+        noise="results/{dataset}/preprocess/noise_spectrum.tsv",
         previous=previous_stage,
     output:
         initial="results/{dataset}/abinitio/seed{seed}/stage{stage}/initial.mrc",
