@@ -26,8 +26,8 @@ def _insert(op, values, rotations, accumulators):
 
 def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
                 pixel_size: float, box: int, max_resolution_A: float | None = None,
-                wiener: float = 1e-3, chunk_size: int = 500, image_box: int | None = None
-                ) -> np.ndarray:
+                wiener: float = 1e-3, chunk_size: int = 500, image_box: int | None = None,
+                weights: np.ndarray | None = None) -> np.ndarray:
     """Least-squares volume from images with known poses, shifts and CTFs.
 
     Parameters
@@ -41,6 +41,8 @@ def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_
     box : output box; images of another size are Fourier-cropped to it
     max_resolution_A : optional cutoff (default: 1 px inside Nyquist)
     wiener : regulariser, relative to the mean CTF^2 weight per voxel inside the cutoff
+    weights : optional (n,) weight of each image in the sums (a pose posterior's masses, when
+        one image appears once per pose it may take); default 1
     """
     radius = box / 2 - 1
     if max_resolution_A:
@@ -60,9 +62,13 @@ def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_
         t = np.asarray(shifts_px, dtype=np.float64)[rows]
         phase = np.exp(-2j * np.pi * (np.outer(t[:, 0], op.kx) + np.outer(t[:, 1], op.ky))
                        / op.box)
-        _insert(op, batch.ctf * batch.data * phase, rotations[rows], num)
-        _insert(op, (batch.ctf.astype(np.float64) ** 2).astype(np.complex128), rotations[rows],
-                den)
+        ctf2 = batch.ctf.astype(np.float64) ** 2
+        values = batch.ctf * batch.data * phase
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)[rows, None]
+            values, ctf2 = values * w, ctf2 * w
+        _insert(op, values, rotations[rows], num)
+        _insert(op, ctf2.astype(np.complex128), rotations[rows], den)
     num, den = num.sum(axis=0), den.sum(axis=0).real
     # Hermitian symmetry: the inserted half plane's mirror images at -q.
     num = num + np.conj(num[::-1, ::-1, ::-1])
