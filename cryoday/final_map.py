@@ -263,7 +263,7 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     log(f"final map: half-map FSC 0.143 {resolution:.2f} A masked, {resolution_unmasked:.2f} A "
         f"unmasked; Guinier B {b:.0f} A^2 ({GUINIER_LOW_A:g} A to {resolution:.2f} A)")
     return FinalMap(half1, half2, full, sharpened, float(pixel_size), freq, unmasked, masked,
-                    resolution, resolution_unmasked, b, int(n), int(len(image)),
+                    resolution, resolution_unmasked, b, int(n), len(image),
                     "best" if len(image) == n and np.all(weights == 1) else "posterior")
 
 

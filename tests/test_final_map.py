@@ -40,7 +40,7 @@ def simulated():
 
 @pytest.fixture(scope="module")
 def result(simulated):
-    truth, images, rotations, shifts, ctf, _ = simulated
+    _, images, rotations, shifts, ctf, _ = simulated
     return final_map.final_reconstruction(lambda r: images[r], N, rotations, shifts, ctf, PSIZE,
                                           BOX, chunk_size=300, log=lambda *_: None)
 
@@ -108,7 +108,7 @@ def test_posterior_poses_weight_the_stored_marginals():
     np.testing.assert_allclose(shifts[first], [[2.0, -4.0]] * 4)
     # The heaviest pose of particle 0 has the stored direction and in-plane angle.
     best = np.flatnonzero(first)[np.argmax(weights[first])]
-    r, t, p = matrix_to_euler(rotations[best][None])
+    _, _, p = matrix_to_euler(rotations[best][None])
     np.testing.assert_allclose(rotations[best][2], rot[0, 2], atol=1e-6)
     assert p[0] % 360 == pytest.approx(np.degrees(0.5), abs=1e-3) or \
         p[0] % 360 == pytest.approx(np.degrees(1.0), abs=1e-3)
@@ -116,11 +116,11 @@ def test_posterior_poses_weight_the_stored_marginals():
 
 
 def test_posterior_insertion_at_a_delta_posterior_is_the_best_pose_map(simulated):
-    truth, images, rotations, shifts, ctf, _ = simulated
+    _, images, rotations, shifts, ctf, _ = simulated
     n = 200
     image = np.repeat(np.arange(n), 2)
     weights = np.tile([1.0, 0.0], n)
-    kw = dict(chunk_size=150, log=lambda *_: None)
+    kw = {"chunk_size": 150, "log": lambda *_: None}
     delta = final_map.final_reconstruction(lambda r: images[r], n, rotations[:n], shifts[:n],
                                            ctf, PSIZE, BOX, **kw)
     # Each particle twice: at its pose with all the mass, and at a wrong one with none.
@@ -134,7 +134,7 @@ def test_posterior_insertion_at_a_delta_posterior_is_the_best_pose_map(simulated
 
 
 def test_run_writes_every_output_atomically(tmp_path, simulated):
-    truth, images, rotations, shifts, ctf, table = simulated
+    images, table = simulated[1], simulated[5]
     with io.StackWriter(tmp_path / "p.mrcs", N, BOX, PSIZE) as writer:
         writer.data[:] = images
     table = table.copy()
