@@ -4,9 +4,10 @@ The last coarse-to-fine stage's map is a SAGD estimate cut off at the stage's re
 default), so it cannot show what the particles hold beyond it. Here every particle is inserted
 once more, at the full input box up to Nyquist, by direct Fourier insertion
 (:func:`cryoday.reconstruct.reconstruct`: CTF-weighted least squares), in two gold-standard
-halves. Their FSC (masked and unmasked) gives the resolution the data support, and the full map
-(the halves' sum, weighted by their sizes) is sharpened: the B factor of the Guinier plot is
-undone and the result filtered by the FSC.
+halves. Their FSC (masked and unmasked) gives the resolution the data support. The full map is
+every particle's sums Wiener-filtered with the signal power that FSC measures (RELION's tau^2),
+the best estimate of the structure; the sharpened map is the halves' average with the B factor
+of its Guinier plot undone, filtered by the FSC.
 
 Poses: by default each particle's most probable pose (what ``final/particles.star`` holds). With
 the last stage's pose posteriors (``state.npz``) each particle is inserted at the product of the
@@ -38,7 +39,7 @@ from cryoday.fourier import ft3, ift3, radial_index_3d
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 from cryoday.geometry import euler_to_matrix
 from cryoday.quadrature import directions_to_euler
-from cryoday.reconstruct import half_sets, reconstruct
+from cryoday.reconstruct import Sums, half_sets, insert, solve
 
 # Low-resolution end of the Guinier fit (A): below ~10 A a protein's spectrum follows its shape
 # (domains, solvent contrast), not the envelope; RELION's postprocess uses 10 A too.
@@ -238,28 +239,32 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     if len(image) != len(rotations) or len(image) != len(shifts_px) or len(image) != len(weights):
         raise ValueError(f"{len(image)} pose rows, {len(rotations)} rotations, "
                          f"{len(shifts_px)} shifts and {len(weights)} weights")
-    halves = []
+    sums = []
     for particles in half_sets(n, seed):
-        # The poses of this half's particles (pose rows are grouped by particle, so chunks of
-        # pose rows read each image a few times within one chunk, not across the stack).
+        # The poses of this half's particles, grouped by particle: each chunk of poses reads
+        # and transforms its images once.
         rows = np.flatnonzero(np.isin(image, particles))
-        of = image[rows]
-        ctf = {k: (np.asarray(v)[of] if np.ndim(v) else v) for k, v in ctf_params.items()}
-        halves.append(reconstruct(lambda r, of=of: read(of[r]), len(rows), rotations[rows],
-                                  shifts_px[rows], ctf, pixel_size, box, wiener=wiener,
-                                  chunk_size=chunk_size, weights=weights[rows]))
-        log(f"half map {len(halves)}: {len(particles)} particles, {len(rows)} poses inserted")
-    half1, half2 = halves
-    sizes = [len(p) for p in half_sets(n, seed)]
-    full = ((sizes[0] * half1 + sizes[1] * half2) / max(sum(sizes), 1)).astype(np.float32)
+        sums.append(insert(read, len(rows), rotations[rows], shifts_px[rows], ctf_params,
+                           pixel_size, box, chunk_size=chunk_size, weights=weights[rows],
+                           image=image[rows]))
+        log(f"half map {len(sums)}: {len(particles)} particles, {len(rows)} poses inserted")
+    # The half maps as RELION writes them: least squares with a small constant floor, no
+    # filter, so that their FSC measures the data and nothing of a prior.
+    half1, half2 = (solve(s, wiener) for s in sums)
     freq, unmasked = fsc(half1, half2, pixel_size)
     mask = soft_spherical_mask(box, MASK_RADIUS_FRACTION * box, MASK_EDGE_PX)
     _, masked = fsc(half1, half2, pixel_size, mask=mask)
     resolution = resolution_at(freq, masked, 0.143)
     resolution_unmasked = resolution_at(freq, unmasked, 0.143)
-    b = (guinier_bfactor(full, pixel_size, GUINIER_LOW_A, resolution, mask)
+    average = ((len(half_sets(n, seed)[0]) * half1 + len(half_sets(n, seed)[1]) * half2)
+               / max(n, 1)).astype(np.float32)
+    b = (guinier_bfactor(average, pixel_size, GUINIER_LOW_A, resolution, mask)
          if math.isfinite(resolution) else float("nan"))
-    sharpened = sharpen(full, pixel_size, b, freq, masked, resolution)
+    sharpened = sharpen(average, pixel_size, b, freq, masked, resolution)
+    # The full map: least squares from every particle's sums (each voxel weighted by how well
+    # both halves sample it, which their plain average is not).
+    both = Sums(sums[0].op, sums[0].num + sums[1].num, sums[0].den + sums[1].den, sums[0].radius)
+    full = solve(both, wiener)
     log(f"final map: half-map FSC 0.143 {resolution:.2f} A masked, {resolution_unmasked:.2f} A "
         f"unmasked; Guinier B {b:.0f} A^2 ({GUINIER_LOW_A:g} A to {resolution:.2f} A)")
     return FinalMap(half1, half2, full, sharpened, float(pixel_size), freq, unmasked, masked,
