@@ -260,7 +260,8 @@ def final_map_states(wildcards):
 def final_map_mem_mb(wildcards, input, attempt):
     """Memory (MB) of the final map: per thread two complex128 accumulator cubes of twice the
     box (the insertion's), a few full-box maps, a chunk of images, and the posterior's poses
-    (18 per particle, ~100 bytes each); doubled on each retry. A 2 GB placeholder before the
+    (18 per particle, ~100 bytes each, ~3 copies while they are built); doubled on each retry.
+    A 2 GB placeholder before the
     preprocessed set exists."""
     info = Path(input.info)
     if not info.exists():
@@ -268,4 +269,4 @@ def final_map_mem_mb(wildcards, input, attempt):
     meta = json.loads(info.read_text())
     box, n = int(meta["box"]), int(meta["n_particles"])
     cubes = 2 * 2 * (2 * box + 3) ** 3 * 16 + 12 * box**3 * 8
-    return int(1000 + (cubes + n * 18 * 100) / 1e6) * attempt
+    return int(1000 + (cubes + n * 18 * 300) / 1e6) * attempt
