@@ -261,8 +261,7 @@ def final_map_mem_mb(wildcards, input, attempt):
     """Memory (MB) of the final map: per thread two complex128 accumulator cubes of twice the
     box (the insertion's), a few full-box maps, a chunk of images, and the posterior's poses
     (18 per particle, ~100 bytes each, ~3 copies while they are built); doubled on each retry.
-    A 2 GB placeholder before the
-    preprocessed set exists."""
+    A 2 GB placeholder before the preprocessed set exists."""
     info = Path(input.info)
     if not info.exists():
         return 2000 * attempt
