@@ -15,6 +15,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/reconstruct.smk"
+include: "workflow/rules/final_map.smk"
 include: "workflow/rules/validate.smk"
 include: "workflow/rules/report.smk"
 

@@ -9,6 +9,8 @@ fills the other half. Images are streamed in chunks, so any stack size fits in m
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 
@@ -24,10 +26,109 @@ def _insert(op, values, rotations, accumulators):
                        accumulators)
 
 
+class Sums(NamedTuple):
+    """The insertion's sums on the operator's oversampled cube, Hermitian-completed:
+    ``num = sum_i w_i CTF_i x_i`` and ``den = sum_i w_i CTF_i^2`` (both ``(m, m, m)``)."""
+
+    op: SliceOperator
+    num: np.ndarray  # complex128
+    den: np.ndarray  # float64
+    radius: float  # the cutoff (px of the output box)
+
+
+def cutoff_radius(box: int, pixel_size: float, max_resolution_A: float | None = None) -> float:
+    """Fourier radius (px) of a reconstruction: 1 px inside Nyquist, or ``max_resolution_A``."""
+    radius = box / 2 - 1
+    if max_resolution_A:
+        radius = min(radius, box * pixel_size / max_resolution_A)
+    return radius
+
+
+def insert(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
+           pixel_size: float, box: int, max_resolution_A: float | None = None,
+           chunk_size: int = 500, weights: np.ndarray | None = None,
+           image: np.ndarray | None = None) -> Sums:
+    """Insert every image at its pose (streamed in chunks); the arguments as :func:`reconstruct`'s.
+
+    With ``image`` (``(n,)`` ints) the ``n`` rows are poses of the images ``image``: ``read``
+    and ``ctf_params`` are then over images, and each image of a chunk is transformed once
+    however many poses it has there (keep an image's poses together).
+    """
+    radius = cutoff_radius(box, pixel_size, max_resolution_A)
+    op = SliceOperator(box, radius)
+    size = op._cube_size
+    threads = numba.get_num_threads()
+    num = np.zeros((threads, size, size, size), dtype=np.complex128)
+    den = np.zeros((threads, size, size, size), dtype=np.complex128)
+    for start in range(0, n, chunk_size):
+        rows = np.arange(start, min(start + chunk_size, n))
+        if image is None:
+            which, of = rows, slice(None)
+        else:
+            which, of = np.unique(np.asarray(image)[rows], return_inverse=True)
+        images = read(which)
+        if images.shape[-1] != box:
+            images = fourier_crop_2d(images, box)
+        ctf = {k: (np.asarray(v)[which] if np.ndim(v) else v) for k, v in ctf_params.items()}
+        batch = make_batch(op, images, ctf, pixel_size, 1.0)
+        t = np.asarray(shifts_px, dtype=np.float64)[rows]
+        phase = np.exp(-2j * np.pi * (np.outer(t[:, 0], op.kx) + np.outer(t[:, 1], op.ky))
+                       / op.box)
+        ctf2 = batch.ctf[of].astype(np.float64) ** 2
+        values = (batch.ctf * batch.data)[of] * phase
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)[rows, None]
+            values, ctf2 = values * w, ctf2 * w
+        _insert(op, values, rotations[rows], num)
+        _insert(op, ctf2.astype(np.complex128), rotations[rows], den)
+    num, den = num.sum(axis=0), den.sum(axis=0).real
+    # Hermitian symmetry: the inserted half plane's mirror images at -q.
+    num = num + np.conj(num[::-1, ::-1, ::-1])
+    den = den + den[::-1, ::-1, ::-1]
+    return Sums(op, num, den, float(radius))
+
+
+def cube_shells(op: SliceOperator) -> np.ndarray:
+    """Each cube voxel's radius in Fourier pixels of the output box (the cube is 2x oversampled)."""
+    k = np.arange(op._cube_size) - op._half_cube
+    kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
+    return 0.5 * np.sqrt(kx * kx + ky * ky + kz * kz)
+
+
+def solve(sums: Sums, wiener: float = 1e-3, regulariser: np.ndarray | None = None
+          ) -> np.ndarray:
+    """The volume from the insertion's sums: ``num / (den + floor)`` per voxel, back to real
+    space at the output box.
+
+    ``floor`` is ``wiener`` times the mean ``den`` over the filled voxels, or, when given,
+    ``regulariser`` (``(m, m, m)``, per voxel: e.g. ``1 / tau^2`` of a Wiener filter, in the
+    units of ``den``) instead.
+    """
+    op, num, den, radius = sums
+    box = op.box
+    filled = den > 0
+    estimate = np.zeros_like(num)
+    if regulariser is None:
+        floor = wiener * (den[filled].mean() if filled.any() else 1.0)
+    else:
+        floor = regulariser[filled]
+    estimate[filled] = num[filled] / (op._scale * (den[filled] + floor))
+    m = 2 * box
+    spectrum = np.zeros((m, m, m), dtype=np.complex128)
+    # Only coefficients inside the cutoff sphere were measured; zero the rest of the cube.
+    estimate[cube_shells(op) > radius] = 0
+    spec, sub = op._window()
+    spectrum[spec, spec, spec] = estimate[sub, sub, sub]
+    padded = ift3(spectrum)
+    lo = m // 2 - box // 2
+    volume = padded[lo:lo + box, lo:lo + box, lo:lo + box]
+    return op._corrected(volume).astype(np.float32) * 1.0
+
+
 def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
                 pixel_size: float, box: int, max_resolution_A: float | None = None,
-                wiener: float = 1e-3, chunk_size: int = 500, image_box: int | None = None
-                ) -> np.ndarray:
+                wiener: float = 1e-3, chunk_size: int = 500, image_box: int | None = None,
+                weights: np.ndarray | None = None) -> np.ndarray:
     """Least-squares volume from images with known poses, shifts and CTFs.
 
     Parameters
@@ -41,49 +142,11 @@ def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_
     box : output box; images of another size are Fourier-cropped to it
     max_resolution_A : optional cutoff (default: 1 px inside Nyquist)
     wiener : regulariser, relative to the mean CTF^2 weight per voxel inside the cutoff
+    weights : optional (n,) weight of each image in the sums (a pose posterior's masses, when
+        one image appears once per pose it may take); default 1
     """
-    radius = box / 2 - 1
-    if max_resolution_A:
-        radius = min(radius, box * pixel_size / max_resolution_A)
-    op = SliceOperator(box, radius)
-    size = op._cube_size
-    threads = numba.get_num_threads()
-    num = np.zeros((threads, size, size, size), dtype=np.complex128)
-    den = np.zeros((threads, size, size, size), dtype=np.complex128)
-    for start in range(0, n, chunk_size):
-        rows = np.arange(start, min(start + chunk_size, n))
-        images = read(rows)
-        if images.shape[-1] != box:
-            images = fourier_crop_2d(images, box)
-        ctf = {k: (np.asarray(v)[rows] if np.ndim(v) else v) for k, v in ctf_params.items()}
-        batch = make_batch(op, images, ctf, pixel_size, 1.0)
-        t = np.asarray(shifts_px, dtype=np.float64)[rows]
-        phase = np.exp(-2j * np.pi * (np.outer(t[:, 0], op.kx) + np.outer(t[:, 1], op.ky))
-                       / op.box)
-        _insert(op, batch.ctf * batch.data * phase, rotations[rows], num)
-        _insert(op, (batch.ctf.astype(np.float64) ** 2).astype(np.complex128), rotations[rows],
-                den)
-    num, den = num.sum(axis=0), den.sum(axis=0).real
-    # Hermitian symmetry: the inserted half plane's mirror images at -q.
-    num = num + np.conj(num[::-1, ::-1, ::-1])
-    den = den + den[::-1, ::-1, ::-1]
-    filled = den > 0
-    estimate = np.zeros_like(num)
-    floor = wiener * (den[filled].mean() if filled.any() else 1.0)
-    estimate[filled] = num[filled] / (op._scale * (den[filled] + floor))
-    m = 2 * box
-    spectrum = np.zeros((m, m, m), dtype=np.complex128)
-    h = op._half_cube
-    # Only coefficients inside the cutoff sphere were measured; zero the rest of the cube.
-    k = np.arange(size) - h
-    kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
-    estimate[np.sqrt(kx * kx + ky * ky + kz * kz) > 2 * radius] = 0
-    spec, sub = op._window()
-    spectrum[spec, spec, spec] = estimate[sub, sub, sub]
-    padded = ift3(spectrum)
-    lo = m // 2 - box // 2
-    volume = padded[lo:lo + box, lo:lo + box, lo:lo + box]
-    return op._corrected(volume).astype(np.float32) * 1.0
+    return solve(insert(read, n, rotations, shifts_px, ctf_params, pixel_size, box,
+                        max_resolution_A, chunk_size, weights), wiener)
 
 
 def half_sets(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

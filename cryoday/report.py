@@ -294,8 +294,44 @@ def _speedup(value) -> str:
     return "" if not value else f"{value:.0f}x"
 
 
+def final_map_section(metrics, final_map=None, final_fsc=None) -> str:
+    """The final map (full box, to the data's limit): views, half-map FSC, B factor and its FSC
+    against the reference beside the stage map's. Empty without a final map."""
+    figures = metrics.get("final_map")
+    if not figures or final_map is None:
+        return ""
+    volume, _ = io.read_map(final_map)
+
+    def a(value):
+        return "n/a" if value is None else f"{value:.1f} A"
+
+    b = figures.get("sharpening_B_A2")
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{a(m.get('fsc05_vs_reference_A'))}</td>"
+        f"<td>{a(m.get('fsc0143_vs_reference_A'))}</td></tr>"
+        for name, m in (("stage map (last stage's cutoff)", metrics), ("final map", figures)))
+    parts = [
+        "<h2>Final map</h2>",
+        (f"<p>All {figures['n_particles']} particles inserted at the full box "
+         f"({figures['box']} px, {figures['pixel_size']:.3f} A/px) up to Nyquist, "
+         f"{'at their pose posteriors' if figures['poses'] == 'posterior' else 'at their best poses'}"
+         f" ({figures['n_insertions']} insertions). Half-map FSC 0.143: "
+         f"{a(figures['halfmap_fsc0143_masked_A'])} masked, "
+         f"{a(figures['halfmap_fsc0143_unmasked_A'])} unmasked. Sharpening B factor "
+         f"(RELION's sign): {'none (too few shells beyond 10 A)' if b is None else f'{b:.0f} A^2'}."
+         "</p>"),
+        ("<table><tr><th>map</th><th>FSC 0.5 vs reference</th><th>FSC 0.143 vs reference</th>"
+         f"</tr>{rows}</table>"),
+        map_views(volume, "final map (unsharpened)"),
+    ]
+    if final_fsc is not None:
+        parts.append(fsc_plot(final_fsc))
+    return "\n".join(parts)
+
+
 def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
-                 preprocessed_star, seed_stages, settings, n_example_particles):
+                 preprocessed_star, seed_stages, settings, n_example_particles,
+                 final_map=None, final_fsc=None):
     """Write the report for one dataset (atomically).
 
     Parameters
@@ -316,6 +352,8 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
         The configuration the run used, shown under Provenance.
     n_example_particles : int
         How many particles to show beside the map's projections at their poses.
+    final_map, final_fsc : path, optional
+        The final map (``final/map_full.mrc``) and its half-map FSC table.
     """
     m = json.loads(Path(metrics).read_text())
     info = json.loads(Path(preprocess_info).read_text())
@@ -361,6 +399,7 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
          f"{m.get('halfmap_fsc0143_masked_A', float('nan')):.1f} A masked (the half maps share "
          "the poses found against one map, so this is an optimistic figure).</p>"),
         fsc_plot(fsc), pose_error_histogram(m),
+        final_map_section(m, final_map, final_fsc),
         "<h2>Provenance</h2>",
         (f"<p>{_versions()}; written {datetime.now(UTC):%Y-%m-%d %H:%M UTC} on "
          f"{html.escape(platform.node())} in <code>{html.escape(os.getcwd())}</code> by "

@@ -321,9 +321,35 @@ def pose_error_figures(truth_star, final_star, pixel_size) -> dict:
             "pose_error_histogram": np.histogram(errors, bins=18, range=(0, 180))[0].tolist()}
 
 
+def final_map_figures(final_map, figures, reference=None) -> tuple[dict, dict]:
+    """The final map's figures (``final_map.json``) and, with a reference, its FSC against it
+    after alignment; and the FSC table's extra columns (``fsc_final_vs_reference``).
+
+    Parameters
+    ----------
+    final_map, figures : path
+        ``final/map_full.mrc`` (unsharpened: the FSC against a reference is blind to a radial
+        filter but not to the sharpened map's noise) and ``final/final_map.json``.
+    reference : path, optional
+    """
+    out = {k: v for k, v in json.loads(Path(figures).read_text()).items() if k != "fsc_table"}
+    columns = {}
+    if reference:
+        volume, pixel_size = io.read_map(final_map)
+        ref, ref_voxel = io.read_map(reference)
+        if ref.shape != volume.shape or (ref_voxel and abs(ref_voxel - pixel_size) > 1e-3):
+            ref = rescale_volume(ref, ref_voxel or pixel_size, volume.shape[0], pixel_size)
+        _, freq, curve, res = fsc_after_alignment(volume, ref, pixel_size)
+        out["fsc0143_vs_reference_A"] = res
+        out["fsc05_vs_reference_A"] = resolution_at(freq, curve, 0.5)
+        columns = {"freq_invA": freq, "fsc_final_vs_reference": curve}
+    return out, columns
+
+
 def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preprocess_info,
                 preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
-                reference=None, truth_star=None, log=print) -> tuple[dict, dict]:
+                reference=None, truth_star=None, final_map=None, log=print
+                ) -> tuple[dict, dict]:
     """Everything ``metrics.json`` reports, and the FSC table.
 
     Parameters
@@ -346,6 +372,11 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
         A map to compare with (the simulation's truth or the user's).
     truth_star : path, optional
         A simulation's particles with their true poses (pose errors).
+    final_map : dict, optional
+        The final map's files (rule ``final_map``): ``half1``, ``half2`` (their FSC is the
+        half-map figure, instead of half maps reconstructed here), ``full`` and ``figures``
+        (``metrics["final_map"]``: its half-map figures, B factor and FSC against the reference,
+        beside the stage map's ``fsc*_vs_reference_A``).
     log : callable
         Receives progress lines.
     """
@@ -392,7 +423,19 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
         table["fsc_vs_reference"] = curve
         log(f"FSC 0.143 against the reference: {res:.1f} A")
     # Gold-standard half maps with the final poses.
-    half1, half2 = halfmap_fsc(preprocessed_star, final_star, volume.shape[0], pixel_size, log)
+    if final_map:
+        half1, half2 = (io.read_map(final_map[k])[0] for k in ("half1", "half2"))
+        metrics["final_map"], columns = final_map_figures(final_map["full"],
+                                                          final_map["figures"], reference)
+        if "fsc_final_vs_reference" in columns:
+            table.setdefault("freq_invA", columns["freq_invA"])
+            table["fsc_final_vs_reference"] = columns["fsc_final_vs_reference"]
+            log(f"final map: FSC 0.5 / 0.143 against the reference "
+                f"{metrics['final_map']['fsc05_vs_reference_A']:.1f} / "
+                f"{metrics['final_map']['fsc0143_vs_reference_A']:.1f} A")
+    else:
+        half1, half2 = halfmap_fsc(preprocessed_star, final_star, volume.shape[0], pixel_size,
+                                   log)
     freq, unmasked = fsc(half1, half2, pixel_size)
     mask = soft_spherical_mask(volume.shape[0], 0.4 * volume.shape[0], 3.0)
     _, masked = fsc(half1, half2, pixel_size, mask=mask)

@@ -26,5 +26,7 @@ report.write_report(
     seed_stages={seed: list(zip(histories[seed], volumes[seed])) for seed in histories},
     settings=snakemake.params.settings,
     n_example_particles=int(snakemake.params.n_example_particles),
+    final_map=snakemake.input.final_map,
+    final_fsc=snakemake.input.final_fsc,
 )
 log.info("wrote %s", snakemake.output[0])

@@ -12,8 +12,8 @@ import yaml
 
 from workflow_helpers import REPO, run_snakemake, write_config
 
-RULES = {"simulate", "preprocess", "downsample", "reconstruct_stage", "finalize", "validate",
-         "make_report", "all"}
+RULES = {"simulate", "preprocess", "downsample", "reconstruct_stage", "finalize", "final_map",
+         "validate", "make_report", "all"}
 
 
 def planned_jobs(stdout: str) -> dict[str, int]:

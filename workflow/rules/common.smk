@@ -183,6 +183,9 @@ def final_outputs():
             f"results/{name}/final/volume.mrc",
             f"results/{name}/final/particles.star",
             f"results/{name}/final/particles.cs",
+            f"results/{name}/final/map_full.mrc",
+            f"results/{name}/final/map_sharpened.mrc",
+            f"results/{name}/final/final_map.json",
             f"results/{name}/validation/metrics.json",
             f"results/{name}/report.html",
         ]
@@ -242,3 +245,27 @@ def report_settings(wildcards):
     """The configuration one dataset's run used (its own block, not the other datasets')."""
     settings = {key: value for key, value in config.items() if key != "datasets"}
     return {"datasets": {wildcards.dataset: dataset_config(wildcards)}, **settings}
+
+
+# --- inputs of final_map
+def final_map_states(wildcards):
+    """Each random start's last ``state.npz`` (its pose posteriors; seeds in config order)."""
+    return {
+        "states": [
+            f"{last_stage_of_seed(wildcards.dataset, s)}/state.npz" for s in SEEDS
+        ]
+    }
+
+
+def final_map_mem_mb(wildcards, input, attempt):
+    """Memory (MB) of the final map: per thread two complex128 accumulator cubes of twice the
+    box (the insertion's), a few full-box maps, a chunk of images, and the posterior's poses
+    (18 per particle, ~100 bytes each, ~3 copies while they are built); doubled on each retry.
+    A 2 GB placeholder before the preprocessed set exists."""
+    info = Path(input.info)
+    if not info.exists():
+        return 2000 * attempt
+    meta = json.loads(info.read_text())
+    box, n = int(meta["box"]), int(meta["n_particles"])
+    cubes = 2 * 2 * (2 * box + 3) ** 3 * 16 + 12 * box**3 * 8
+    return int(1000 + (cubes + n * 18 * 300) / 1e6) * attempt

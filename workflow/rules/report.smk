@@ -7,6 +7,8 @@ rule make_report:
         star="results/{dataset}/final/particles.star",
         info="results/{dataset}/preprocess/info.json",
         particles="results/{dataset}/preprocess/particles.star",
+        final_map="results/{dataset}/final/map_full.mrc",
+        final_fsc="results/{dataset}/final/final_map_fsc.tsv",
     output:
         report(
             "results/{dataset}/report.html",

@@ -9,6 +9,10 @@ rule validate:
         particles="results/{dataset}/preprocess/particles.star",
         reference=reference_map,
         truth=truth_particles,
+        half1="results/{dataset}/final/half1.mrc",
+        half2="results/{dataset}/final/half2.mrc",
+        final_map="results/{dataset}/final/map_full.mrc",
+        final_figures="results/{dataset}/final/final_map.json",
     output:
         metrics="results/{dataset}/validation/metrics.json",
         fsc="results/{dataset}/validation/fsc.tsv",

@@ -1,0 +1,334 @@
+"""The final map at the limit of the data: a full-box reconstruction from the particles' poses.
+
+The last coarse-to-fine stage's map is a SAGD estimate cut off at the stage's resolution (10 A by
+default), so it cannot show what the particles hold beyond it. Here every particle is inserted
+once more, at the full input box up to Nyquist, by direct Fourier insertion
+(:func:`cryoday.reconstruct.reconstruct`: CTF-weighted least squares), in two gold-standard
+halves. Their FSC (masked and unmasked) gives the resolution the data support. The full map is
+every particle's sums Wiener-filtered with the signal power that FSC measures (RELION's tau^2),
+the best estimate of the structure; the sharpened map is the halves' average with the B factor
+of its Guinier plot undone, filtered by the FSC.
+
+Poses: by default each particle's most probable pose (what ``final/particles.star`` holds). With
+the last stage's pose posteriors (``state.npz``) each particle is inserted at the product of the
+top few points of its three stored marginals (directions, in-plane angles, shifts), with their
+renormalised masses: the posterior-marginalised insertion, cheap because the marginals are
+sharp by the last stage. The product drops the correlation between the dimensions, which is
+small when each marginal is concentrated on neighbouring grid points.
+
+Sharpening follows RELION's ``relion_postprocess``: the Guinier plot is ``ln |F(s)|`` against
+``s^2`` over shells between ``GUINIER_LOW_A`` and the FSC 0.143 resolution; a map blurred by an
+envelope ``exp(-B s^2 / 4)`` has slope ``-B / 4`` there, so ``B = -4 x slope``. RELION reports
+the sharpening B with the opposite sign (negative) and multiplies by ``exp(-B s^2 / 4)``; both
+are in ``final_map.json`` (``guinier_B_A2`` > 0 for a blurred map, ``sharpening_B_A2`` = minus
+it). The sharpened map is then weighted by ``sqrt(2 FSC / (1 + FSC))`` (the masked half-map FSC,
+Rosenthal & Henderson 2003's figure of merit for the full map) and low-passed at the resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cryoday import io
+from cryoday.fourier import ft3, ift3, radial_index_3d
+from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
+from cryoday.geometry import euler_to_matrix
+from cryoday.quadrature import directions_to_euler
+from cryoday.reconstruct import Sums, half_sets, insert, solve
+
+# Low-resolution end of the Guinier fit (A): below ~10 A a protein's spectrum follows its shape
+# (domains, solvent contrast), not the envelope; RELION's postprocess uses 10 A too.
+GUINIER_LOW_A = 10.0
+# The soft spherical mask of the masked FSC and of the Guinier plot: radius as a fraction of the
+# box and edge (px). The same as validation's half-map FSC, so the figures compare.
+MASK_RADIUS_FRACTION = 0.4
+MASK_EDGE_PX = 3.0
+# Points per dimension of the posterior-marginalised insertion (directions, in-plane, shifts):
+# 3 x 3 x 2 = 18 insertions per particle cover a sharp posterior's neighbouring grid points.
+POSTERIOR_TOP = (3, 3, 2)
+# Images per chunk of the insertion (memory is per chunk, not per data set).
+CHUNK_SIZE = 500
+
+
+@dataclass
+class FinalMap:
+    """The final reconstruction and its validation figures.
+
+    Attributes
+    ----------
+    half1, half2, full, sharpened : (box, box, box) float32
+    pixel_size : float
+    freq : (box // 2 + 1,) shells' spatial frequency (1/A)
+    fsc_unmasked, fsc_masked : half-map FSC per shell
+    resolution_A, resolution_unmasked_A : FSC 0.143 resolution of the masked and unmasked curves
+    guinier_B_A2 : envelope B factor from the Guinier plot (positive: a blurred map); nan when the
+        fit range holds too few shells (then the map is not sharpened)
+    n_particles, n_insertions : particles used and poses inserted
+    poses : ``"best"`` or ``"posterior"``
+    """
+
+    half1: np.ndarray
+    half2: np.ndarray
+    full: np.ndarray
+    sharpened: np.ndarray
+    pixel_size: float
+    freq: np.ndarray
+    fsc_unmasked: np.ndarray
+    fsc_masked: np.ndarray
+    resolution_A: float
+    resolution_unmasked_A: float
+    guinier_B_A2: float
+    n_particles: int
+    n_insertions: int
+    poses: str
+
+    def figures(self) -> dict:
+        """The figures of ``final_map.json``."""
+        b = self.guinier_B_A2
+        return {
+            "poses": self.poses,
+            "n_particles": self.n_particles,
+            "n_insertions": self.n_insertions,
+            "box": int(self.full.shape[0]),
+            "pixel_size": self.pixel_size,
+            "halfmap_fsc0143_masked_A": self.resolution_A,
+            "halfmap_fsc0143_unmasked_A": self.resolution_unmasked_A,
+            "halfmap_fsc05_masked_A": resolution_at(self.freq, self.fsc_masked, 0.5),
+            "guinier_B_A2": None if not math.isfinite(b) else b,
+            "sharpening_B_A2": None if not math.isfinite(b) else -b,
+            "guinier_range_A": [GUINIER_LOW_A, self.resolution_A],
+        }
+
+
+def shell_amplitudes(volume: np.ndarray, pixel_size: float, mask=None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean Fourier amplitude per shell of one Fourier pixel: ``(freq (1/A), amplitude)``."""
+    v = np.asarray(volume, np.float64)
+    if mask is not None:
+        v = v * mask
+    n = v.shape[0]
+    shells = np.rint(radial_index_3d(n)).astype(np.int64).ravel()
+    n_shells = n // 2 + 1
+    keep = shells < n_shells
+    amplitude = np.abs(ft3(v)).ravel()[keep]
+    total = np.bincount(shells[keep], amplitude, n_shells)
+    count = np.bincount(shells[keep], minlength=n_shells)
+    return np.arange(n_shells) / (n * pixel_size), total / np.maximum(count, 1)
+
+
+def guinier_bfactor(volume: np.ndarray, pixel_size: float, low_A: float, high_A: float,
+                    mask=None) -> float:
+    """Envelope B factor (A^2, positive for a blurred map) of a map from its Guinier plot.
+
+    A least-squares line through ``ln |F|`` against ``s^2`` over the shells with
+    ``1 / low_A <= s <= 1 / high_A``; an envelope ``exp(-B s^2 / 4)`` has slope ``-B / 4``.
+    Returns nan when fewer than 3 shells are in the range.
+    """
+    freq, amplitude = shell_amplitudes(volume, pixel_size, mask)
+    use = (freq >= 1 / low_A - 1e-12) & (freq <= 1 / high_A + 1e-12) & (amplitude > 0)
+    if use.sum() < 3:
+        return float("nan")
+    slope, _ = np.polyfit(freq[use] ** 2, np.log(amplitude[use]), 1)
+    return float(-4.0 * slope)
+
+
+def fsc_weight(curve: np.ndarray) -> np.ndarray:
+    """The full map's figure of merit per shell, ``sqrt(2 FSC / (1 + FSC))`` (0 where FSC <= 0)."""
+    c = np.clip(np.asarray(curve, np.float64), 0.0, 1.0)
+    return np.sqrt(2 * c / (1 + c))
+
+
+def sharpen(volume: np.ndarray, pixel_size: float, guinier_B_A2: float, freq: np.ndarray,
+            fsc_curve: np.ndarray, resolution_A: float) -> np.ndarray:
+    """The map with its envelope undone (``exp(+B s^2 / 4)``, RELION's ``exp(-B' s^2 / 4)`` with
+    ``B' = -B``), weighted by :func:`fsc_weight` and low-passed at ``resolution_A`` (a raised
+    cosine one shell wide). A non-finite ``guinier_B_A2`` is taken as 0 (filter only)."""
+    n = volume.shape[0]
+    radius = radial_index_3d(n)
+    s = radius / (n * pixel_size)
+    b = guinier_B_A2 if math.isfinite(guinier_B_A2) else 0.0
+    shells = np.arange(len(freq), dtype=np.float64)
+    weight = np.interp(radius, shells, fsc_weight(fsc_curve), right=0.0)
+    cutoff = n * pixel_size / resolution_A if math.isfinite(resolution_A) else 0.0
+    edge = np.clip(radius - cutoff, 0.0, 1.0)
+    lowpass = 0.5 + 0.5 * np.cos(np.pi * edge)
+    spectrum = ft3(np.asarray(volume, np.float64)) * np.exp(b * s * s / 4) * weight * lowpass
+    return ift3(spectrum).astype(np.float32)
+
+
+def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP):
+    """Each particle's top points of its stored pose marginals, as weighted poses.
+
+    Parameters
+    ----------
+    state : dict
+        A stage's ``state.npz`` (the importance sampler's ``is_*`` arrays).
+    pixel_size : float
+        A/px of the box the shifts are wanted in.
+    top : (int, int, int)
+        Points kept per dimension (directions, in-plane angles, shifts).
+
+    Returns
+    -------
+    image : (m,) int, the particle of each pose
+    rotations : (m, 3, 3)
+    shifts_px : (m, 2)
+    weights : (m,) float64, the product of the marginals' masses renormalised per particle
+    """
+    from cryoday.importance.store import PosteriorStore
+
+    store = PosteriorStore.from_state(state)
+    if not store.has.all():
+        missing = int(np.flatnonzero(~store.has)[0])
+        raise ValueError(f"stored posteriors: particle row {missing + 1} has none")
+    n = store.n
+    picks = []
+    for dim, k in enumerate(top):
+        logp = store.log_masses(dim).astype(np.float64)
+        order = np.argsort(-logp, axis=1)[:, :k]
+        picks.append((order, np.take_along_axis(logp, order, axis=1)))
+    (di, dl), (ii, il), (si, sl) = picks
+    kd, ki, ks = di.shape[1], ii.shape[1], si.shape[1]
+    # Every combination (direction, in-plane, shift) of each particle, particle-major.
+    logw = dl[:, :, None, None] + il[:, None, :, None] + sl[:, None, None, :]
+    logw = logw.reshape(n, -1)
+    logw = logw - logw.max(axis=1, keepdims=True)
+    w = np.exp(logw)
+    w /= w.sum(axis=1, keepdims=True)
+    rows = np.arange(n)[:, None]
+    directions = store.dir_xyz[rows, di].astype(np.float64)  # (n, kd, 3)
+    rot, tilt = directions_to_euler(directions)
+    psi = np.degrees(store.inp_angle[rows, ii].astype(np.float64))  # (n, ki)
+    shape = (n, kd, ki, ks)
+    rotations = euler_to_matrix(np.broadcast_to(rot[:, :, None, None], shape).ravel(),
+                                np.broadcast_to(tilt[:, :, None, None], shape).ravel(),
+                                np.broadcast_to(psi[:, None, :, None], shape).ravel())
+    shifts = np.broadcast_to(store.shift_A[rows, si][:, None, None, :, :].astype(np.float64),
+                             (*shape, 2)).reshape(-1, 2) / pixel_size
+    image = np.repeat(np.arange(n), kd * ki * ks)
+    keep = w.ravel() > 0
+    return image[keep], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w.ravel()[keep]
+
+
+def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,
+                         ctf_params: dict, pixel_size: float, box: int, *, image=None,
+                         weights=None, seed: int = 0, wiener: float = 1e-3,
+                         chunk_size: int = CHUNK_SIZE, log=print) -> FinalMap:
+    """Gold-standard half maps at the full box up to Nyquist, their FSC, the full map and the
+    sharpened map.
+
+    Parameters
+    ----------
+    read : callable ``particle rows -> (m, b, b)`` float32 images (protein bright)
+    n : number of particles
+    rotations, shifts_px : (m, 3, 3) RELION matrices and (m, 2) origins (px of ``box``), one per
+        pose inserted: one per particle (``m = n``), or several with ``image`` and ``weights``
+    ctf_params : dict of (n,) per-particle arrays (or scalars), ``evaluate_ctf`` arguments
+    pixel_size, box : the output maps' voxel size (A) and box
+    image : optional (m,) particle of each pose (default: pose i is particle i)
+    weights : optional (m,) weight of each pose (its posterior mass)
+    seed : the split into halves (``reconstruct.half_sets``)
+    """
+    image = np.arange(n) if image is None else np.asarray(image, np.int64)
+    weights = np.ones(len(image)) if weights is None else np.asarray(weights, np.float64)
+    if len(image) != len(rotations) or len(image) != len(shifts_px) or len(image) != len(weights):
+        raise ValueError(f"{len(image)} pose rows, {len(rotations)} rotations, "
+                         f"{len(shifts_px)} shifts and {len(weights)} weights")
+    sums = []
+    for particles in half_sets(n, seed):
+        # The poses of this half's particles, grouped by particle: each chunk of poses reads
+        # and transforms its images once.
+        rows = np.flatnonzero(np.isin(image, particles))
+        sums.append(insert(read, len(rows), rotations[rows], shifts_px[rows], ctf_params,
+                           pixel_size, box, chunk_size=chunk_size, weights=weights[rows],
+                           image=image[rows]))
+        log(f"half map {len(sums)}: {len(particles)} particles, {len(rows)} poses inserted")
+    # The half maps as RELION writes them: least squares with a small constant floor, no
+    # filter, so that their FSC measures the data and nothing of a prior.
+    half1, half2 = (solve(s, wiener) for s in sums)
+    freq, unmasked = fsc(half1, half2, pixel_size)
+    mask = soft_spherical_mask(box, MASK_RADIUS_FRACTION * box, MASK_EDGE_PX)
+    _, masked = fsc(half1, half2, pixel_size, mask=mask)
+    resolution = resolution_at(freq, masked, 0.143)
+    resolution_unmasked = resolution_at(freq, unmasked, 0.143)
+    average = ((len(half_sets(n, seed)[0]) * half1 + len(half_sets(n, seed)[1]) * half2)
+               / max(n, 1)).astype(np.float32)
+    b = (guinier_bfactor(average, pixel_size, GUINIER_LOW_A, resolution, mask)
+         if math.isfinite(resolution) else float("nan"))
+    sharpened = sharpen(average, pixel_size, b, freq, masked, resolution)
+    # The full map: least squares from every particle's sums (each voxel weighted by how well
+    # both halves sample it, which their plain average is not).
+    both = Sums(sums[0].op, sums[0].num + sums[1].num, sums[0].den + sums[1].den, sums[0].radius)
+    full = solve(both, wiener)
+    log(f"final map: half-map FSC 0.143 {resolution:.2f} A masked, {resolution_unmasked:.2f} A "
+        f"unmasked; Guinier B {b:.0f} A^2 ({GUINIER_LOW_A:g} A to {resolution:.2f} A)")
+    return FinalMap(half1, half2, full, sharpened, float(pixel_size), freq, unmasked, masked,
+                    resolution, resolution_unmasked, b, int(n), len(image),
+                    "best" if len(image) == n and np.all(weights == 1) else "posterior")
+
+
+def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures, fsc_table
+                    ) -> dict:
+    """Write the maps, the FSC table and the figures (each file atomically); returns the
+    figures (``final_map.json``), which name the FSC table."""
+    for path, volume in ((full, result.full), (half1, result.half1), (half2, result.half2),
+                         (sharpened, result.sharpened)):
+        io.write_map(path, volume, result.pixel_size)
+    with np.errstate(divide="ignore"):
+        resolution = np.where(result.freq > 0, 1 / np.maximum(result.freq, 1e-12), np.inf)
+    from cryoday.validation import write_fsc_table
+
+    write_fsc_table(fsc_table, {"freq_invA": result.freq, "resolution_A": resolution,
+                                "fsc_unmasked": result.fsc_unmasked,
+                                "fsc_masked": result.fsc_masked})
+    out = {**result.figures(), "fsc_table": str(fsc_table)}
+    with io.atomic_path(figures) as tmp:
+        Path(tmp).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERIOR_TOP,
+        seed: int = 0, log=print) -> dict:
+    """The final map of a run from its files (rule ``final_map``).
+
+    Parameters
+    ----------
+    preprocessed_star : path
+        The preprocessed particles (normalised images, CTFs): the maps' box and voxel size.
+    final_star : path
+        The same particles with their most probable poses (``final/particles.star``).
+    state : path, optional
+        The chosen start's last ``state.npz``: with it each particle is inserted at its pose
+        posterior's top points (``top``); without it at its most probable pose.
+    outputs : dict
+        ``full``, ``half1``, ``half2``, ``sharpened``, ``figures``, ``fsc_table`` paths.
+    """
+    particles = io.read_particles(preprocessed_star)
+    box, pixel_size = int(particles.box), float(particles.pixel_size)
+    n = len(particles)
+    ctf = io.ctf_params(particles)
+    if state is not None:
+        image, rotations, shifts, weights = posterior_poses(dict(np.load(state)), pixel_size,
+                                                            top)
+        if image.max(initial=-1) >= n:
+            raise ValueError(f"{state}: posteriors of {image.max() + 1} particles, "
+                             f"{preprocessed_star} has {n}")
+        log(f"posterior-marginalised insertion: {len(image) / n:.1f} poses per particle "
+            f"(top {top} of the stored marginals)")
+    else:
+        final = io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False)
+        if len(final) != n:
+            raise ValueError(f"{final_star} has {len(final)} particles, {preprocessed_star} {n}")
+        pose = io.poses(final)
+        rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])
+        shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1) / pixel_size
+        image = weights = None
+    with io.ImageSource(particles) as source:
+        result = final_reconstruction(source.read, n, rotations, shifts, ctf, pixel_size, box,
+                                      image=image, weights=weights, seed=seed, log=log)
+    return write_final_map(result, **outputs)

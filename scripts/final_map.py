@@ -1,0 +1,28 @@
+"""Rule `final_map`: the full-box map at the limit of the data, its half maps, FSC and sharpened map."""
+
+import json
+from pathlib import Path
+
+if "snakemake" not in globals():
+    from _common import mock_snakemake
+
+    snakemake = mock_snakemake("final_map", dataset="demo")
+
+from _common import setup_logging
+
+from cryoday import final_map
+
+log = setup_logging(snakemake)
+seeds = [int(s) for s in snakemake.params.seeds]
+chosen = int(json.loads(Path(snakemake.input.choice).read_text())["chosen_seed"])
+# The chosen start's last pose posteriors (common.smk lists every seed's, in config order).
+state = snakemake.input.states[seeds.index(chosen)] if snakemake.input.states else None
+figures = final_map.run(
+    preprocessed_star=snakemake.input.particles,
+    final_star=snakemake.input.star,
+    state=state,
+    outputs={key: snakemake.output[key] for key in
+             ("full", "half1", "half2", "sharpened", "figures", "fsc_table")},
+    log=log.info,
+)
+log.info("final map of seed %d: %s", chosen, json.dumps(figures))

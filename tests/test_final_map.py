@@ -1,0 +1,170 @@
+"""The final map: full-box half maps from the particles' poses, their FSC, the Guinier B factor
+and the sharpened map."""
+
+from __future__ import annotations
+
+import json
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryoday import final_map, io, molecule, simulate
+from cryoday.fourier import ft3, ift3, radial_index_3d
+from cryoday.fsc import fsc, resolution_at
+from cryoday.geometry import euler_to_matrix, matrix_to_euler
+from cryoday.importance.store import K_STORED, PosteriorStore
+from cryoday.reconstruct import reconstruct
+
+BOX, PSIZE, N = 32, 4.0, 1200
+STAGE_A = 20.0  # a stage cutoff the final map must beat (Nyquist is 8 A)
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    truth = molecule.synthetic_molecule(BOX, PSIZE)
+    images, tables = [], []
+    for chunk, table in simulate.simulate_chunks(truth, PSIZE, N, snr=0.5, seed=3):
+        images.append(chunk)
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True)
+    rotations = euler_to_matrix(table.rlnAngleRot.values, table.rlnAngleTilt.values,
+                                table.rlnAnglePsi.values)
+    shifts = np.stack([table.rlnOriginXAngst.values, table.rlnOriginYAngst.values], 1) / PSIZE
+    ctf = {"defocus_u": table.rlnDefocusU.values, "defocus_v": table.rlnDefocusV.values,
+           "defocus_angle": table.rlnDefocusAngle.values, "voltage": 300.0, "cs": 2.7,
+           "amplitude_contrast": 0.1}
+    return truth, np.concatenate(images), rotations, shifts, ctf, table
+
+
+@pytest.fixture(scope="module")
+def result(simulated):
+    _, images, rotations, shifts, ctf, _ = simulated
+    return final_map.final_reconstruction(lambda r: images[r], N, rotations, shifts, ctf, PSIZE,
+                                          BOX, chunk_size=300, log=lambda *_: None)
+
+
+def test_half_maps_resolve_beyond_a_stage_cutoff(result, simulated):
+    truth = simulated[0]
+    assert np.isfinite(result.resolution_A) and result.resolution_A < STAGE_A
+    assert np.isfinite(result.resolution_unmasked_A)
+    # The full map beats the same particles reconstructed only to the stage's cutoff.
+    _, images, rotations, shifts, ctf, _ = simulated
+    stage = reconstruct(lambda r: images[r], N, rotations, shifts, ctf, PSIZE, BOX,
+                        max_resolution_A=STAGE_A)
+    freq, curve = fsc(result.full, truth, PSIZE)
+    freq, stage_curve = fsc(stage, truth, PSIZE)
+    assert resolution_at(freq, curve, 0.5) < resolution_at(freq, stage_curve, 0.5) - 2.0
+    assert result.poses == "best" and result.n_insertions == N
+
+
+def test_full_map_from_all_sums_is_as_good_as_the_halves_average(result, simulated):
+    truth = simulated[0]
+    average = 0.5 * (result.half1 + result.half2)
+    np.testing.assert_allclose(result.full, average, atol=0.2 * np.abs(average).max())
+    freq, pooled = fsc(result.full, truth, PSIZE)
+    _, plain = fsc(average, truth, PSIZE)
+    signal = freq <= 1 / result.resolution_A
+    assert np.all(pooled[signal] > plain[signal] - 0.01)
+
+
+def _blurred_noise(b_factor, box=64, pixel_size=2.0, seed=0):
+    """A map with a flat amplitude spectrum times the envelope exp(-B s^2 / 4)."""
+    rng = np.random.default_rng(seed)
+    spectrum = ft3(rng.standard_normal((box, box, box)))
+    flat = spectrum / np.maximum(np.abs(spectrum), 1e-12)
+    s = radial_index_3d(box) / (box * pixel_size)
+    return ift3(flat * np.exp(-b_factor * s * s / 4))
+
+
+@pytest.mark.parametrize("b_factor", [50.0, 150.0])
+def test_guinier_recovers_a_known_b_factor(b_factor):
+    volume = _blurred_noise(b_factor)
+    estimate = final_map.guinier_bfactor(volume, 2.0, 10.0, 4.5)
+    assert estimate == pytest.approx(b_factor, abs=15.0)
+    # The sharpened map with that B and a perfect FSC has the flat spectrum back.
+    freq, _ = final_map.shell_amplitudes(volume, 2.0)
+    sharp = final_map.sharpen(volume, 2.0, estimate, freq, np.ones(len(freq)), 4.0)
+    assert abs(final_map.guinier_bfactor(sharp, 2.0, 10.0, 4.5)) < 15.0
+
+
+def test_guinier_needs_three_shells():
+    assert np.isnan(final_map.guinier_bfactor(_blurred_noise(50.0), 2.0, 10.0, 9.5))
+
+
+def test_posterior_poses_weight_the_stored_marginals():
+    store = PosteriorStore(2)
+    rot = euler_to_matrix(np.array([10.0, 200.0]), np.array([30.0, 100.0]), 0.0)
+    store.dir_xyz[:, 0] = rot[:, 2]
+    store.dir_xyz[:, 1] = -rot[:, 2]
+    store.inp_angle[:, :2] = [[0.5, 1.0], [2.0, 3.0]]
+    store.shift_A[:, 0] = [[4.0, -8.0], [0.0, 2.0]]
+    log = np.log
+    store.dir_logp[:, :2] = log([[0.75, 0.25], [1.0, 1e-30]])
+    store.inp_logp[:, :2] = log([[0.5, 0.5], [0.9, 0.1]])
+    store.shift_logp[:, 0] = 0.0
+    store.has[:] = True
+    image, rotations, shifts, weights = final_map.posterior_poses(store.state(), 2.0, (3, 3, 2))
+    # Only finite masses become poses: 2 x 2 x 1 for each particle.
+    assert np.bincount(image).tolist() == [4, 4]
+    np.testing.assert_allclose(np.bincount(image, weights), 1.0)
+    first = image == 0
+    np.testing.assert_allclose(sorted(weights[first]), [0.125, 0.125, 0.375, 0.375])
+    np.testing.assert_allclose(shifts[first], [[2.0, -4.0]] * 4)
+    # The heaviest pose of particle 0 has the stored direction and in-plane angle.
+    best = np.flatnonzero(first)[np.argmax(weights[first])]
+    _, _, p = matrix_to_euler(rotations[best][None])
+    np.testing.assert_allclose(rotations[best][2], rot[0, 2], atol=1e-6)
+    assert p[0] % 360 == pytest.approx(np.degrees(0.5), abs=1e-3) or \
+        p[0] % 360 == pytest.approx(np.degrees(1.0), abs=1e-3)
+    assert K_STORED >= 3
+
+
+def test_posterior_insertion_at_a_delta_posterior_is_the_best_pose_map(simulated):
+    _, images, rotations, shifts, ctf, _ = simulated
+    n = 200
+    image = np.repeat(np.arange(n), 2)
+    weights = np.tile([1.0, 0.0], n)
+    kw = {"chunk_size": 150, "log": lambda *_: None}
+    delta = final_map.final_reconstruction(lambda r: images[r], n, rotations[:n], shifts[:n],
+                                           ctf, PSIZE, BOX, **kw)
+    # Each particle twice: at its pose with all the mass, and at a wrong one with none.
+    wrong = np.repeat(rotations[:n], 2, axis=0)
+    wrong[1::2] = rotations[n:2 * n]
+    spread = final_map.final_reconstruction(lambda r: images[r], n, wrong,
+                                            np.repeat(shifts[:n], 2, axis=0), ctf, PSIZE, BOX,
+                                            image=image, weights=weights, **kw)
+    assert spread.poses == "posterior" and spread.n_insertions == 2 * n
+    np.testing.assert_allclose(spread.full, delta.full, atol=1e-4 * np.abs(delta.full).max())
+
+
+def test_run_writes_every_output_atomically(tmp_path, simulated):
+    images, table = simulated[1], simulated[5]
+    with io.StackWriter(tmp_path / "p.mrcs", N, BOX, PSIZE) as writer:
+        writer.data[:] = images
+    table = table.copy()
+    table["rlnImageName"] = [f"{i + 1:06d}@p.mrcs" for i in range(N)]
+    optics = simulate.optics_table(PSIZE, BOX, 300.0, 2.7, 0.1)
+    io.write_particles(tmp_path / "p.star", table, optics)
+    outputs = {name: tmp_path / "final" / file for name, file in (
+        ("full", "map_full.mrc"), ("half1", "half1.mrc"), ("half2", "half2.mrc"),
+        ("sharpened", "map_sharpened.mrc"), ("figures", "final_map.json"),
+        ("fsc_table", "final_map_fsc.tsv"))}
+    (tmp_path / "final").mkdir()
+    figures = final_map.run(preprocessed_star=tmp_path / "p.star", final_star=tmp_path / "p.star",
+                            outputs=outputs, log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == sorted(
+        p.name for p in outputs.values())  # no temporary files left beside them
+    for name in ("full", "half1", "half2", "sharpened"):
+        with mrcfile.open(outputs[name]) as mrc:
+            assert mrc.data.shape == (BOX,) * 3
+            assert float(mrc.voxel_size.x) == pytest.approx(PSIZE)
+    written = json.loads(outputs["figures"].read_text())
+    assert written == json.loads(json.dumps(figures))
+    assert written["halfmap_fsc0143_masked_A"] < STAGE_A
+    # 8 A Nyquist leaves the 10 A Guinier range too few shells: no B, the map only filtered.
+    assert written["guinier_B_A2"] is None and written["sharpening_B_A2"] is None
+    fsc_rows = pd.read_csv(outputs["fsc_table"], sep="\t")
+    assert list(fsc_rows.columns) == ["freq_invA", "resolution_A", "fsc_unmasked", "fsc_masked"]
+    assert len(fsc_rows) == BOX // 2 + 1
