@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoday import io, records, shift_range
-from cryoday.align import fsc_after_alignment
+from cryoday.align import apply_alignment, fsc_after_alignment
 from cryoday.fourier import rescale_volume
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 
@@ -321,7 +321,7 @@ def pose_error_figures(truth_star, final_star, pixel_size) -> dict:
             "pose_error_histogram": np.histogram(errors, bins=18, range=(0, 180))[0].tolist()}
 
 
-def final_map_figures(final_map, figures, reference=None) -> tuple[dict, dict]:
+def final_map_figures(final_map, figures, reference=None, alignment=None) -> tuple[dict, dict]:
     """The final map's figures (``final_map.json``) and, with a reference, its FSC against it
     after alignment; and the FSC table's extra columns (``fsc_final_vs_reference``).
 
@@ -331,6 +331,9 @@ def final_map_figures(final_map, figures, reference=None) -> tuple[dict, dict]:
         ``final/map_full.mrc`` (unsharpened: the FSC against a reference is blind to a radial
         filter but not to the sharpened map's noise) and ``final/final_map.json``.
     reference : path, optional
+    alignment : cryoday.align.Alignment, optional
+        The stage map's onto ``reference``: the final map is reconstructed from the poses found
+        against that map, so it shares its frame and hand, and the search need not run again.
     """
     out = {k: v for k, v in json.loads(Path(figures).read_text()).items() if k != "fsc_table"}
     columns = {}
@@ -339,7 +342,11 @@ def final_map_figures(final_map, figures, reference=None) -> tuple[dict, dict]:
         ref, ref_voxel = io.read_map(reference)
         if ref.shape != volume.shape or (ref_voxel and abs(ref_voxel - pixel_size) > 1e-3):
             ref = rescale_volume(ref, ref_voxel or pixel_size, volume.shape[0], pixel_size)
-        _, freq, curve, res = fsc_after_alignment(volume, ref, pixel_size)
+        if alignment is None:
+            _, freq, curve, res = fsc_after_alignment(volume, ref, pixel_size)
+        else:
+            freq, curve = fsc(apply_alignment(volume, alignment), ref, pixel_size)
+            res = resolution_at(freq, curve, 0.143)
         out["fsc0143_vs_reference_A"] = res
         out["fsc05_vs_reference_A"] = resolution_at(freq, curve, 0.5)
         columns = {"freq_invA": freq, "fsc_final_vs_reference": curve}
@@ -425,8 +432,9 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
     # Gold-standard half maps with the final poses.
     if final_map:
         half1, half2 = (io.read_map(final_map[k])[0] for k in ("half1", "half2"))
-        metrics["final_map"], columns = final_map_figures(final_map["full"],
-                                                          final_map["figures"], reference)
+        metrics["final_map"], columns = final_map_figures(
+            final_map["full"], final_map["figures"], reference,
+            alignment if reference else None)
         if "fsc_final_vs_reference" in columns:
             table.setdefault("freq_invA", columns["freq_invA"])
             table["fsc_final_vs_reference"] = columns["fsc_final_vs_reference"]
