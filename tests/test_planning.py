@@ -237,7 +237,7 @@ def test_another_seed_or_stage_plans_only_the_new_jobs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _stage_jobs(planned(proc.stdout)) == [("reconstruct_stage", "2", "1")]
     assert sorted(r for r, _ in planned(proc.stdout)) == sorted(
-        ["reconstruct_stage", "finalize", "validate", "make_report", "all"])
+        ["reconstruct_stage", "finalize", "final_map", "validate", "make_report", "all"])
 
     _set(tmp_path, config, seeds=[1], stages_A=[40, 30])
     proc = run_snakemake(tmp_path, "-n", "--cores", "2")
@@ -245,4 +245,5 @@ def test_another_seed_or_stage_plans_only_the_new_jobs(tmp_path):
     assert _stage_jobs(planned(proc.stdout)) == [("downsample", None, "2"),
                                                  ("reconstruct_stage", "1", "2")]
     assert {r for r, _ in planned(proc.stdout)} == {
-        "downsample", "reconstruct_stage", "finalize", "validate", "make_report", "all"}
+        "downsample", "reconstruct_stage", "finalize", "final_map", "validate", "make_report",
+        "all"}
