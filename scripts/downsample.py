@@ -39,6 +39,7 @@ stage_info = {
     "noise_sigma": new_box / box,
     "full_box": box,
     "full_pixel_size": pixel_size,
+    "particle_diameter_A": info.get("particle_diameter_A"),  # for the random start
 }
 with io.atomic_path(snakemake.output.info) as tmp:
     Path(tmp).write_text(json.dumps(stage_info, indent=2))

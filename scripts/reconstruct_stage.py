@@ -44,9 +44,13 @@ elif section["initial_model"]:
     volume0 = initial.resample_to(volume, voxel_size or info["full_pixel_size"], box, pixel_size)
     log.info("stage 1 starts from the initial model %s", section["initial_model"])
 else:
-    volume0 = initial.random_blobs(box, pixel_size, seed=seed,
-                                   diameter_A=section["particle_diameter_A"])
-    log.info("stage 1 starts from a random density (seed %d)", seed)
+    # null in the config: the diameter preprocessing estimated from the images (older stage
+    # files without one: random_blobs' 0.6 x box).
+    diameter = section["particle_diameter_A"] or info.get("particle_diameter_A")
+    volume0 = initial.random_blobs(box, pixel_size, seed=seed, diameter_A=diameter)
+    log.info("stage 1 starts from a random density (seed %d) of diameter %s", seed,
+             f"{diameter:.1f} A ({'config' if section['particle_diameter_A'] else 'estimated'})"
+             if diameter else "0.6 x box")
 io.write_map(snakemake.output.initial, volume0, pixel_size)
 log.info("stage %d: %.1f A, %d px at %.3f A/px, eps %.4g, undersampling %.2f",
          stage, resolution, box, pixel_size, config.learning_rate, config.undersampling)

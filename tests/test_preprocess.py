@@ -161,6 +161,10 @@ def test_the_preprocessing_step_is_the_streaming_functions_composed(shared_data,
                           preprocess.choose_heldout(10, 3, seed=5))
     assert json.loads((out / "info.json").read_text()) == info
     assert info["contrast_sign"] == -1 and info["n_heldout"] == 3
+    # The diameter recorded is the estimator's on the same images (10 only: z decides).
+    assert (info["particle_diameter_A"], info["particle_diameter_source"]) == \
+        preprocess.estimate_particle_diameter(lambda rows: images[rows], 10, 48,
+                                              particles.pixel_size, mask_radius=0.95 * 24)
     with pytest.raises(InputError, match="preprocess.contrast is 'flip'"):
         preprocess.preprocess_particles(
             tmp_path / "particles.star", tmp_path / "o2/p.mrcs", tmp_path / "o2/p.star",
