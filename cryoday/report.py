@@ -19,8 +19,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from cryoday import __version__, io, records
-from cryoday.validation import SIGNAL_Z
+from cryoday import __version__, io, noise, records
+from cryoday.validation import (
+    NOISE_HIGH_BAND_A,
+    NOISE_LOW_BAND_A,
+    SIGNAL_Z,
+    nyquist_shell,
+    pooled_low_to_high,
+)
 
 
 def _png(fig) -> str:
@@ -223,6 +229,59 @@ def shift_histogram(star, pixel_size, metrics) -> str:
     return _img(_png(fig), "shift histogram")
 
 
+# Micrograph spectra drawn at most (evenly chosen): more lines only grey the plot.
+MAX_MICROGRAPH_LINES = 20
+
+
+def noise_spectrum_plot(noise_tsv) -> str:
+    """Each noise group's relative power against spatial frequency, and a one-line summary.
+
+    Optics groups are drawn bold, micrograph groups as thin grey lines (at most
+    ``MAX_MICROGRAPH_LINES`` of them), white noise (1) dashed. The summary gives the number of
+    groups and the pooled spectrum's low-to-high power ratio
+    (:func:`cryoday.validation.noise_model_figures`).
+
+    Parameters
+    ----------
+    noise_tsv : path
+        Preprocessing's ``noise_spectrum.tsv``.
+    """
+    spectrum = noise.NoiseSpectrum.load(noise_tsv)
+    upto = nyquist_shell(spectrum) + 1  # the corners beyond Nyquist are not resolution
+    freq = spectrum.shells[:upto]
+    optics = [i for i, label in enumerate(spectrum.labels) if " / " not in label]
+    micrographs = [i for i in range(spectrum.n_groups) if i not in optics]
+    shown = micrographs
+    if len(micrographs) > MAX_MICROGRAPH_LINES:
+        shown = [micrographs[i] for i in
+                 np.linspace(0, len(micrographs) - 1, MAX_MICROGRAPH_LINES).round().astype(int)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n, i in enumerate(shown):
+        ax.plot(freq, spectrum.power[i, :upto], color="0.6", lw=0.6,
+                label=(f"micrographs ({len(shown)} of {len(micrographs)})" if n == 0 else None))
+    for i in optics:
+        ax.plot(freq, spectrum.power[i, :upto], lw=2, label=spectrum.labels[i])
+    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="white")
+    ax.set(xlabel="spatial frequency (1/A)", ylabel="relative noise power",
+           title="noise power spectrum per group")
+    ax.set_ylim(bottom=0)
+    top = ax.secondary_xaxis("top", functions=(lambda f: 1 / np.maximum(f, 1e-6),
+                                               lambda r: 1 / np.maximum(r, 1e-6)))
+    # Fixed ticks: automatic ones on a 1/f axis crowd near f = 0; kept >= 7% of the axis apart.
+    ticks = []
+    for r in (2, 2.5, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100):
+        if freq[1] <= 1 / r <= freq[-1] and all(1 / t - 1 / r >= 0.07 * freq[-1] for t in ticks):
+            ticks.append(r)
+    top.set_xticks(ticks, [f"{r:g}" for r in ticks])
+    top.set_xlabel("resolution (A)")
+    ax.legend(fontsize=7)
+    ratio = pooled_low_to_high(spectrum)
+    summary = (f"<p>Noise model: {spectrum.n_groups} groups ({len(optics)} optics, "
+               f"{len(micrographs)} micrographs); pooled power below 1/{NOISE_LOW_BAND_A:g} A is "
+               f"{ratio:.2f} x that beyond 1/{NOISE_HIGH_BAND_A:g} A (white noise: 1).</p>")
+    return summary + _img(_png(fig), "noise power spectrum")
+
+
 def pose_error_histogram(metrics) -> str:
     counts = metrics.get("pose_error_histogram")
     if not counts:
@@ -331,7 +390,7 @@ def final_map_section(metrics, final_map=None, final_fsc=None) -> str:
 
 def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
                  preprocessed_star, seed_stages, settings, n_example_particles,
-                 final_map=None, final_fsc=None):
+                 final_map=None, final_fsc=None, noise_spectrum=None):
     """Write the report for one dataset (atomically).
 
     Parameters
@@ -354,6 +413,8 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
         How many particles to show beside the map's projections at their poses.
     final_map, final_fsc : path, optional
         The final map (``final/map_full.mrc``) and its half-map FSC table.
+    noise_spectrum : path, optional
+        Preprocessing's ``noise_spectrum.tsv``, plotted under Inputs.
     """
     m = json.loads(Path(metrics).read_text())
     info = json.loads(Path(preprocess_info).read_text())
@@ -384,6 +445,7 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
          f"(z = {info['contrast_z']:.1f}).</p>"),
         defocus_histogram(star, info["pixel_size"]),
         shift_histogram(star, info["pixel_size"], m),
+        noise_spectrum_plot(noise_spectrum) if noise_spectrum else "",
         particles_and_reprojections(star, preprocessed_star, vol, info["pixel_size"],
                                     n_example_particles),
         ("<h2>Run</h2><table><tr><th>stage</th><th>resolution (A)</th><th>box</th>"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoday import io, records, shift_range
+from cryoday import io, noise, records, shift_range
 from cryoday.align import apply_alignment, fsc_after_alignment
 from cryoday.fourier import rescale_volume
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
@@ -353,10 +353,68 @@ def final_map_figures(final_map, figures, reference=None, alignment=None) -> tup
     return out, columns
 
 
+# The noise model's summary bands (A): "low" is where ab initio decides the fold (the paper's
+# first stages), "high" where its last stage ends.
+NOISE_LOW_BAND_A = 30.0
+NOISE_HIGH_BAND_A = 10.0
+
+
+def nyquist_shell(spectrum: noise.NoiseSpectrum) -> int:
+    """The index of the Nyquist shell (``box // 2``), from the number of shells the TSV holds."""
+    n = len(spectrum.shells)
+    half = next((h for h in range(1, n + 1) if noise.n_shells(2 * h) == n), None)
+    # A spectrum not written by noise.estimate_spectra: its last shell stands for Nyquist.
+    return n - 1 if half is None else half
+
+
+def noise_model_figures(noise_spectrum) -> dict:
+    """``metrics["noise_model"]``: the number of noise groups and the pooled low-to-high ratio.
+
+    The pooled spectrum is the mean of the optics groups' spectra (each already pools its
+    micrographs' particles; the TSV holds no counts, so optics groups weigh equally); with
+    micrograph groups only, all groups. ``low_to_high`` is its mean relative power over the
+    shells ``0 < k < 1/30 A`` (shell 0, the mean, is left out: the background median removed it)
+    divided by the mean over the shells ``1/10 A <= k <= Nyquist``; when Nyquist is coarser than
+    10 A, the Nyquist shell alone. A box too small for any shell below 1/30 A uses shell 1.
+    White noise gives 1; real data several.
+
+    Parameters
+    ----------
+    noise_spectrum : path
+        Preprocessing's ``noise_spectrum.tsv`` (:meth:`cryoday.noise.NoiseSpectrum.save`).
+
+    Returns
+    -------
+    dict
+        ``{"groups": n, "low_to_high": ratio}``.
+    """
+    spectrum = noise.NoiseSpectrum.load(noise_spectrum)
+    return {"groups": spectrum.n_groups, "low_to_high": pooled_low_to_high(spectrum)}
+
+
+def pooled_spectrum(spectrum: noise.NoiseSpectrum) -> np.ndarray:
+    """``(S,)`` the mean of the optics groups' power (all groups' without an optics group)."""
+    optics = [i for i, label in enumerate(spectrum.labels) if " / " not in label]
+    return spectrum.power[optics or slice(None)].mean(axis=0)
+
+
+def pooled_low_to_high(spectrum: noise.NoiseSpectrum) -> float:
+    """The pooled spectrum's low-to-high power ratio (see :func:`noise_model_figures`)."""
+    power = pooled_spectrum(spectrum)
+    shells = spectrum.shells
+    nyquist = nyquist_shell(spectrum)
+    index = np.arange(len(shells))
+    low = (index >= 1) & (shells < 1.0 / NOISE_LOW_BAND_A)
+    if not low.any():
+        low = index == 1
+    high = (index <= nyquist) & (shells >= min(1.0 / NOISE_HIGH_BAND_A, shells[nyquist]))
+    return float(power[low].mean() / power[high].mean())
+
+
 def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preprocess_info,
                 preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
-                reference=None, truth_star=None, final_map=None, log=print
-                ) -> tuple[dict, dict]:
+                reference=None, truth_star=None, final_map=None, noise_spectrum=None,
+                log=print) -> tuple[dict, dict]:
     """Everything ``metrics.json`` reports, and the FSC table.
 
     Parameters
@@ -384,6 +442,9 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
         half-map figure, instead of half maps reconstructed here), ``full`` and ``figures``
         (``metrics["final_map"]``: its half-map figures, B factor and FSC against the reference,
         beside the stage map's ``fsc*_vs_reference_A``).
+    noise_spectrum : path, optional
+        Preprocessing's ``noise_spectrum.tsv``: ``metrics["noise_model"]``
+        (:func:`noise_model_figures`).
     log : callable
         Receives progress lines.
     """
@@ -504,5 +565,9 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
         table["freq_invA"] = freq
     table["resolution_A"] = np.where(table["freq_invA"] > 0, 1 / np.maximum(table["freq_invA"],
                                                                             1e-12), np.inf)
+    if noise_spectrum:
+        metrics["noise_model"] = noise_model_figures(noise_spectrum)
+        log(f"noise model: {metrics['noise_model']['groups']} groups, pooled low-to-high "
+            f"power ratio {metrics['noise_model']['low_to_high']:.2f}")
     metrics["status"] = "warning" if metrics["warnings"] else "ok"
     return metrics, table

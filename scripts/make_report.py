@@ -28,5 +28,6 @@ report.write_report(
     n_example_particles=int(snakemake.params.n_example_particles),
     final_map=snakemake.input.final_map,
     final_fsc=snakemake.input.final_fsc,
+    noise_spectrum=snakemake.input.noise,
 )
 log.info("wrote %s", snakemake.output[0])

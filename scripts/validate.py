@@ -31,6 +31,7 @@ metrics, fsc_table = validation.run_metrics(
     truth_star=snakemake.input.truth[0] if snakemake.input.truth else None,
     final_map={"half1": snakemake.input.half1, "half2": snakemake.input.half2,
                "full": snakemake.input.final_map, "figures": snakemake.input.final_figures},
+    noise_spectrum=snakemake.input.noise,
     log=log.info,
 )
 validation.write_fsc_table(snakemake.output.fsc, fsc_table)

@@ -9,6 +9,7 @@ rule make_report:
         particles="results/{dataset}/preprocess/particles.star",
         final_map="results/{dataset}/final/map_full.mrc",
         final_fsc="results/{dataset}/final/final_map_fsc.tsv",
+        noise="results/{dataset}/preprocess/noise_spectrum.tsv",
     output:
         report(
             "results/{dataset}/report.html",

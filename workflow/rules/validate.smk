@@ -13,6 +13,7 @@ rule validate:
         half2="results/{dataset}/final/half2.mrc",
         final_map="results/{dataset}/final/map_full.mrc",
         final_figures="results/{dataset}/final/final_map.json",
+        noise="results/{dataset}/preprocess/noise_spectrum.tsv",
     output:
         metrics="results/{dataset}/validation/metrics.json",
         fsc="results/{dataset}/validation/fsc.tsv",
