@@ -21,6 +21,17 @@ def _render_gaussians(centres_A: np.ndarray, weights: np.ndarray, sigma_A: np.nd
     return volume.astype(np.float32)
 
 
+def _blobs_at(points, rng: np.random.Generator, box: int, pixel_size: float) -> np.ndarray:
+    """Gaussian blobs of random weight and width at ``points`` (A), centred on their mean and
+    rendered to a maximum of 1: the last step of both built-in molecules."""
+    points = np.array(points)
+    points -= points.mean(axis=0)
+    weights = rng.uniform(0.7, 1.3, len(points))
+    sigmas = max(pixel_size, 2.5) * rng.uniform(1.0, 1.4, len(points))
+    volume = _render_gaussians(points, weights, sigmas, box, pixel_size)
+    return volume / volume.max()
+
+
 def synthetic_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray:
     """A deterministic, asymmetric, protein-like density for demos and tests.
 
@@ -76,12 +87,7 @@ def synthetic_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray
     ring_radius = 3.0 * residue_sigma  # hole visible only if radius >~ 3 blob widths
     for angle in np.linspace(0, 2 * np.pi, 24, endpoint=False):
         points.append(ring_centre + ring_radius * (np.cos(angle) * u + np.sin(angle) * v))
-    points = np.array(points)
-    points -= points.mean(axis=0)
-    weights = rng.uniform(0.7, 1.3, len(points))
-    sigmas = max(pixel_size, 2.5) * rng.uniform(1.0, 1.4, len(points))
-    volume = _render_gaussians(points, weights, sigmas, box, pixel_size)
-    return volume / volume.max()
+    return _blobs_at(points, rng, box, pixel_size)
 
 
 def other_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray:
@@ -116,12 +122,7 @@ def other_molecule(box: int, pixel_size: float, seed: int = 0) -> np.ndarray:
     for a in np.linspace(-1, 1, 6):
         for b in np.linspace(-1, 1, 4):
             points.append(axis[-8] + 0.09 * length * (a * paddle_u + 0.6 * b * paddle_v))
-    points = np.array(points)
-    points -= points.mean(axis=0)
-    weights = rng.uniform(0.7, 1.3, len(points))
-    sigmas = max(pixel_size, 2.5) * rng.uniform(1.0, 1.4, len(points))
-    volume = _render_gaussians(points, weights, sigmas, box, pixel_size)
-    return volume / volume.max()
+    return _blobs_at(points, rng, box, pixel_size)
 
 
 def density_from_model(path, box: int, pixel_size: float, resolution_A: float | None = None
