@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from cryoday.sagd import SAGD
 from cryoday.checkpoint import _length_change
 from cryoday.stage import run_stage, train
 from cryoday.stage_config import StageConfig, default_reconstruction_config
+from stage_helpers import ScriptedObjective
 
 REPO = Path(__file__).resolve().parents[1]
 BOX, PIXEL_SIZE, RESOLUTION, N_IMAGES, N_HELDOUT = 32, 5.0, 40.0, 240, 40
@@ -233,26 +233,6 @@ def test_a_stage_failing_after_its_resume_sets_the_checkpoint_aside(data, short_
     assert_same_stage(result, short_fresh)
 
 
-class _ScriptedObjective:
-    """A quadratic objective whose held-out error follows a script."""
-
-    def __init__(self, heldout):
-        self.heldout = list(heldout)
-        self.partition = [np.arange(5), np.arange(5, 10)]
-        self.n_train = 10
-        self.grid = SimpleNamespace(size=100)
-        self.sampler = SimpleNamespace(last_kl=float("nan"), last_kl_epochs=float("nan"))
-        self.iteration, self.last = 0, None
-
-    def __call__(self, volume, batch_id, want_grad):
-        if want_grad:
-            self.last = SimpleNamespace(n_evaluated=50)
-        return 0.5 * float(np.sum(volume.astype(np.float64) ** 2)), volume.copy()
-
-    def heldout_nll(self, volume):
-        return self.heldout.pop(0)
-
-
 def test_early_stopping_continues_its_count_from_the_history():
     # 4.0 is the best; 3.9999 is not better by the required fraction, so neither is a new best
     # although it is the lowest value (the old resume took the minimum and restarted the count).
@@ -262,11 +242,11 @@ def test_early_stopping_continues_its_count_from_the_history():
         1, 1)
     volume = np.ones((4, 4, 4), np.float32)
     whole = []
-    train(volume, SAGD(2, volume.shape, seed=1), _ScriptedObjective(script), None, config,
+    train(volume, SAGD(2, volume.shape, seed=1), ScriptedObjective(script), None, config,
           whole, log=lambda *_: None)
     assert len(whole) == 5  # three evaluations without a new best after 4.0
     history = whole[:3]
-    train(volume, SAGD(2, volume.shape, seed=1), _ScriptedObjective(script[3:]), None, config,
+    train(volume, SAGD(2, volume.shape, seed=1), ScriptedObjective(script[3:]), None, config,
           history, log=lambda *_: None)
     assert len(history) == 5
 

@@ -4,7 +4,6 @@ resuming from a checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from cryoday.quadrature import UNDERSAMPLING_BY_LEVEL
 from cryoday.sagd import SAGD
 from cryoday.stage import run_stage, train
 from cryoday.stage_config import SCHEMA, StageConfig, default_reconstruction_config, stage_schedule
+from stage_helpers import ScriptedObjective
 
 # Keys of the reconstruction section read outside StageConfig: by the workflow (stages, seeds),
 # the schedule (learning_rate_min) and the rule script (the stage-1 start).
@@ -81,27 +81,6 @@ def test_importance_settings_reach_the_sampler():
     assert sampler.dataset_prior == (0.1, 0.2, 0.3)
 
 
-class _ScriptedObjective:
-    """A quadratic minibatch objective whose held-out error follows a script."""
-
-    def __init__(self, heldout):
-        self.heldout = list(heldout)
-        self.partition = [np.arange(5), np.arange(5, 10)]
-        self.n_train = 10
-        self.grid = SimpleNamespace(size=100)
-        self.sampler = SimpleNamespace(last_kl=float("nan"), last_kl_epochs=float("nan"))
-        self.iteration = 0
-        self.last = None
-
-    def __call__(self, volume, batch_id, want_grad):
-        if want_grad:
-            self.last = SimpleNamespace(n_evaluated=50)
-        return 0.5 * float(np.sum(volume.astype(np.float64) ** 2)), volume.copy()
-
-    def heldout_nll(self, volume):
-        return self.heldout.pop(0)
-
-
 @pytest.mark.parametrize(("min_iterations", "expected"), [(0, 4), (6, 6)])
 def test_training_stops_when_the_heldout_error_stops_improving(min_iterations, expected):
     # Best at the second evaluation, then two without improvement: patience 2 stops at the
@@ -109,7 +88,7 @@ def test_training_stops_when_the_heldout_error_stops_improving(min_iterations, e
     config = StageConfig.from_config(default_reconstruction_config(
         minibatch_size=5, max_iterations=10, min_iterations=min_iterations, patience=2,
         heldout_every=1), 1, 1)
-    objective = _ScriptedObjective([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9])
+    objective = ScriptedObjective([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9])
     history = []
     volume = np.ones((4, 4, 4), np.float32)
     out = train(volume, SAGD(2, volume.shape, seed=1), objective, None, config, history,
