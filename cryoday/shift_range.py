@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryoday.records import POSE_SCALARS
+
 # Grid radius in prior sigmas: a 2D Gaussian leaves exp(-K^2 / 2) of the particles outside,
 # 1.1% at 3 (4.4% at the former 2.5).
 K_SIGMA = 3.0
@@ -50,9 +52,9 @@ EDGE_MIN_STEPS = 2.0
 EDGE_COARSE_EXPECTED = 0.1
 # The next grid's radius when the last one's edge was crowded: 1.5 x, i.e. 2.25 x the points.
 WIDEN = 1.5
-# Keys of state.npz (and poses.npz) that carry a stage's shift figures.
-STATE_KEYS = ("shift_sigma_A", "shift_radius_A", "shift_sigma_estimate_A", "shift_edge_fraction",
-              "shift_edge_expected", "shift_step_A")
+# Keys of state.npz (and poses.npz) that carry a stage's shift figures: the scalars records.py
+# writes into poses.npz.
+STATE_KEYS = POSE_SCALARS
 
 
 @dataclass(frozen=True)
