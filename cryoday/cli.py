@@ -2,6 +2,7 @@
 
     cryoday reconstruct PARTICLES.star -o MAP.mrc [--box N] [--max-resolution A] [--half 1|2]
     cryoday fsc MAP1 MAP2 [--align] [--pixel-size A]
+    cryoday symmetry MAP [--group D7|auto] [--half1 H1 --half2 H2] [--out ALIGNED.mrc]
 
 Each command is a module-level pair ``add_args(parser)`` / ``main(args)``, as cryoDRGN does.
 Every argument is checked before any work: a bad one, or bad input files, print one line naming
@@ -78,6 +79,9 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wiener", type=_number(float, 0), default=1e-3,
                         help="regularisation relative to the mean CTF^2 weight (default 1e-3)")
     parser.add_argument("--chunk-size", type=_number(int, 1, strict=False), default=500)
+    parser.add_argument("--sym", type=_group_name, default="C1",
+                        help="point group (RELION's names: C1, C4, D7, T, O, I); each image is "
+                        "inserted at its pose's |G| equivalents (default C1)")
 
 
 def reconstruct_main(args) -> None:
@@ -118,10 +122,25 @@ def reconstruct_main(args) -> None:
     rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])[rows]
     with io.ImageSource(particles) as source:
         volume = reconstruct(lambda r: source.read(rows[r]), len(rows), rotations, shifts, ctf,
-                             pixel_size, box, args.max_resolution, args.wiener, args.chunk_size)
+                             pixel_size, box, args.max_resolution, args.wiener, args.chunk_size,
+                             symmetry=args.sym)
     io.write_map(args.output, volume, pixel_size)
-    log.info("wrote %s: %d particles, %d px at %.4f A/px", args.output, len(rows), box,
-             pixel_size)
+    log.info("wrote %s: %d particles, %d px at %.4f A/px%s", args.output, len(rows), box,
+             pixel_size, "" if args.sym == "C1" else f", symmetry {args.sym}")
+
+
+def _group_name(text: str) -> str:
+    """An argparse type: a point group's name, in RELION's spelling."""
+    from cryoday.symmetry import canonical_name  # no numba kernels there
+
+    try:
+        return canonical_name(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _group_or_auto(text: str) -> str:
+    return "auto" if text.strip().lower() == "auto" else _group_name(text)
 
 
 def _half_sets(n: int):
@@ -162,10 +181,82 @@ def fsc_main(args) -> None:
     print(f"FSC 0.5:   {resolution_at(freq, curve, 0.5):.2f} A")
 
 
+def add_symmetry_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("map", help="a C1 map (.mrc)")
+    parser.add_argument("--group", type=_group_or_auto, default="auto",
+                        help="a point group to align (C4, D7, T, O, I...), or auto: try C2-C8, "
+                        "D2-D8, T, O, I and choose (default auto)")
+    parser.add_argument("--half1", help="half map 1: consistency across halves and FSC")
+    parser.add_argument("--half2", help="half map 2 (with --half1)")
+    parser.add_argument("--out", help="write the map turned onto RELION's symmetry axes here")
+    parser.add_argument("--symmetrise", action="store_true",
+                        help="also average the written map over the group")
+    parser.add_argument("--tolerance", type=_number(float, 0),
+                        help="how far below C1's self-consistency a group may score and be "
+                        "accepted (default 0.05)")
+    parser.add_argument("--keep-centre", action="store_true",
+                        help="do not move the density's centre to the box centre first")
+    parser.add_argument("--pixel-size", type=_number(float, 0),
+                        help="A/px if the header has none")
+
+
+def symmetry_main(args) -> None:
+    from cryoday import io
+
+    if (args.half1 is None) != (args.half2 is None):
+        raise InputError("give both --half1 and --half2, or neither")
+    if args.symmetrise and not args.out:
+        raise InputError("--symmetrise applies to the map written with --out; give --out")
+    if args.out:
+        io.check_writable(args.out)
+    volume, voxel = io.read_map(args.map)
+    pixel_size = args.pixel_size or voxel
+    if not pixel_size:
+        raise InputError(f"{args.map}: no voxel size in the header; pass --pixel-size")
+    halves = None
+    if args.half1:
+        halves = [io.read_map(path)[0] for path in (args.half1, args.half2)]
+        for path, half in zip((args.half1, args.half2), halves):
+            if half.shape != volume.shape:
+                raise InputError(f"{path} is {half.shape[0]} px but {args.map} is "
+                                 f"{volume.shape[0]} px")
+    from cryoday.symmetry_search import TOLERANCE, align_to_axes, find_symmetry
+
+    found = find_symmetry(volume, pixel_size, args.group,
+                          *(halves if halves else (None, None)),
+                          tolerance=TOLERANCE if args.tolerance is None else args.tolerance,
+                          recentre=not args.keep_centre)
+    print(f"reference (C1 self-consistency): {found.reference:.4f}; accepted: consistency >= "
+          f"{found.reference - found.tolerance:.4f}")
+    print(f"{'group':<6}{'order':>6}{'score':>8}{'consist.':>10}"
+          + (f"{'FSC 0.143':>11}" if halves else ""))
+    for c in found.candidates:
+        mark = "  <-" if c is found.chosen else ""
+        fsc_text = f"{c.fsc_A:>9.2f} A" if c.fsc_A is not None else ""
+        print(f"{c.name:<6}{c.order:>6}{c.score:>8.4f}{c.consistency:>10.4f}{fsc_text}{mark}")
+    print(f"symmetry: {found.chosen.name}")
+    target = found.chosen
+    if args.group != "auto":
+        # A named group is the user's call: align to it even when the map falls short of it.
+        target = found.candidates[-1]
+        if target is not found.chosen:
+            log.warning("the map is not %s within the tolerance (consistency %.4f < %.4f); "
+                        "aligned to its best %s axes anyway", target.name, target.consistency,
+                        found.reference - found.tolerance, target.name)
+    if args.out and target.order > 1:
+        io.write_map(args.out, align_to_axes(volume, found, target, symmetrise=args.symmetrise),
+                     pixel_size)
+        log.info("wrote %s: turned onto RELION's %s axes", args.out, target.name)
+    elif args.out:
+        log.warning("no symmetry found: %s not written", args.out)
+
+
 COMMANDS = {
     "reconstruct": (add_reconstruct_args, reconstruct_main,
                     "known-pose reconstruction of a particle set (like relion_reconstruct)"),
     "fsc": (add_fsc_args, fsc_main, "Fourier shell correlation between two maps"),
+    "symmetry": (add_symmetry_args, symmetry_main,
+                 "find a map's point group and turn it onto RELION's symmetry axes"),
 }
 
 

@@ -128,7 +128,7 @@ def solve(sums: Sums, wiener: float = 1e-3, regulariser: np.ndarray | None = Non
 def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
                 pixel_size: float, box: int, max_resolution_A: float | None = None,
                 wiener: float = 1e-3, chunk_size: int = 500, image_box: int | None = None,
-                weights: np.ndarray | None = None) -> np.ndarray:
+                weights: np.ndarray | None = None, symmetry: str = "C1") -> np.ndarray:
     """Least-squares volume from images with known poses, shifts and CTFs.
 
     Parameters
@@ -144,9 +144,45 @@ def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_
     wiener : regulariser, relative to the mean CTF^2 weight per voxel inside the cutoff
     weights : optional (n,) weight of each image in the sums (a pose posterior's masses, when
         one image appears once per pose it may take); default 1
+    symmetry : point group (RELION's names); each image is inserted at its pose's ``|G|``
+        equivalents ``A g`` (:func:`cryoday.symmetry.expand_poses`), as ``relion_reconstruct
+        --sym`` does, so the map comes out symmetric about RELION's axes. ``chunk_size`` then
+        counts poses, so memory stays that of ``chunk_size`` images.
     """
+    if symmetry_order(symmetry) > 1:
+        return solve(insert_symmetric(read, n, rotations, shifts_px, ctf_params, pixel_size,
+                                      box, symmetry, max_resolution_A, chunk_size, weights),
+                     wiener)
     return solve(insert(read, n, rotations, shifts_px, ctf_params, pixel_size, box,
                         max_resolution_A, chunk_size, weights), wiener)
+
+
+def symmetry_order(name: str) -> int:
+    """``|G|`` of a group name (``InputError`` for a bad one)."""
+    from cryoday.symmetry import order
+
+    return order(name)
+
+
+def insert_symmetric(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,
+                     ctf_params: dict, pixel_size: float, box: int, symmetry: str,
+                     max_resolution_A: float | None = None, chunk_size: int = 500,
+                     weights: np.ndarray | None = None) -> Sums:
+    """:func:`insert` with every image at each of its pose's ``|G|`` equivalents ``A g``.
+
+    A volume with ``V(g r) = V(r)`` gives the same image at ``A`` and ``A g``
+    (:mod:`cryoday.symmetry`), so each image also measures the slices at ``A g``; the
+    expansion is pose-major, so an image's poses stay together in a chunk.
+    """
+    from cryoday.symmetry import expand_poses
+
+    size = symmetry_order(symmetry)
+    expanded = expand_poses(rotations, symmetry)
+    image = np.repeat(np.arange(n), size)
+    shifts = np.repeat(np.asarray(shifts_px, dtype=np.float64), size, axis=0)
+    w = None if weights is None else np.repeat(np.asarray(weights, dtype=np.float64), size)
+    return insert(read, n * size, expanded, shifts, ctf_params, pixel_size, box,
+                  max_resolution_A, chunk_size, w, image=image)
 
 
 def half_sets(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
