@@ -25,7 +25,7 @@ viewing direction ``A^T e_z`` moves to ``g^T A^T e_z``.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy import ndimage
@@ -89,7 +89,7 @@ def axis_rotation(axis, angle_rad: float) -> np.ndarray:
     return Rotation.from_rotvec(a / np.linalg.norm(a) * angle_rad).as_matrix()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _group(name: str) -> np.ndarray:
     gens = [axis_rotation(axis, 2 * np.pi / fold) for fold, axis in _generators(name)]
     elements = [np.eye(3)]

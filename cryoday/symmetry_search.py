@@ -170,7 +170,7 @@ def _onto(u: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 def _orient(name, coarse, wc, table, axes) -> np.ndarray:
     """The best ``Q`` for one group."""
-    fold, u, others, principal = _layout(name)
+    fold, u, others, _ = _layout(name)
     starts = []
     for i in _best_axes(table[fold], axes, AXES_PER_FOLD):
         a = axes[i]
@@ -194,7 +194,7 @@ def _orient(name, coarse, wc, table, axes) -> np.ndarray:
 
 def _refine(name, v, weight, q0, xtol):
     """Local refinement of ``Q`` against all of the group's generators: ``(Q, -consistency)``."""
-    fold, u, others, principal = _layout(name)
+    _, _, others, principal = _layout(name)
     generators = principal + others
 
     def cost(p):

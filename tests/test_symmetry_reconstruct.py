@@ -63,7 +63,7 @@ def test_one_asymmetric_unit_of_views_recovers_the_map_only_with_sym(d3_truth):
     rotations = candidates[symmetry.in_asymmetric_unit(candidates[:, 2], GROUP)][:400]
     n = len(rotations)
     images, shifts, params = _images(d3_truth, rotations, rng)
-    read = lambda r: images[r]  # noqa: E731
+    read = images.__getitem__
     plain = reconstruct(read, n, rotations, shifts, params, PSIZE, BOX)
     right = reconstruct(read, n, rotations, shifts, params, PSIZE, BOX, symmetry=GROUP)
     # The other side, g A, is not an equivalent pose: it must do worse than A g.

@@ -37,7 +37,7 @@ def d7_rotated(off_centre_molecule):
 
 
 def test_auto_finds_d7_and_undoes_the_rotation(d7_rotated):
-    d7, r, turned = d7_rotated
+    _, r, turned = d7_rotated
     found = find_symmetry(turned, PSIZE, "auto")
     assert found.chosen.name == "D7"
     assert _group_mismatch_deg(r, "D7", found.chosen.rotation, "D7") < 2.0
@@ -78,7 +78,7 @@ def test_asymmetric_molecule_is_c1(off_centre_molecule):
 
 
 def test_half_maps_give_cross_half_consistency_and_fsc(d7_rotated):
-    d7, r, turned = d7_rotated
+    d7, _, turned = d7_rotated
     rng = np.random.default_rng(9)
     noise = 0.15 * d7.std()
     halves = [turned + ndimage.gaussian_filter(rng.normal(0, noise * 4, turned.shape), 1.0)
