@@ -19,7 +19,7 @@ import numpy as np
 
 from cryoday import io, noise
 from cryoday.errors import InputError
-from cryoday.fourier import fourier_crop_2d
+from cryoday.fourier import fourier_crop_2d, ft2, ift2
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,79 @@ def downsample_stream(read, n: int, out, new_box: int, chunk_size: int = 1000) -
     for start in range(0, n, chunk_size):
         rows = np.arange(start, min(start + chunk_size, n))
         out[rows[0]:rows[-1] + 1] = fourier_crop_2d(read(rows), new_box)
+
+
+def _crop_spectra(spectra: np.ndarray, new_box: int) -> np.ndarray:
+    """Images of ``new_box`` px from the centred spectra of larger ones.
+
+    The same arithmetic as :func:`cryoday.fourier.fourier_crop_2d` after its forward transform,
+    so that a crop from a shared transform equals that function's result bit for bit.
+    """
+    n = spectra.shape[-1]
+    lo = n // 2 - new_box // 2
+    return ift2(spectra[..., lo:lo + new_box, lo:lo + new_box] * (new_box / n)).astype(np.float32)
+
+
+def stage_stacks_stream(read, n: int, outs, new_boxes, chunk_size: int = 1000) -> None:
+    """Fourier-crop every image to each of ``new_boxes`` in one pass over the stack.
+
+    Each chunk of ``chunk_size`` images is read once and transformed once; every stage's crop
+    comes from that one spectrum (a stage at the full box gets the images as they are). Each
+    output equals :func:`downsample_stream` with its box, bit for bit, and memory stays at one
+    chunk's images, spectrum and crops, whatever ``n`` and the number of stages.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(rows) -> (m, box, box)`` float32 images.
+    n : int
+        Number of images.
+    outs : sequence
+        One writable ``(n, new_box, new_box)`` array per stage (``StackWriter.data`` in the
+        pipeline), indexed by contiguous row slices.
+    new_boxes : sequence of int
+        Each stage's box (px), at most the images' (:func:`stage_box`).
+    chunk_size : int
+        Images per read.
+    """
+    outs, new_boxes = list(outs), [int(b) for b in new_boxes]
+    if len(outs) != len(new_boxes):
+        raise ValueError(f"{len(outs)} outputs for {len(new_boxes)} stage boxes")
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        images = np.asarray(read(np.arange(rows.start, rows.stop)), dtype=np.float32)
+        box = images.shape[-1]
+        if max(new_boxes, default=0) > box:
+            raise ValueError(f"cannot Fourier-crop from {box} to a larger box {max(new_boxes)}")
+        spectra = None
+        for out, new_box in zip(outs, new_boxes):
+            if new_box == box:
+                out[rows] = images
+                continue
+            if spectra is None:
+                spectra = ft2(images)
+            out[rows] = _crop_spectra(spectra, new_box)
+        log.info("cropped %d / %d images to %d stage box(es)", rows.stop, n, len(new_boxes))
+
+
+def stage_info(info: dict, resolution_A: float) -> dict:
+    """A stage's ``stage{k}.json``: its box and pixel size, and what it inherits from the full
+    box (preprocessing's ``info.json``, ``info``).
+
+    Images were normalised to unit noise at the full box; mean-preserving cropping scales the
+    per-pixel noise by ``new_box / box`` (``noise_sigma``).
+    """
+    box, pixel_size = info["box"], info["pixel_size"]
+    new_box, new_pixel_size = stage_box(box, pixel_size, resolution_A)
+    return {
+        "resolution_A": resolution_A,
+        "box": new_box,
+        "pixel_size": new_pixel_size,
+        "noise_sigma": new_box / box,
+        "full_box": box,
+        "full_pixel_size": pixel_size,
+        "particle_diameter_A": info.get("particle_diameter_A"),  # for the random start
+    }
 
 
 def preprocess_particles(star, stack_out, star_out, info_out, references=(),

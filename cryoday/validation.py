@@ -108,26 +108,83 @@ def write_fsc_table(path, table: dict) -> None:
             writer.writerow([f"{v:.6g}" for v in row])
 
 
-def pose_errors(true_rotations: np.ndarray, estimated: np.ndarray) -> tuple[np.ndarray, bool]:
+# Particles per chunk of the pose-error passes: their 3 x 3 matrices (a few hundred bytes per
+# particle and hand) exist one chunk at a time, not for the whole set.
+POSE_CHUNK = 65536
+
+
+def _pose_errors_stream(pairs, n: int, chunk_size: int = POSE_CHUNK) -> tuple[np.ndarray, bool]:
+    """:func:`pose_errors` over ``pairs(rows) -> (true, estimated)`` rotation chunks: one pass
+    sums ``B_i^T A_i`` for both hands, a second computes each particle's error."""
+    flip = np.diag([1.0, 1.0, -1.0])
+    chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    sums = [np.zeros((3, 3)), np.zeros((3, 3))]
+    for rows in chunks:
+        true, estimated = pairs(rows)
+        for hand, a in enumerate((true, flip @ true @ flip)):
+            sums[hand] += np.einsum("nji,njk->ik", estimated, a)
+    best_rotations = []
+    for m in sums:
+        u, _, vt = np.linalg.svd(m)
+        best_rotations.append(u @ np.diag([1, 1, np.linalg.det(u @ vt)]) @ vt)
+    errors = [np.empty(n), np.empty(n)]
+    for rows in chunks:
+        true, estimated = pairs(rows)
+        for hand, a in enumerate((true, flip @ true @ flip)):
+            relative = np.einsum("nij,jk,nlk->nil", estimated, best_rotations[hand], a)
+            cos = np.clip((np.trace(relative, axis1=1, axis2=2) - 1) / 2, -1, 1)
+            errors[hand][rows] = np.degrees(np.arccos(cos))
+    mirrored = bool(np.median(errors[1]) < np.median(errors[0]))
+    return errors[int(mirrored)], mirrored
+
+
+def pose_errors(true_rotations: np.ndarray, estimated: np.ndarray,
+                chunk_size: int = POSE_CHUNK) -> tuple[np.ndarray, bool]:
     """Angular errors (degrees) of estimated poses after the best global rotation and hand.
 
     If the estimated map is the truth rotated by ``R``, poses relate as ``B_i R ~ A_i``; ``R``
     is the rotation average of ``B_i^T A_i`` (projected onto SO(3) by SVD). A mirrored map sees
-    ``J A_i J`` instead (``J`` flips z); both hands are tried and the better one kept.
+    ``J A_i J`` instead (``J`` flips z); both hands are tried and the better one (lower median
+    error; the unmirrored one on a tie) kept. The sums and errors go ``chunk_size`` particles
+    at a time.
+
+    Parameters
+    ----------
+    true_rotations, estimated : numpy.ndarray
+        ``(n, 3, 3)`` rotation matrices (RELION's, :func:`cryoday.geometry.euler_to_matrix`).
+    chunk_size : int
+        Particles per chunk.
+
+    Returns
+    -------
+    errors : numpy.ndarray
+        ``(n,)`` float64 degrees.
+    mirrored : bool
+        Whether the estimated map is the truth's mirror image.
     """
-    flip = np.diag([1.0, 1.0, -1.0])
-    best = None
-    for mirrored in (False, True):
-        a = flip @ true_rotations @ flip if mirrored else true_rotations
-        m = np.einsum("nji,njk->ik", estimated, a)
-        u, _, vt = np.linalg.svd(m)
-        r = u @ np.diag([1, 1, np.linalg.det(u @ vt)]) @ vt
-        relative = np.einsum("nij,jk,nlk->nil", estimated, r, a)
-        cos = np.clip((np.trace(relative, axis1=1, axis2=2) - 1) / 2, -1, 1)
-        errors = np.degrees(np.arccos(cos))
-        if best is None or np.median(errors) < np.median(best[0]):
-            best = (errors, mirrored)
-    return best
+    return _pose_errors_stream(lambda rows: (true_rotations[rows], estimated[rows]),
+                               len(true_rotations), chunk_size)
+
+
+def pose_errors_from_angles(true_angles, estimated_angles,
+                            chunk_size: int = POSE_CHUNK) -> tuple[np.ndarray, bool]:
+    """:func:`pose_errors` of poses given as RELION Euler angles (degrees), each chunk's
+    matrices built as it is needed: memory stays at the angles and the errors.
+
+    Parameters
+    ----------
+    true_angles, estimated_angles : tuple of numpy.ndarray
+        ``(rot, tilt, psi)``, each ``(n,)``.
+    chunk_size : int
+        Particles per chunk.
+    """
+    from cryoday.geometry import euler_to_matrix
+
+    def pairs(rows):
+        return (euler_to_matrix(*(np.asarray(a)[rows] for a in true_angles)),
+                euler_to_matrix(*(np.asarray(a)[rows] for a in estimated_angles)))
+
+    return _pose_errors_stream(pairs, len(true_angles[0]), chunk_size)
 
 
 def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
@@ -297,14 +354,13 @@ def seed_agreement(pairs: dict, halfmap_A: float, last_stage_A: float,
             "max_ratio": float(factor), "threshold_A": float(threshold)}
 
 
-def pose_error_figures(truth_star, final_star, pixel_size) -> dict:
+def pose_error_figures(truth_star, final_star, pixel_size, chunk_size: int = POSE_CHUNK) -> dict:
     """Angular errors of the final poses against a simulation's true ones (``pose_errors``).
 
     Rows of the two files match by position. Junk rows (the simulator's ``cryodaySimJunk``
     column, not 0) are left out: a noise image has no true pose, and another map's projection
     has one only in that map's frame, so either would only blur the particles' figure.
     """
-    from cryoday.geometry import euler_to_matrix
     from cryoday.simulate import JUNK_COLUMN, JUNK_NONE
 
     truth_particles = io.read_particles(truth_star, check_stacks=False)
@@ -313,9 +369,9 @@ def pose_error_figures(truth_star, final_star, pixel_size) -> dict:
     keep = slice(None)
     if JUNK_COLUMN in truth_particles.table:
         keep = truth_particles.table[JUNK_COLUMN].to_numpy() == JUNK_NONE
-    errors, mirrored = pose_errors(
-        euler_to_matrix(truth["rot"][keep], truth["tilt"][keep], truth["psi"][keep]),
-        euler_to_matrix(est["rot"][keep], est["tilt"][keep], est["psi"][keep]))
+    errors, mirrored = pose_errors_from_angles(
+        tuple(truth[k][keep] for k in ("rot", "tilt", "psi")),
+        tuple(est[k][keep] for k in ("rot", "tilt", "psi")), chunk_size)
     return {"pose_error_median_deg": float(np.median(errors)),
             "pose_error_hand_flipped": bool(mirrored),
             "pose_error_histogram": np.histogram(errors, bins=18, range=(0, 180))[0].tolist()}
@@ -528,8 +584,9 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
     if truth_star:
         metrics.update(pose_error_figures(truth_star, final_star, pixel_size))
         log(f"median angular error of the poses: {metrics['pose_error_median_deg']:.1f} degrees")
-    shift_range.add_to_metrics(metrics, records.read_poses(seed_poses[chosen]))
-    signal = heldout_signal_test(records.read_poses(seed_poses[chosen]))
+    chosen_poses = records.read_poses(seed_poses[chosen])
+    shift_range.add_to_metrics(metrics, chosen_poses)
+    signal = heldout_signal_test(chosen_poses)
     if signal is not None:
         metrics["heldout_signal"] = signal
         log(f"held-out images: the map explains them {signal['gain_nats_per_image']:.2f} nats "

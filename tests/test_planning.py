@@ -155,11 +155,16 @@ def test_the_plan_through_snakemake_fits_each_dataset_and_says_so_once(tmp_path,
     proc = run_snakemake(tmp_path, "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = {}
+    croppers = {}
     for rule, wildcards in planned(proc.stdout):
-        if rule == "downsample":
+        if rule == "reconstruct_stage":
             stages.setdefault(wildcards["dataset"], set()).add(int(wildcards["stage"]))
+        if rule.startswith("stage_stacks"):
+            croppers.setdefault(rule, set()).add(wildcards["dataset"])
     assert stages == {"at5": set(range(1, 7)), "at6": set(range(1, 6)),
                       "star5": set(range(1, 7)), "unknown": set(range(1, 7))}
+    # One crop job per dataset, by stage count (a rule's outputs are fixed patterns).
+    assert croppers == {"stage_stacks_5": {"at6"}, "stage_stacks_6": {"at5", "star5", "unknown"}}
     output = proc.stdout + proc.stderr
     said = [line for line in output.splitlines() if line.startswith("dataset ")]
     assert len(said) == 2, said
@@ -170,7 +175,8 @@ def test_the_plan_through_snakemake_fits_each_dataset_and_says_so_once(tmp_path,
     assert said[1].startswith(f"dataset unknown: the pixel size of {bare} cannot be read")
     # What validation gets, so the metrics list the stages each dataset ran.
     assert _mock_params(tmp_path, "validate", dataset="at6")["stages_A"] == [40, 30, 20, 15, 12]
-    assert _mock_params(tmp_path, "downsample", dataset="star5", stage="6")["resolution"] == 10
+    assert _mock_params(tmp_path, "stage_stacks_6", dataset="star5")["resolutions"] == [
+        40, 30, 20, 15, 12, 10]
 
 
 @pytest.mark.parametrize("stages", [[40, 40], [30, 40, 20]])
@@ -242,8 +248,10 @@ def test_another_seed_or_stage_plans_only_the_new_jobs(tmp_path):
     _set(tmp_path, config, seeds=[1], stages_A=[40, 30])
     proc = run_snakemake(tmp_path, "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _stage_jobs(planned(proc.stdout)) == [("downsample", None, "2"),
+    # The crops of every stage are one job (one read of the stack), which a new stage runs
+    # again; its rewritten stage-1 stack then makes the first stage run again too.
+    assert _stage_jobs(planned(proc.stdout)) == [("reconstruct_stage", "1", "1"),
                                                  ("reconstruct_stage", "1", "2")]
     assert {r for r, _ in planned(proc.stdout)} == {
-        "downsample", "reconstruct_stage", "finalize", "final_map", "validate", "make_report",
+        "stage_stacks", "reconstruct_stage", "finalize", "final_map", "validate", "make_report",
         "all"}

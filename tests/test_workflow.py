@@ -12,7 +12,7 @@ import yaml
 
 from workflow_helpers import REPO, run_snakemake, write_config
 
-RULES = {"simulate", "preprocess", "downsample", "reconstruct_stage", "finalize", "final_map",
+RULES = {"simulate", "preprocess", "stage_stacks", "reconstruct_stage", "finalize", "final_map",
          "validate", "make_report", "all"}
 
 
@@ -48,7 +48,7 @@ def test_default_config_plans_the_whole_pipeline(tmp_path):
     jobs = planned_jobs(proc.stdout)
     assert set(jobs) == RULES
     n_stages, n_seeds = 6, 2
-    assert jobs["reconstruct_stage"] == n_stages * n_seeds and jobs["downsample"] == n_stages
+    assert jobs["reconstruct_stage"] == n_stages * n_seeds and jobs["stage_stacks"] == 1
 
 
 def test_several_datasets_and_seeds_side_by_side(tmp_path, shared_data):
@@ -66,7 +66,7 @@ def test_several_datasets_and_seeds_side_by_side(tmp_path, shared_data):
     assert jobs["simulate"] == 1
     assert jobs["preprocess"] == 2
     assert jobs["reconstruct_stage"] == 2 * 2 * 2  # datasets x seeds x stages
-    assert jobs["downsample"] == 2 * 2
+    assert jobs["stage_stacks"] == 2  # one pass per dataset, all its stages
 
 
 @pytest.mark.parametrize(

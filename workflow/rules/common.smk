@@ -97,6 +97,24 @@ def stage_resolution(wildcards):
     return float(dataset_stages(wildcards.dataset)[int(wildcards.stage) - 1])
 
 
+def stage_stack_groups():
+    """The rules that crop the stage stacks, ``{name: (number of stages, datasets)}``.
+
+    One job per dataset writes all its stages' stacks. Outputs are fixed patterns, so datasets
+    with different stage counts need one of these per count: ``stage_stacks``, or
+    ``stage_stacks_<count>`` for each count when the datasets' counts differ."""
+    counts = {}
+    for name in DATASETS:
+        counts.setdefault(len(dataset_stages(name)), []).append(name)
+    if len(counts) == 1:
+        ((count, names),) = counts.items()
+        return {"stage_stacks": (count, names)}
+    return {
+        f"stage_stacks_{count}": (count, names)
+        for count, names in sorted(counts.items())
+    }
+
+
 # Keys of the reconstruction section no single stage reads: a change to them (another seed,
 # a stage appended) must not make finished stages "Params have changed".
 NOT_STAGE_KEYS = ("seeds", "stages_A")

@@ -24,25 +24,38 @@ rule preprocess:
         "../../scripts/preprocess.py"
 
 
-rule downsample:
-    input:
-        stack="results/{dataset}/preprocess/particles.mrcs",
-        info="results/{dataset}/preprocess/info.json",
-    output:
-        stack="results/{dataset}/preprocess/stage{stage}.mrcs",
-        info="results/{dataset}/preprocess/stage{stage}.json",
-    log:
-        "logs/downsample/{dataset}_stage{stage}.log",
-    benchmark:
-        "results/{dataset}/benchmarks/downsample_stage{stage}.tsv"
-    conda:
-        ENV
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=60,
-    params:
-        resolution=stage_resolution,
-        chunk_size=config["preprocess"]["chunk_size"],
-    script:
-        "../../scripts/downsample.py"
+# One pass over the normalised stack writes every stage's crop (see stage_stack_groups).
+for _rule_name, (_n_stages, _names) in stage_stack_groups().items():
+
+    rule:
+        name:
+            _rule_name
+        input:
+            stack="results/{dataset}/preprocess/particles.mrcs",
+            info="results/{dataset}/preprocess/info.json",
+        output:
+            stacks=expand(
+                "results/{{dataset}}/preprocess/stage{k}.mrcs",
+                k=range(1, _n_stages + 1),
+            ),
+            infos=expand(
+                "results/{{dataset}}/preprocess/stage{k}.json",
+                k=range(1, _n_stages + 1),
+            ),
+        log:
+            "logs/stage_stacks/{dataset}.log",
+        benchmark:
+            "results/{dataset}/benchmarks/stage_stacks.tsv"
+        wildcard_constraints:
+            dataset="|".join(_names),
+        conda:
+            ENV
+        threads: 2
+        resources:
+            mem_mb=2000,
+            runtime=120,
+        params:
+            resolutions=dataset_stages_A,
+            chunk_size=config["preprocess"]["chunk_size"],
+        script:
+            "../../scripts/stage_stacks.py"
