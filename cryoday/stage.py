@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from cryoday import records, shift_range
+from cryoday import noise_refine, records, shift_range
 from cryoday.batch import make_batch
 from cryoday.checkpoint import Checkpoint, EarlyStopping, Start, stage_fingerprint
 from cryoday.importance import ImportanceSampler
@@ -268,9 +268,11 @@ class Poses(NamedTuple):
 
 
 def final_poses(volume, objective: _Objective, iteration: int, log=print,
-                start_time=None) -> Poses:
+                start_time=None, residuals=None) -> Poses:
     """The pose pass over every particle (training and held out) at the final ``volume``,
-    with the sampler's proposals at ``iteration`` (their posteriors are updated too).
+    with the sampler's proposals at ``iteration`` (their posteriors are updated too); with
+    ``residuals`` (a :class:`cryoday.noise_refine.ResidualPower`) each image's residual at its
+    most probable pose is added to it.
 
     ``null_nll`` explains the images as pure noise: validation asks whether the map explains
     the held-out images better than that (a likelihood-ratio test for signal).
@@ -294,6 +296,9 @@ def final_poses(volume, objective: _Objective, iteration: int, log=print,
         rotations[rows] = grid.rotations[result.best_rot]
         shifts[rows] = grid.shifts[result.best_shift]
         nll[rows] = result.nll
+        if residuals is not None:
+            residuals.add(cube, batch, rotations[rows], shifts[rows],
+                          None if data.noise_group is None else data.noise_group[rows])
         null_nll[rows] = marginal_nll(op, empty, batch, grid, empty_map_subsets(grid, len(rows)),
                                       want_grad=False, cube=empty_cube).nll
         if done / len(chunks) >= next_report:
@@ -320,6 +325,7 @@ class StageResult:
     null_nll: np.ndarray | None = None
     heldout_rows: np.ndarray | None = None
     shift_estimate: shift_range.ShiftEstimate | None = None  # the final shift posteriors' fit
+    noise: object = None  # the noise spectrum refined from the final poses' residuals, or None
 
     def _shift_state(self) -> dict:
         return {} if self.shift_estimate is None else self.shift_estimate.state()
@@ -341,7 +347,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
               log: Callable[[str], object] = print, checkpoint_path=None,
               scale_start=False,
               after_iteration: Callable[[int], object] | None = None, noise=None,
-              noise_group=None) -> StageResult:
+              noise_group=None, full_box: int | None = None) -> StageResult:
     """Run one stage; see the module docstring.
 
     Parameters
@@ -375,6 +381,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         each coefficient by its inverse.
     noise_group : (n,) int array or None
         Each particle's group in ``noise`` (default: the first).
+    full_box : int or None
+        The full-size images' box: with it and ``noise``, the spectrum is refined from the
+        residuals at the final poses (:mod:`cryoday.noise_refine`) into ``result.noise``.
     """
     start_time = time.perf_counter()
     box = volume0.shape[0]
@@ -418,15 +427,22 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     try:
         volume = train(volume, start.optimiser, objective, prior, config, start.history, log,
                        checkpoint, start_time, after_iteration)
-        poses = final_poses(volume, objective, start.optimiser.t, log, start_time)
+        residuals = (None if noise is None or full_box is None
+                     else noise_refine.ResidualPower(op, noise, pixel_size))
+        poses = final_poses(volume, objective, start.optimiser.t, log, start_time, residuals)
     except Exception as error:
         # Out of memory or disk is the machine's, not the checkpoint's fault: keep it.
         if start.resumed and not isinstance(error, (OSError, MemoryError)):
             checkpoint.set_aside(error)
         raise
     learned = shift_range.learn(start.sampler.store, grid, shift_prior, log)
+    refined = None
+    if residuals is not None:
+        refined, ratio = residuals.refined(full_box)
+        log("noise spectrum refined from the residuals at the final poses: "
+            + noise_refine.change_summary(noise, refined, ratio))
     return StageResult(volume, start.optimiser, start.sampler, start.history, *poses,
-                       heldout_rows, learned)
+                       heldout_rows, learned, refined)
 
 
 __all__ = ["resume_or_start", "train", "final_poses", "run_stage", "StageResult", "Poses",

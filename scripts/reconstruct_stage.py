@@ -26,7 +26,8 @@ info = json.loads(Path(snakemake.input.info).read_text())
 box, pixel_size, resolution = info["box"], info["pixel_size"], info["resolution_A"]
 particles = io.read_particles(snakemake.input.particles)
 heldout = particles.table["cryodayHeldOut"].to_numpy().astype(bool)
-spectrum = noise.NoiseSpectrum.load(snakemake.input.noise)
+input_spectrum = noise.NoiseSpectrum.load(snakemake.input.noise)
+spectrum = input_spectrum
 noise_group = (particles.table["cryodayNoiseGroup"].to_numpy().astype(np.int64)
                if "cryodayNoiseGroup" in particles.table else None)
 if not np.any(spectrum.power != 1.0):
@@ -61,12 +62,14 @@ result = run_stage(
     train_rows=np.flatnonzero(~heldout), heldout_rows=np.flatnonzero(heldout), config=config,
     sagd_state=sagd_state, log=log.info, checkpoint_path=snakemake.params.checkpoint,
     scale_start=(stage == 1 and not section["initial_model"]), noise=spectrum,
-    noise_group=noise_group,
+    noise_group=noise_group, full_box=info["full_box"],
 )
 io.write_map(snakemake.output.volume, result.volume, pixel_size)
 result.save_state(snakemake.output.state)
 result.save_history(snakemake.output.history)
 result.save_poses(snakemake.output.poses, pixel_size=pixel_size)
+# White noise (a flat spectrum) is the user's choice: it is passed on unrefined.
+(result.noise or input_spectrum).save(snakemake.output.noise)
 Path(snakemake.params.checkpoint).unlink(missing_ok=True)
 log.info("stage %d done: %d iterations, held-out nll %.4f",
          stage, len(result.history), result.history[-1]["heldout_nll"])

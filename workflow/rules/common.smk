@@ -142,6 +142,15 @@ def previous_stage(wildcards):
     ]
 
 
+def stage_noise(wildcards):
+    """The noise spectrum a stage runs with: preprocessing's for the first stage, then the one
+    the previous stage refined from its residuals."""
+    stage = int(wildcards.stage)
+    if stage == 1:
+        return f"results/{wildcards.dataset}/preprocess/noise_spectrum.tsv"
+    return f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}/noise_spectrum.tsv"
+
+
 def last_stage_of_seed(name, seed):
     return f"results/{name}/abinitio/seed{seed}/stage{len(dataset_stages(name))}"
 

@@ -3,7 +3,7 @@ rule reconstruct_stage:
         stack="results/{dataset}/preprocess/stage{stage}.mrcs",
         info="results/{dataset}/preprocess/stage{stage}.json",
         particles="results/{dataset}/preprocess/particles.star",
-        noise="results/{dataset}/preprocess/noise_spectrum.tsv",
+        noise=stage_noise,
         previous=previous_stage,
     output:
         initial="results/{dataset}/abinitio/seed{seed}/stage{stage}/initial.mrc",
@@ -11,6 +11,7 @@ rule reconstruct_stage:
         state="results/{dataset}/abinitio/seed{seed}/stage{stage}/state.npz",
         history="results/{dataset}/abinitio/seed{seed}/stage{stage}/history.tsv",
         poses="results/{dataset}/abinitio/seed{seed}/stage{stage}/poses.npz",
+        noise="results/{dataset}/abinitio/seed{seed}/stage{stage}/noise_spectrum.tsv",
     log:
         "logs/reconstruct_stage/{dataset}_seed{seed}_stage{stage}.log",
     benchmark:
