@@ -25,8 +25,9 @@ The pieces, composed by :func:`run_stage`:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -445,5 +446,13 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
                        heldout_rows, learned, refined)
 
 
-__all__ = ["resume_or_start", "train", "final_poses", "run_stage", "StageResult", "Poses",
-           "scale_to_data", "finite_or_raise"]
+__all__ = [
+    "Poses",
+    "StageResult",
+    "final_poses",
+    "finite_or_raise",
+    "resume_or_start",
+    "run_stage",
+    "scale_to_data",
+    "train",
+]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_noise import SPECTRUM, coloured_noise, true_power
+from test_noise import coloured_noise, true_power
 
 from cryoday import ctf, molecule, noise, noise_refine, simulate
 from cryoday.batch import make_batch
