@@ -389,6 +389,36 @@ def seed_agreement(pairs: dict, halfmap_A: float, last_stage_A: float,
             "max_ratio": float(factor), "threshold_A": float(threshold)}
 
 
+# A right map's FSC against an exact reference crosses 0.143 about where its half maps cross it
+# (and 0.5 about where they cross 0.143); these factors leave room for a reference that is not
+# exact (another reconstruction, a model's map) without letting a wrong fold pass.
+REFERENCE_FSC0143_FACTOR = 2.0
+REFERENCE_FSC05_FACTOR = 3.0
+
+
+def reference_disagreement(fsc05_A: float, fsc0143_A: float, halfmap_A: float,
+                           last_stage_A: float) -> str | None:
+    """A warning when the map disagrees with the reference far more than its half maps allow,
+    else None: half maps from one refinement agree with each other on whatever structure the
+    poses made, right or wrong, so only the reference can tell a wrong map (a wrong fold, or
+    particles that fill the box) from a right one.
+
+    The yardstick is the half maps' masked FSC 0.143 resolution, or the last stage's when that
+    is coarser; the map disagrees when its FSC 0.143 against the reference is more than
+    ``REFERENCE_FSC0143_FACTOR`` times it, or its FSC 0.5 more than
+    ``REFERENCE_FSC05_FACTOR`` times it.
+    """
+    yardstick = max(halfmap_A, last_stage_A) if math.isfinite(halfmap_A) else last_stage_A
+    if (fsc0143_A > REFERENCE_FSC0143_FACTOR * yardstick
+            or fsc05_A > REFERENCE_FSC05_FACTOR * yardstick):
+        return (f"the map disagrees with the reference: FSC 0.5 / 0.143 against it at "
+                f"{fsc05_A:.1f} / {fsc0143_A:.1f} A, although the half maps agree to "
+                f"{halfmap_A:.1f} A: the map is not the reference's structure (a wrong fold "
+                "that the half maps share, particles too large for the box, or a reference "
+                "of another molecule or at a much lower resolution)")
+    return None
+
+
 def pose_error_figures(truth_star, final_star, pixel_size, chunk_size: int = POSE_CHUNK) -> dict:
     """Angular errors of the final poses against a simulation's true ones (``pose_errors``).
 
@@ -617,6 +647,12 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
             f"half maps agree only to {metrics['halfmap_fsc0143_masked_A']:.1f} A (masked "
             f"FSC 0.143), far from the last stage's {stages_A[-1]} A: the poses are unreliable"
         )
+    if reference:
+        disagreement = reference_disagreement(
+            metrics["fsc05_vs_reference_A"], metrics["fsc0143_vs_reference_A"],
+            metrics["halfmap_fsc0143_masked_A"], float(stages_A[-1]))
+        if disagreement:
+            metrics["warnings"].append(disagreement)
     if truth_star:
         metrics.update(pose_error_figures(truth_star, final_star, pixel_size))
         log(f"median angular error of the poses: {metrics['pose_error_median_deg']:.1f} degrees")

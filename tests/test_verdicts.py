@@ -209,3 +209,37 @@ def test_choose_seed_takes_the_lowest_final_heldout_error(tmp_path):
                                             {"iteration": 2, "heldout_nll": last}])
     best, scores = validation.choose_seed(paths)
     assert best == 2 and scores == {1: 9.0, 2: 8.5, 3: 10.0}
+
+
+def test_a_map_that_is_not_the_references_structure_is_a_warning(particles, tmp_path):
+    # Half maps from one refinement agree with each other whatever the structure: here they do
+    # (the particles at their true poses). Against a reference of no structure at all the map
+    # agrees nowhere, and the verdict must say so; against the truth it stays ok. (At this
+    # test's 32 px and 5 A/px any two blobby molecules agree to ~20 A, so the thresholds
+    # themselves are checked below on the figures of real runs.)
+    truth = particles["truth"]
+    unrelated = tmp_path / "unrelated.mrc"
+    rng = np.random.default_rng(8)
+    io.write_map(unrelated, np.abs(rng.standard_normal(truth.shape)).astype(np.float32), PIXEL)
+    args = write_run(tmp_path / "wrong", particles, final_map=truth, seed_maps={1: truth})
+    metrics, _ = validation.run_metrics(**args, reference=unrelated)
+    assert metrics["status"] == "warning"
+    assert any("disagrees with the reference" in w for w in metrics["warnings"]), \
+        metrics["warnings"]
+    right = tmp_path / "right.mrc"
+    io.write_map(right, truth, PIXEL)
+    args = write_run(tmp_path / "right", particles, final_map=truth, seed_maps={1: truth})
+    metrics, _ = validation.run_metrics(**args, reference=right)
+    assert metrics["status"] == "ok", metrics["warnings"]
+
+
+def test_reference_disagreement_thresholds():
+    # Figures of real runs: a 10,000-particle realistic set whose map was right (FSC 0.5 /
+    # 0.143 against the truth 14.4 / 11.0 A, half maps 10.3 A), and a ribosome set in a box
+    # it filled, whose map was wrong (124.9 / 24.6 A against half maps at 10.1 A).
+    assert validation.reference_disagreement(14.4, 11.0, 10.3, 10.0) is None
+    assert validation.reference_disagreement(124.9, 24.6, 10.1, 10.0) is not None
+    assert validation.reference_disagreement(31.0, 15.0, 10.0, 10.0) is not None  # 0.5 only
+    assert validation.reference_disagreement(25.0, 21.0, 10.0, 10.0) is not None  # 0.143 only
+    # Coarse half maps widen the yardstick.
+    assert validation.reference_disagreement(50.0, 30.0, 20.0, 10.0) is None
