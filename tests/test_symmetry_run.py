@@ -1,0 +1,162 @@
+"""Symmetry in the ab initio run: the stage's setting, the pose grid on one asymmetric unit,
+the sampler's snapping into it, and a trained map that stays symmetric."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cryoday import initial, molecule, simulate, symmetry
+from cryoday.errors import InputError
+from cryoday.importance import ImportanceSampler
+from cryoday.importance.geometry import GridKernels
+from cryoday.quadrature import pose_grid
+from cryoday.stage import run_stage
+from cryoday.stage_config import StageConfig, default_reconstruction_config
+
+GRID_ARGS = (20.0, 32, 4.0, 1.5)
+
+
+def _asymmetry(volume, name):
+    """The largest relative difference between the volume and its image under one element."""
+    v = np.asarray(volume, np.float64)
+    scale = np.linalg.norm(v)
+    return max(np.linalg.norm(symmetry.rotate_volume(v, g) - v) / scale
+               for g in symmetry.group(name)[1:])
+
+
+# ---------------------------------------------------------------------- the setting
+
+
+def test_the_stage_setting_is_canonical_and_auto_trains_in_c1():
+    assert StageConfig.from_config(default_reconstruction_config(), 1, 1).symmetry == "C1"
+    assert StageConfig.from_config(default_reconstruction_config(symmetry="d7"), 1, 1
+                                   ).symmetry == "D7"
+    assert StageConfig.from_config(default_reconstruction_config(symmetry="auto"), 1, 1
+                                   ).symmetry == "C1"
+    # The workflow leaves the key out for C1 (so old stages' params are unchanged).
+    section = default_reconstruction_config()
+    del section["symmetry"]
+    assert StageConfig.from_config(section, 1, 1).symmetry == "C1"
+    with pytest.raises(InputError, match=r"^reconstruction\.symmetry: .*'D1'"):
+        StageConfig.from_config(default_reconstruction_config(symmetry="D1"), 1, 1)
+
+
+def test_the_symmetry_is_in_the_checkpoint_fingerprint():
+    from cryoday.checkpoint import stage_fingerprint
+
+    def fingerprint(name):
+        config = StageConfig.from_config(default_reconstruction_config(symmetry=name), 1, 1)
+        images = np.zeros((3, 8, 8), np.float32)
+        return stage_fingerprint(config, images, {"defocus_u": np.ones(3)}, 1.0, 1.0, 10.0,
+                                 [0, 1], [2], np.zeros((8, 8, 8), np.float32))
+
+    assert fingerprint("C1")["params"]["symmetry"] == "C1"
+    assert fingerprint("C1") != fingerprint("C4")
+
+
+# ---------------------------------------------------------------------- the grid
+
+
+def test_c1_grid_is_the_grid_without_a_symmetry():
+    plain = pose_grid(*GRID_ARGS)
+    c1 = pose_grid(*GRID_ARGS, symmetry="C1")
+    for f in dataclasses.fields(plain):
+        a, b = getattr(plain, f.name), getattr(c1, f.name)
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+        else:
+            assert a == b, f.name
+
+
+@pytest.mark.parametrize("name", ["C4", "D7", "O"])
+def test_the_grid_covers_one_asymmetric_unit(name):
+    full = pose_grid(*GRID_ARGS)
+    grid = pose_grid(*GRID_ARGS, symmetry=name.lower())
+    order = symmetry.order(name)
+    assert grid.symmetry == name
+    assert symmetry.in_asymmetric_unit(grid.directions, name).all()
+    # About 1/|G| of the sphere's directions (a spiral's points fall unevenly on the unit's
+    # edges: within 15 %), the in-plane angles and shifts those of C1.
+    assert grid.n_dir == pytest.approx(full.n_dir / order, rel=0.15)
+    np.testing.assert_array_equal(grid.inplane, full.inplane)
+    np.testing.assert_array_equal(grid.shifts, full.shifts)
+    np.testing.assert_array_equal(grid.shift_log_weights, full.shift_log_weights)
+    assert grid.n_rot == grid.n_dir * grid.n_inp
+    np.testing.assert_allclose(np.exp(grid.rot_log_weights).sum(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(grid.dir_log_weights).sum(), 1.0, rtol=1e-12)
+    # The rotations are the kept directions' (third row = viewing direction).
+    np.testing.assert_allclose(grid.rotations[::grid.n_inp, 2], grid.directions, atol=1e-12)
+    # Every direction of the sphere has an equivalent within about a grid step of the unit's
+    # points: the unit's grid loses nothing.
+    equivalents, _ = symmetry.to_asymmetric_unit(full.directions, name)
+    nearest = np.max(equivalents @ grid.directions.T, axis=1)
+    assert np.degrees(np.arccos(np.clip(nearest.min(), -1, 1))) < 1.5 * np.degrees(
+        full.angular_step)
+
+
+def test_the_sampler_snaps_antipodes_into_the_unit():
+    grid = pose_grid(*GRID_ARGS, symmetry="C4")
+    sampler = ImportanceSampler(2)
+    sampler.set_grid(grid)
+    store = sampler.store
+    # Image 0 stored at a direction of the unit; its antipode lies outside it (C4's wedge
+    # 0 <= rot < 90 degrees, the antipode at rot + 180).
+    d = grid.directions[len(grid.directions) // 3]
+    store.dir_xyz[0, :] = d
+    store.dir_logp[0, :] = -np.log(store.dir_logp.shape[1])
+    store.has[0] = True
+    kernels = GridKernels(grid, store)
+    snapped = kernels.snapped(0, np.array([0]), antipodes=True)[0, 0]
+    target, _ = symmetry.to_asymmetric_unit(-d, "C4")
+    best = np.argmax(grid.directions @ target)
+    assert snapped == best
+    assert not symmetry.in_asymmetric_unit(-d, "C4")
+    # In C1 the antipode is its own grid point.
+    c1 = pose_grid(*GRID_ARGS)
+    store.dir_xyz[0, :] = c1.directions[5]
+    assert GridKernels(c1, store).snapped(0, np.array([0]), antipodes=True)[0, 0] == \
+        np.argmax(c1.directions @ -c1.directions[5])
+
+
+# ---------------------------------------------------------------------- training
+
+
+def _symmetric_set(name, n=120, box=24, pixel_size=8.0):
+    truth = symmetry.symmetrise(molecule.synthetic_molecule(box, pixel_size), name)
+    images, table = next(simulate.simulate_chunks(truth, pixel_size, n, snr=0.5, seed=3))
+    images = ((images - images.mean()) / images[:, :3].std()).astype(np.float32)
+    ctf = {"defocus_u": table.rlnDefocusU.to_numpy(), "defocus_v": table.rlnDefocusV.to_numpy(),
+           "defocus_angle": table.rlnDefocusAngle.to_numpy(), "voltage": 300.0, "cs": 2.7,
+           "amplitude_contrast": 0.1}
+    return images, ctf
+
+
+def test_a_trained_map_stays_symmetric_and_c1_is_untouched(monkeypatch):
+    images, ctf = _symmetric_set("C4")
+    rows = np.arange(len(images))
+    start = initial.random_blobs(24, 8.0, seed=1)
+    section = default_reconstruction_config(minibatch_size=40, max_iterations=4,
+                                            min_iterations=4, heldout_every=2)
+
+    def stage(name, log=lambda *_: None):
+        config = StageConfig.from_config({**section, "symmetry": name}, 1, 1)
+        return run_stage(start, images, ctf, 1.0, 8.0, 30.0, rows[20:], rows[:20], config,
+                         log=log, scale_start=True)
+
+    lines = []
+    c4 = stage("C4", lines.append)
+    assert any("symmetry C4 (order 4)" in line for line in lines)
+    assert any(" directions x " in line for line in lines)
+    c1 = stage("C1")
+    # The random start is far from C4; the C4 stage's map is C4 to interpolation accuracy, the
+    # C1 stage's is not.
+    assert _asymmetry(start, "C4") > 0.3
+    assert _asymmetry(c4.volume, "C4") < 0.05
+    assert _asymmetry(c1.volume, "C4") > 4 * _asymmetry(c4.volume, "C4")
+    # C1 never symmetrises: the same map with symmetrise broken.
+    monkeypatch.setattr(symmetry, "symmetrise", lambda *a, **k: pytest.fail("symmetrised"))
+    again = stage("C1")
+    np.testing.assert_array_equal(again.volume, c1.volume)
