@@ -160,3 +160,33 @@ def test_a_trained_map_stays_symmetric_and_c1_is_untouched(monkeypatch):
     monkeypatch.setattr(symmetry, "symmetrise", lambda *a, **k: pytest.fail("symmetrised"))
     again = stage("C1")
     np.testing.assert_array_equal(again.volume, c1.volume)
+
+
+# ---------------------------------------------------------------------- the workflow
+
+
+def test_a_datasets_symmetry_reaches_its_stages_and_a_bad_name_is_refused(tmp_path):
+    from test_planning import _mock_params
+    from workflow_helpers import run_snakemake, write_config
+
+    write_config(tmp_path, {"datasets": {"d7": {"simulate": {"box": 32}, "symmetry": "d7"},
+                                         "plain": {"simulate": {"box": 32}},
+                                         "search": {"simulate": {"box": 32},
+                                                    "symmetry": "auto"}},
+                            "reconstruction": {"stages_A": [40, 30], "symmetry": "C1"}})
+    options = {name: _mock_params(tmp_path, "reconstruct_stage", dataset=name, seed="1",
+                                  stage="2")["options"] for name in ("d7", "plain", "search")}
+    assert options["d7"]["symmetry"] == "d7"
+    assert "symmetry" not in options["plain"] and "symmetry" not in options["search"]
+    assert StageConfig.from_config(options["d7"], 2, 1).symmetry == "D7"
+    for key, config in [
+        ("datasets.d.symmetry", {"datasets": {"d": {"simulate": {}, "symmetry": "C4v"}}}),
+        ("reconstruction.symmetry", {"datasets": {"d": {"simulate": {}}},
+                                     "reconstruction": {"symmetry": "D1"}}),
+    ]:
+        write_config(tmp_path, config)
+        proc = run_snakemake(tmp_path, "-n", "--cores", "1")
+        assert proc.returncode != 0
+        output = (proc.stdout + proc.stderr).strip()
+        assert output.splitlines()[-1].startswith(f"cryoday: {key}: "), output
+        assert "Traceback" not in output
