@@ -137,8 +137,11 @@ def stage_options(wildcards):
     and the rule script's random start), and no others.
 
     ``symmetry`` is the dataset's (:func:`dataset_symmetry`), and left out when the stage
-    trains in C1 (``auto`` too): a C1 stage's params are those it had before symmetry existed."""
-    options = {k: v for k, v in RECON.items() if k not in NOT_STAGE_KEYS + ("symmetry",)}
+    trains in C1 (``auto`` too): a C1 stage's params are those it had before symmetry existed.
+    """
+    options = {
+        k: v for k, v in RECON.items() if k not in NOT_STAGE_KEYS + ("symmetry",)
+    }
     group = dataset_symmetry(wildcards.dataset)
     if group.strip().upper() not in ("C1", "AUTO"):
         options["symmetry"] = group
