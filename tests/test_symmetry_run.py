@@ -190,3 +190,51 @@ def test_a_datasets_symmetry_reaches_its_stages_and_a_bad_name_is_refused(tmp_pa
         output = (proc.stdout + proc.stderr).strip()
         assert output.splitlines()[-1].startswith(f"cryoday: {key}: "), output
         assert "Traceback" not in output
+
+
+# ---------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_pose_errors_are_taken_up_to_the_group_after_the_frame(mirror):
+    from scipy.spatial.transform import Rotation
+
+    from cryoday.validation import POSE_CHUNK, symmetric_pose_errors
+
+    rng = np.random.default_rng(4)
+    n = 600
+    true = Rotation.random(n, random_state=5).as_matrix()
+    elements = symmetry.group("D7")
+    g = elements[rng.integers(0, len(elements), n)]
+    frame = Rotation.from_rotvec([0.3, -0.7, 1.1]).as_matrix()
+    noise = Rotation.from_rotvec(rng.normal(scale=np.radians(2.0), size=(n, 3))).as_matrix()
+    flip = np.diag([1.0, 1.0, -1.0])
+    seen = flip @ true @ flip if mirror else true
+    # Each estimate is one of its |G| equivalents, in a map turned by ``frame``, 2 deg off.
+    est = noise @ seen @ (flip @ g @ flip if mirror else g) @ frame.T
+    errors, mirrored = symmetric_pose_errors(lambda r: (true[r], est[r]), n, "D7",
+                                             chunk_size=128)
+    assert mirrored is mirror
+    # 2 deg per axis: the angle's median is ~ 2 * 1.54 deg (a Maxwell distribution's).
+    assert np.median(errors) == pytest.approx(3.1, abs=0.5)
+    assert errors.max() < 10
+    # Without the group the same poses look wrong (the C1 average of B^T A is no frame).
+    from cryoday.validation import pose_errors
+
+    assert np.median(pose_errors(true, est, POSE_CHUNK)[0]) > 30
+
+
+def test_metrics_say_the_group_and_search_a_c1_map_when_asked():
+    from cryoday.validation import symmetry_figures
+
+    box = 32
+    truth = symmetry.symmetrise(molecule.synthetic_molecule(box, 6.0), "C4")
+    rng = np.random.default_rng(1)
+    halves = [truth + 0.02 * truth.std() * rng.standard_normal(truth.shape).astype(np.float32)
+              for _ in range(2)]
+    assert symmetry_figures("d7", False, truth, *halves, 6.0) == {"group": "D7", "order": 14}
+    assert symmetry_figures("C1", False, truth, *halves, 6.0) == {"group": "C1", "order": 1}
+    found = symmetry_figures("auto", False, truth, *halves, 6.0)
+    assert found["group"] == "C1" and found["search"]["group"] == "C4"
+    assert {c["group"] for c in found["search"]["candidates"]} >= {"C1", "C4", "D7", "I"}
+    assert "search" not in symmetry_figures("D7", True, truth, *halves, 6.0)

@@ -132,6 +132,10 @@ def dataset_symmetry(name):
     return config["datasets"][name].get("symmetry", RECON["symmetry"])
 
 
+def symmetry_of(wildcards):
+    return dataset_symmetry(wildcards.dataset)
+
+
 def stage_options(wildcards):
     """The reconstruction settings one stage reads (``cryoday.stage_config.StageConfig.from_config``
     and the rule script's random start), and no others.

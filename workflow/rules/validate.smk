@@ -30,5 +30,7 @@ rule validate:
     params:
         seeds=SEEDS,
         stages_A=dataset_stages_A,
+        symmetry=symmetry_of,
+        symmetry_search=config["validation"]["symmetry_search"],
     script:
         "../../scripts/validate.py"
