@@ -238,3 +238,16 @@ def test_metrics_say_the_group_and_search_a_c1_map_when_asked():
     assert found["group"] == "C1" and found["search"]["group"] == "C4"
     assert {c["group"] for c in found["search"]["candidates"]} >= {"C1", "C4", "D7", "I"}
     assert "search" not in symmetry_figures("D7", True, truth, *halves, 6.0)
+    # The report: the group, the scores table with the found group marked, the aligned views.
+    from cryoday import report
+    from cryoday.symmetry_search import align_to_recorded_axes
+
+    page = report.symmetry_section({"symmetry": found}, truth)
+    assert "<h2>Symmetry</h2>" in page and "point group <b>C1</b>" in page
+    assert page.count("<tr") == 1 + len(found["search"]["candidates"])
+    assert "<tr class=ok><td>C4</td>" in page
+    assert 'alt="final map turned onto the C4 axes found (the n-fold along z)"' in page
+    assert _asymmetry(align_to_recorded_axes(truth, found["search"]), "C4") < 0.1
+    d7 = report.symmetry_section({"symmetry": {"group": "D7", "order": 14}}, truth)
+    assert "point group <b>D7</b> (order 14): the pose grid" in d7 and "<table>" not in d7
+    assert report.symmetry_section({}, truth) == ""
