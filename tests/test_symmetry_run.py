@@ -251,3 +251,16 @@ def test_metrics_say_the_group_and_search_a_c1_map_when_asked():
     d7 = report.symmetry_section({"symmetry": {"group": "D7", "order": 14}}, truth)
     assert "point group <b>D7</b> (order 14): the pose grid" in d7 and "<table>" not in d7
     assert report.symmetry_section({}, truth) == ""
+
+
+# ---------------------------------------------------------------------- simulation
+
+
+@pytest.mark.parametrize("name", ["C4", "D7"])
+def test_the_synthetic_assembly_has_its_group_and_no_larger_one(name):
+    volume = simulate.symmetric_assembly(48, 3.0, name)
+    assert volume.shape == (48, 48, 48) and volume.max() == pytest.approx(1.0)
+    assert _asymmetry(volume, name) < 0.02
+    # Its subunits sit off the axes, so the group is no larger: C8 / D14 turns move them.
+    larger = f"{name[0]}{2 * int(name[1:])}"
+    assert _asymmetry(volume, larger) > 0.2
