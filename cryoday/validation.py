@@ -569,7 +569,8 @@ def pooled_low_to_high(spectrum: noise.NoiseSpectrum) -> float:
 def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preprocess_info,
                 preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
                 reference=None, truth_star=None, final_map=None, noise_spectrum=None,
-                symmetry="C1", symmetry_search=False, log=print) -> tuple[dict, dict]:
+                symmetry="C1", symmetry_search=False, truth_symmetry=None,
+                log=print) -> tuple[dict, dict]:
     """Everything ``metrics.json`` reports, and the FSC table.
 
     Parameters
@@ -605,6 +606,10 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
         taken up to it. ``metrics["symmetry"]`` (:func:`symmetry_figures`).
     symmetry_search : bool
         Search a C1 run's final map for its group (as ``'auto'`` does).
+    truth_symmetry : str, optional
+        A simulation's point group (``simulate.symmetry``): its poses are known only up to it,
+        so the pose errors are taken up to it whatever group the run used (else up to the
+        run's). ``metrics["symmetry"]["pose_errors_up_to"]`` says which.
     log : callable
         Receives progress lines.
     """
@@ -690,8 +695,11 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
     metrics["symmetry"] = symmetry_figures(symmetry, symmetry_search, searched, half1, half2,
                                            pixel_size, log)
     if truth_star:
+        pose_group = (point_groups.canonical_name(truth_symmetry) if truth_symmetry
+                      else metrics["symmetry"]["group"])
+        metrics["symmetry"]["pose_errors_up_to"] = pose_group
         metrics.update(pose_error_figures(truth_star, final_star, pixel_size,
-                                          symmetry=metrics["symmetry"]["group"]))
+                                          symmetry=pose_group))
         log(f"median angular error of the poses: {metrics['pose_error_median_deg']:.1f} degrees")
     chosen_poses = records.read_poses(seed_poses[chosen])
     shift_range.add_to_metrics(metrics, chosen_poses)

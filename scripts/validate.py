@@ -34,6 +34,7 @@ metrics, fsc_table = validation.run_metrics(
     noise_spectrum=snakemake.input.noise,
     symmetry=snakemake.params.symmetry,
     symmetry_search=snakemake.params.symmetry_search,
+    truth_symmetry=snakemake.params.truth_symmetry,
     log=log.info,
 )
 validation.write_fsc_table(snakemake.output.fsc, fsc_table)

@@ -136,6 +136,11 @@ def symmetry_of(wildcards):
     return dataset_symmetry(wildcards.dataset)
 
 
+def truth_symmetry(wildcards):
+    """A simulation's point group (``simulate.symmetry``), or None."""
+    return config["datasets"][wildcards.dataset].get("simulate", {}).get("symmetry")
+
+
 def stage_options(wildcards):
     """The reconstruction settings one stage reads (``cryoday.stage_config.StageConfig.from_config``
     and the rule script's random start), and no others.

@@ -31,6 +31,7 @@ rule validate:
         seeds=SEEDS,
         stages_A=dataset_stages_A,
         symmetry=symmetry_of,
+        truth_symmetry=truth_symmetry,
         symmetry_search=config["validation"]["symmetry_search"],
     script:
         "../../scripts/validate.py"
