@@ -378,11 +378,11 @@ def symmetry_section(metrics, volume: np.ndarray, searched: np.ndarray | None = 
             f"<td>{'n/a' if c['fsc_0.143_A'] is None else c['fsc_0.143_A']}</td></tr>"
             for c in search["candidates"])
         parts += [
-            f"<p>Searched on the C1 map: <b>{html.escape(search['group'])}</b> (a group is "
-            f"accepted when its consistency is within {search['tolerance']:g} of C1's "
-            f"self-consistency {search['reference']:.3f}; the largest accepted group wins).</p>",
-            "<table><tr><th>group</th><th>order</th><th>score</th><th>consistency</th>"
-            "<th>symmetrised half-map FSC 0.143 (A)</th></tr>", rows, "</table>"]
+            (f"<p>Searched on the C1 map: <b>{html.escape(search['group'])}</b> (a group is "
+             f"accepted when its consistency is within {search['tolerance']:g} of C1's "
+             f"self-consistency {search['reference']:.3f}; the largest accepted group wins).</p>"),
+            ("<table><tr><th>group</th><th>order</th><th>score</th><th>consistency</th>"
+             "<th>symmetrised half-map FSC 0.143 (A)</th></tr>"), rows, "</table>"]
         found = next(c for c in search["candidates"] if c["group"] == search["group"])
         if found["order"] > 1:
             from cryoday.symmetry_search import align_to_recorded_axes

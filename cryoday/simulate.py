@@ -512,7 +512,7 @@ def symmetric_assembly(box: int, pixel_size: float, name: str, seed: int = 0) ->
     from cryoday import molecule, symmetry
 
     name = symmetry.canonical_name(name)
-    sub_box = max(16, int(round(0.4 * box)) // 2 * 2)
+    sub_box = max(16, round(0.4 * box) // 2 * 2)
     subunit = molecule.synthetic_molecule(sub_box, pixel_size, seed=seed)
     if name[0] == "C":
         offset = np.array([0.2, 0.0, 0.0]) * box
@@ -521,7 +521,7 @@ def symmetric_assembly(box: int, pixel_size: float, name: str, seed: int = 0) ->
     else:
         direction = np.array([0.5, 0.3, 0.81])
         offset = 0.25 * box * direction / np.linalg.norm(direction)
-    x, y, z = (int(round(o)) for o in offset)
+    x, y, z = (round(float(o)) for o in offset)
     lo = np.array([z, y, x]) + box // 2 - sub_box // 2
     placed = np.zeros((box, box, box), np.float32)
     placed[lo[0]:lo[0] + sub_box, lo[1]:lo[1] + sub_box, lo[2]:lo[2] + sub_box] = subunit
