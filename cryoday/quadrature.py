@@ -11,6 +11,11 @@ poses move the outermost used coefficient by about ``us`` pixels.
 Shifts are a square grid in a disc with a Gaussian prior in the weights; their spacing is
 ``us * resolution / 2`` (a shift of half the resolution changes the phase of the outermost
 coefficient by pi).
+
+With a point group, the directions are those of the spiral inside one asymmetric unit
+(``cryoday.symmetry.reduce_directions``): a symmetric map gives the same image at a pose and at
+its ``|G|`` equivalents, so the rest of the sphere adds nothing but cost. The spiral is not
+thinned: the grid keeps the sphere's spacing, about ``n_dir / |G|`` directions.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from cryoday.geometry import euler_to_matrix
+from cryoday.symmetry import canonical_name, reduce_directions
 
 UNDERSAMPLING_BY_LEVEL = (1.5, 1.5, 1.25, 1.25)
 
@@ -33,7 +39,8 @@ class PoseGrid:
     which factors as ``inplane_rotation(psi_j) @ direction_rotations[d]`` (RELION's ZYZ applies
     psi last): the likelihood slices the model once per direction and turns the image instead.
     Shifts are RELION origins in pixels of the stage box. Log weights are normalised so that
-    ``logsumexp`` over each dimension is 0.
+    ``logsumexp`` over each dimension is 0. ``symmetry`` is the point group whose asymmetric
+    unit the directions cover (``'C1'``: the whole sphere).
     """
 
     directions: np.ndarray
@@ -47,6 +54,7 @@ class PoseGrid:
     pixel_size: float
     direction_rotations: np.ndarray | None = None
     inplane_matrices: np.ndarray | None = None
+    symmetry: str = "C1"
 
     @property
     def dir_log_weights(self) -> np.ndarray:
@@ -128,16 +136,23 @@ def shift_grid(resolution_A: float, pixel_size: float, undersampling: float,
 
 def pose_grid(resolution_A: float, box: int, pixel_size: float, undersampling: float = 1.0,
               shift_sigma_A: float = 10.0, shift_max_A: float = 60.0,
-              shift_radius_A: float | None = None) -> PoseGrid:
+              shift_radius_A: float | None = None, symmetry: str = "C1") -> PoseGrid:
     """The quadrature grid of a stage at ``resolution_A`` on ``box``-px images of ``pixel_size``.
 
-    Sizes (docs/method.md, section 1): ``n_dir = ceil((3.6 / a)^2)``, ``n_inp = ceil(2 pi / a)``;
-    shifts as :func:`shift_grid` (``shift_radius_A`` its ``radius_A``).
+    Sizes (docs/method.md, section 1): ``n_dir = ceil((3.6 / a)^2)`` on the sphere,
+    ``n_inp = ceil(2 pi / a)``; shifts as :func:`shift_grid` (``shift_radius_A`` its
+    ``radius_A``). With a ``symmetry`` other than C1 only the sphere's directions inside the
+    group's asymmetric unit are kept (about ``n_dir / |G|``), with equal weights again summing
+    to one; the in-plane angles and shifts are the same as in C1.
     """
     a = angular_step(resolution_A, box, pixel_size, undersampling)
     n_dir = int(np.ceil((3.6 / a) ** 2))
     n_inp = int(np.ceil(2 * np.pi / a))
     directions = fibonacci_sphere(n_dir)
+    symmetry = canonical_name(symmetry)
+    if symmetry != "C1":
+        directions = directions[reduce_directions(directions, symmetry)]
+        n_dir = len(directions)
     inplane = (np.arange(n_inp) + 0.5) * 2 * np.pi / n_inp
     rot, tilt = directions_to_euler(directions)
     rotations = euler_to_matrix(np.repeat(rot, n_inp), np.repeat(tilt, n_inp),
@@ -157,6 +172,7 @@ def pose_grid(resolution_A: float, box: int, pixel_size: float, undersampling: f
         pixel_size=float(pixel_size),
         direction_rotations=np.ascontiguousarray(euler_to_matrix(rot, tilt, 0.0)),
         inplane_matrices=inplane_matrices(inplane),
+        symmetry=symmetry,
     )
 
 

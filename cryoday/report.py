@@ -353,6 +353,46 @@ def _speedup(value) -> str:
     return "" if not value else f"{value:.0f}x"
 
 
+def symmetry_section(metrics, volume: np.ndarray, searched: np.ndarray | None = None) -> str:
+    """The point group the run used and, when a C1 map was searched, the candidates' scores
+    and the map turned onto the found group's axes (RELION's: the principal axis along z, a
+    two-fold along x), seen along them. ``searched`` is the map the search read (the full-box
+    final map; default ``volume``)."""
+    sym = metrics.get("symmetry")
+    if not sym:
+        return ""
+    parts = ["<h2>Symmetry</h2>",
+             f"<p>The run used point group <b>{html.escape(sym['group'])}</b> (order "
+             f"{sym['order']})" + (": the pose grid covered one asymmetric unit, the map was kept "
+                                   "symmetric, and each pose is one of its "
+                                   f"{sym['order']} equivalents.</p>" if sym["order"] > 1
+                                   else ".</p>")]
+    if sym["order"] > 1:
+        parts.append(map_views(volume, f"final map along its {sym['group']} axes "
+                                       "(the n-fold along z)"))
+    search = sym.get("search")
+    if search:
+        rows = "".join(
+            f"<tr{' class=ok' if c['group'] == search['group'] else ''}><td>{c['group']}</td>"
+            f"<td>{c['order']}</td><td>{c['score']:.3f}</td><td>{c['consistency']:.3f}</td>"
+            f"<td>{'n/a' if c['fsc_0.143_A'] is None else c['fsc_0.143_A']}</td></tr>"
+            for c in search["candidates"])
+        parts += [
+            (f"<p>Searched on the C1 map: <b>{html.escape(search['group'])}</b> (a group is "
+             f"accepted when its consistency is within {search['tolerance']:g} of C1's "
+             f"self-consistency {search['reference']:.3f}; the largest accepted group wins).</p>"),
+            ("<table><tr><th>group</th><th>order</th><th>score</th><th>consistency</th>"
+             "<th>symmetrised half-map FSC 0.143 (A)</th></tr>"), rows, "</table>"]
+        found = next(c for c in search["candidates"] if c["group"] == search["group"])
+        if found["order"] > 1:
+            from cryoday.symmetry_search import align_to_recorded_axes
+
+            aligned = align_to_recorded_axes(volume if searched is None else searched, search)
+            parts.append(map_views(aligned, f"final map turned onto the {found['group']} axes "
+                                            "found (the n-fold along z)"))
+    return "\n".join(parts)
+
+
 def final_map_section(metrics, final_map=None, final_fsc=None) -> str:
     """The final map (full box, to the data's limit): views, half-map FSC, B factor and its FSC
     against the reference beside the stage map's. Empty without a final map."""
@@ -462,6 +502,7 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
          "the poses found against one map, so this is an optimistic figure).</p>"),
         fsc_plot(fsc), pose_error_histogram(m),
         final_map_section(m, final_map, final_fsc),
+        symmetry_section(m, vol, io.read_map(final_map)[0] if final_map else None),
         "<h2>Provenance</h2>",
         (f"<p>{_versions()}; written {datetime.now(UTC):%Y-%m-%d %H:%M UTC} on "
          f"{html.escape(platform.node())} in <code>{html.escape(os.getcwd())}</code> by "

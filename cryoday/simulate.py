@@ -499,6 +499,36 @@ def _density(source: str, key: str, box: int, pixel_size: float, seed: int,
     return density.clip(min=0) if density.min() >= -1e-3 * density.max() else density
 
 
+def symmetric_assembly(box: int, pixel_size: float, name: str, seed: int = 0) -> np.ndarray:
+    """A test molecule of point group ``name`` (RELION's axes): ``|G|`` copies of a small
+    built-in synthetic molecule (``0.4 x box`` across, so 0.24 box in diameter) placed off every
+    axis and averaged over the group, like a GroEL ring pair for D7.
+
+    The subunit is rendered at ``pixel_size`` (its pseudo-residues as wide in A as the full-size
+    molecule's), centred at ``(0.2, 0, 0)`` box from the centre for ``Cn``, ``(0.2, 0, 0.13)``
+    for ``Dn`` (the two-fold along x puts its copy at -z: two rings), and 0.25 box along a
+    direction off every axis for T, O and I. float32, maximum 1.
+    """
+    from cryoday import molecule, symmetry
+
+    name = symmetry.canonical_name(name)
+    sub_box = max(16, round(0.4 * box) // 2 * 2)
+    subunit = molecule.synthetic_molecule(sub_box, pixel_size, seed=seed)
+    if name[0] == "C":
+        offset = np.array([0.2, 0.0, 0.0]) * box
+    elif name[0] == "D":
+        offset = np.array([0.2, 0.0, 0.13]) * box
+    else:
+        direction = np.array([0.5, 0.3, 0.81])
+        offset = 0.25 * box * direction / np.linalg.norm(direction)
+    x, y, z = (round(float(o)) for o in offset)
+    lo = np.array([z, y, x]) + box // 2 - sub_box // 2
+    placed = np.zeros((box, box, box), np.float32)
+    placed[lo[0]:lo[0] + sub_box, lo[1]:lo[1] + sub_box, lo[2]:lo[2] + sub_box] = subunit
+    assembly = symmetry.symmetrise(placed, name).clip(min=0)
+    return (assembly / assembly.max()).astype(np.float32)
+
+
 def simulate_dataset(params: dict, star_out, stack_out, truth_out) -> None:
     """Simulate the particle set one ``simulate:`` block of the config describes, to files.
 
@@ -514,7 +544,9 @@ def simulate_dataset(params: dict, star_out, stack_out, truth_out) -> None:
         ``astigmatism_A``, ``voltage_kV``, ``cs_mm``, ``amplitude_contrast``, ``shift_sigma_A``,
         and optionally ``source_pixel_size``, ``noise_spectrum``, ``bfactor_A2``,
         ``n_micrographs``, ``defocus_spread_A``, ``extraction``, ``junk_fraction``,
-        ``junk_kind``, ``junk_source`` (meanings in :func:`simulate_chunks` and the schema).
+        ``junk_kind``, ``junk_source`` (meanings in :func:`simulate_chunks` and the schema), and
+        ``symmetry`` (a point group: the ``synthetic`` source becomes
+        :func:`symmetric_assembly`, any other source is symmetrised).
     star_out, stack_out, truth_out : str or Path
         The particles' STAR file, their ``.mrcs`` stack (beside the STAR file, as its image
         names say) and the ground-truth map; each written atomically.
@@ -533,7 +565,20 @@ def simulate_dataset(params: dict, star_out, stack_out, truth_out) -> None:
     box, pixel_size = int(params["box"]), float(params["pixel_size"])
     seed = int(params["seed"])
     source_pixel_size = params.get("source_pixel_size")
-    truth = _density(params["source"], "source", box, pixel_size, seed, source_pixel_size)
+    group = params.get("symmetry", "C1")
+    if group.strip().upper() != "C1" and params["source"] == "synthetic":
+        truth = symmetric_assembly(box, pixel_size, group, seed)
+        log.info("source: built-in synthetic assembly of point group %s, %d px at %.3f A/px",
+                 group, box, pixel_size)
+    else:
+        truth = _density(params["source"], "source", box, pixel_size, seed, source_pixel_size)
+        if group.strip().upper() != "C1":
+            from cryoday import symmetry
+
+            # A map or model is taken to have its axes on RELION's already: symmetrising it
+            # makes it exactly symmetric about them.
+            truth = symmetry.symmetrise(truth, group).clip(min=0)
+            log.info("source symmetrised with point group %s", group)
     junk_fraction = float(params.get("junk_fraction", 0.0))
     junk_kind = params.get("junk_kind", "mixed")
     junk_volume = None

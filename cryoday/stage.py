@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cryoday import noise_refine, records, shift_range
+from cryoday import noise_refine, records, shift_range, symmetry
 from cryoday.batch import make_batch
 from cryoday.checkpoint import Checkpoint, EarlyStopping, Start, stage_fingerprint
 from cryoday.importance import ImportanceSampler
@@ -208,6 +208,24 @@ def resume_or_start(volume, n_images: int, n_batches: int, config: StageConfig,
     return Start(volume, optimiser, sampler, [], resumed=False)
 
 
+def _symmetrised_gradients(objective, group: str):
+    """``objective`` with its gradients averaged over the point group (values unchanged).
+
+    The gradient is symmetrised rather than the volume after each step: on the asymmetric
+    unit's grid the likelihood gradient at a symmetric map sees each image at one of its
+    ``|G|`` equivalent poses, and its group average is the gradient the whole sphere's grid
+    would give, so SAGD stays a gradient method on the symmetric maps (its line search and
+    stored gradients included) and a symmetric start stays symmetric. Symmetrising the volume
+    instead would step off the symmetric maps and project back, a step the line search never
+    tested. One symmetrisation per iteration: line-search trials ask for no gradient.
+    """
+    def symmetric(volume, batch_id, want_grad):
+        value, grad = objective(volume, batch_id, want_grad)
+        return value, None if grad is None else symmetry.symmetrise(grad, group)
+
+    return symmetric
+
+
 def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageConfig,
           history: list, log=print, checkpoint: Checkpoint | None = None, start_time=None,
           after_iteration: Callable[[int], object] | None = None) -> np.ndarray:
@@ -219,10 +237,14 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
     ``MIN_RELATIVE_IMPROVEMENT``) for ``patience`` evaluations in a row (:class:`EarlyStopping`,
     replayed from ``history`` when resuming). The stage is saved to ``checkpoint`` every
     ``checkpoint_every`` iterations; ``after_iteration(iteration)`` is called after each
-    iteration (and its checkpoint): a test kills the process there.
+    iteration (and its checkpoint): a test kills the process there. With a point group
+    (``config.symmetry``) every gradient is averaged over the group (see
+    :func:`_symmetrised_gradients`): a symmetric start stays symmetric.
     """
     start_time = time.perf_counter() if start_time is None else start_time
     n_train = objective.n_train
+    step_objective = (objective if config.symmetry == "C1"
+                      else _symmetrised_gradients(objective, config.symmetry))
     stopping, stopped_at = EarlyStopping.replay(history, config)
     if stopped_at is not None:  # a checkpoint written as the stage stopped
         log(f"held-out error has not improved for {config.patience} evaluations: stage done")
@@ -230,7 +252,7 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
     for iteration in range(len(history) + 1, config.max_iterations + 1):
         objective.iteration = optimiser.t
         batch_id = optimiser.next_batch()
-        volume, figures = optimiser.step(volume, batch_id, objective, prior, n_train)
+        volume, figures = optimiser.step(volume, batch_id, step_objective, prior, n_train)
         last = objective.last
         row = {"iteration": iteration, "epoch": iteration * config.minibatch_size / n_train,
                "heldout_nll": float("nan"), "n_evaluated": last.n_evaluated,
@@ -392,7 +414,8 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     op = SliceOperator(box, radius)
     shift_prior = shift_range.for_stage(config.shift_sigma_A, box * pixel_size, sagd_state, log)
     grid = pose_grid(resolution_A, box, pixel_size, config.undersampling,
-                     shift_sigma_A=shift_prior.sigma_A, shift_radius_A=shift_prior.radius_A)
+                     shift_sigma_A=shift_prior.sigma_A, shift_radius_A=shift_prior.radius_A,
+                     symmetry=config.symmetry)
     data = _Data(op, images, ctf_params, sigma, pixel_size, noise, noise_group)
     train_rows = np.asarray(train_rows)
     heldout_rows = np.asarray(heldout_rows)
@@ -410,7 +433,14 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         checkpoint = Checkpoint(checkpoint_path, stage_fingerprint(
             config, images, ctf_params, sigma, pixel_size, resolution_A, train_rows,
             heldout_rows, volume0, sagd_state, scale_start, noise, noise_group), log)
-    start = resume_or_start(low_pass(volume0, radius), len(images), n_batches, config,
+    volume_start = low_pass(volume0, radius)
+    if config.symmetry != "C1":
+        # The grid holds one asymmetric unit: the map must be symmetric from the start (a
+        # random start too), and the symmetrised gradients keep it so (see ``train``).
+        volume_start = symmetry.symmetrise(volume_start, config.symmetry)
+        log(f"symmetry {config.symmetry} (order {symmetry.order(config.symmetry)}): the grid "
+            "covers one asymmetric unit, the start map and every gradient are symmetrised")
+    start = resume_or_start(volume_start, len(images), n_batches, config,
                             sagd_state, checkpoint, log, grid)
     volume = start.volume
     reference_density = start.reference_density

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import yaml
 
+from cryoday import symmetry as point_groups
 from cryoday.errors import InputError
 from cryoday.quadrature import undersampling_for_level
 
@@ -52,6 +53,25 @@ _CASTS = {"int": int, "float": float, "bool": bool, "str": str,
           "tuple": lambda values: tuple(float(v) for v in values)}
 
 
+# Keys a stage's options may leave out, and what their absence means. The workflow leaves
+# ``symmetry`` out for C1 so that the params of stages run before symmetry existed do not
+# change (Snakemake would rerun them as "Params have changed").
+_ABSENT_MEANS = {"symmetry": "C1"}
+
+
+def training_symmetry(name) -> str:
+    """The point group a stage trains in: RELION's spelling of ``name``, C1 for ``'auto'``
+    (which searches the C1 result for its group afterwards, see
+    :mod:`cryoday.symmetry_search`); ``InputError`` naming ``reconstruction.symmetry`` when it
+    is no group."""
+    if isinstance(name, str) and name.strip().lower() == "auto":
+        return "C1"
+    try:
+        return point_groups.canonical_name(name)
+    except InputError as exc:
+        raise InputError(f"reconstruction.symmetry: {exc}") from None
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """A stage's settings (the schema's ``reconstruction`` keys, with the stage's schedule
@@ -76,6 +96,7 @@ class StageConfig:
     importance_max_shifts: int
     importance_coverage: float
     importance_dataset_prior: tuple
+    symmetry: str
 
     @classmethod
     def from_config(cls, section: dict, stage: int, seed: int) -> StageConfig:
@@ -90,12 +111,14 @@ class StageConfig:
             See :func:`stage_schedule`.
         """
         schedule = stage_schedule(section, stage, seed)._asdict()
+        section = {**_ABSENT_MEANS, **section}
         keys = [f for f in fields(cls) if f.name not in schedule]
         missing = [f.name for f in keys if f.name not in section]
         if missing:
             raise InputError(f"reconstruction.{missing[0]} is missing: the section must be "
                              "validated against the schema, which fills in the defaults")
         values = {f.name: _CASTS[f.type](section[f.name]) for f in keys}
+        values["symmetry"] = training_symmetry(values["symmetry"])
         return cls(**values, **schedule)
 
     def sampler_options(self, iterations_per_epoch: int) -> dict:

@@ -338,3 +338,15 @@ def align_to_axes(volume: np.ndarray, search: SymmetrySearch, candidate: Candida
     if symmetrise:
         aligned = symmetry.symmetrise(aligned, c.name)
     return np.asarray(aligned, dtype=np.float32)
+
+
+def align_to_recorded_axes(volume: np.ndarray, record: dict) -> np.ndarray:
+    """:func:`align_to_axes` from a search's :meth:`SymmetrySearch.as_dict` (as
+    ``validation/metrics.json`` keeps it): the map recentred by its ``shift_px`` and turned
+    onto the chosen group's axes. ``volume`` is the map that was searched (the shift is in its
+    voxels). float32 out.
+    """
+    chosen = next(c for c in record["candidates"] if c["group"] == record["group"])
+    v = _shifted(np.asarray(volume, np.float64), np.asarray(record["shift_px"], np.float64))
+    return np.asarray(symmetry.rotate_volume(v, np.asarray(chosen["rotation"]).T, 3),
+                      dtype=np.float32)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoday import io, noise, records, shift_range
+from cryoday import symmetry as point_groups
 from cryoday.align import apply_alignment, fsc_after_alignment
 from cryoday.fourier import rescale_volume
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
@@ -201,8 +202,8 @@ def pose_errors(true_rotations: np.ndarray, estimated: np.ndarray,
                                len(true_rotations), chunk_size)
 
 
-def pose_errors_from_angles(true_angles, estimated_angles,
-                            chunk_size: int = POSE_CHUNK) -> tuple[np.ndarray, bool]:
+def pose_errors_from_angles(true_angles, estimated_angles, chunk_size: int = POSE_CHUNK,
+                            symmetry: str = "C1") -> tuple[np.ndarray, bool]:
     """:func:`pose_errors` of poses given as RELION Euler angles (degrees), each chunk's
     matrices built as it is needed: memory stays at the angles and the errors.
 
@@ -212,6 +213,9 @@ def pose_errors_from_angles(true_angles, estimated_angles,
         ``(rot, tilt, psi)``, each ``(n,)``.
     chunk_size : int
         Particles per chunk.
+    symmetry : str
+        The run's point group: each error is the minimum over the group
+        (:func:`symmetric_pose_errors`).
     """
     from cryoday.geometry import euler_to_matrix
 
@@ -219,7 +223,81 @@ def pose_errors_from_angles(true_angles, estimated_angles,
         return (euler_to_matrix(*(np.asarray(a)[rows] for a in true_angles)),
                 euler_to_matrix(*(np.asarray(a)[rows] for a in estimated_angles)))
 
+    if point_groups.canonical_name(symmetry) != "C1":
+        return symmetric_pose_errors(pairs, len(true_angles[0]), symmetry, chunk_size)
     return _pose_errors_stream(pairs, len(true_angles[0]), chunk_size)
+
+
+# Symmetric pose errors: particles whose relative rotation is tried as the map's frame, and the
+# particles a frame is scored on (the median of their errors), evenly spaced.
+FRAME_CANDIDATES, FRAME_SAMPLE = 32, 2000
+
+
+def symmetric_pose_errors(pairs, n: int, symmetry: str, chunk_size: int = POSE_CHUNK
+                          ) -> tuple[np.ndarray, bool]:
+    """:func:`pose_errors` up to a point group: ``min_g angle(B_i R, A_i g)``
+    (:func:`cryoday.symmetry.pose_errors`) after the best frame ``R`` and hand.
+
+    Averaging ``B_i^T A_i`` as in C1 fails: each estimate is one of ``|G|`` equivalents
+    ``A_i g_i``, chosen per particle. The error is the same for ``R`` and ``R g``, so any one
+    particle's ``B_i^T A_i`` is a candidate frame; the best of :data:`FRAME_CANDIDATES` (lowest
+    median error on :data:`FRAME_SAMPLE` particles) is refined once by averaging
+    ``B_i^T A_i g_i`` with each particle's nearest equivalent ``g_i``. The mirrored hand
+    compares with ``J A_i J`` and the mirrored group ``J g J``.
+
+    Parameters
+    ----------
+    pairs : callable
+        ``pairs(rows) -> (true, estimated)``, ``(len(rows), 3, 3)`` rotations each.
+    n : int
+        Particles.
+    symmetry : str
+        Point group name.
+    chunk_size : int
+        Particles per chunk of the passes over all of them.
+
+    Returns
+    -------
+    errors : (n,) degrees
+    mirrored : bool
+    """
+    flip = np.diag([1.0, 1.0, -1.0])
+    elements = point_groups.group(symmetry)
+    chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    sample = np.unique(np.linspace(0, n - 1, min(n, FRAME_SAMPLE)).round().astype(np.int64))
+    picks = np.unique(np.linspace(0, len(sample) - 1, min(len(sample), FRAME_CANDIDATES))
+                      .round().astype(np.int64))
+    true_s, est_s = pairs(sample)
+
+    def nearest(est, true, group):
+        # traces[i, g] = trace((A_i g)^T B_i): the largest is the nearest equivalent.
+        traces = np.einsum("nki,nkj,gij->ng", true, est, group)
+        best = traces.argmax(axis=1)
+        cos = np.clip((traces[np.arange(len(est)), best] - 1) / 2, -1, 1)
+        return np.degrees(np.arccos(cos)), best
+
+    results = []
+    for hand in range(2):
+        group = elements if hand == 0 else flip @ elements @ flip
+        a_s = true_s if hand == 0 else flip @ true_s @ flip
+        frames = [est_s[i].T @ a_s[i] for i in picks]
+        frame = min(frames, key=lambda r: np.median(nearest(est_s @ r, a_s, group)[0]))
+        total = np.zeros((3, 3))
+        for rows in chunks:
+            true, est = pairs(rows)
+            a = true if hand == 0 else flip @ true @ flip
+            _, g = nearest(est @ frame, a, group)
+            total += np.einsum("nji,njk,nkl->il", est, a, group[g])
+        u, _, vt = np.linalg.svd(total)
+        frame = u @ np.diag([1, 1, np.linalg.det(u @ vt)]) @ vt
+        errors = np.empty(n)
+        for rows in chunks:
+            true, est = pairs(rows)
+            a = true if hand == 0 else flip @ true @ flip
+            errors[rows] = nearest(est @ frame, a, group)[0]
+        results.append(errors)
+    mirrored = bool(np.median(results[1]) < np.median(results[0]))
+    return results[int(mirrored)], mirrored
 
 
 def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
@@ -419,8 +497,10 @@ def reference_disagreement(fsc05_A: float, fsc0143_A: float, halfmap_A: float,
     return None
 
 
-def pose_error_figures(truth_star, final_star, pixel_size, chunk_size: int = POSE_CHUNK) -> dict:
-    """Angular errors of the final poses against a simulation's true ones (``pose_errors``).
+def pose_error_figures(truth_star, final_star, pixel_size, chunk_size: int = POSE_CHUNK,
+                       symmetry: str = "C1") -> dict:
+    """Angular errors of the final poses against a simulation's true ones (``pose_errors``;
+    up to the run's point group ``symmetry``, :func:`symmetric_pose_errors`).
 
     Rows of the two files match by position. Junk rows (the simulator's ``cryodaySimJunk``
     column, not 0) are left out: a noise image has no true pose, and another map's projection
@@ -436,11 +516,30 @@ def pose_error_figures(truth_star, final_star, pixel_size, chunk_size: int = POS
         keep = truth_particles.table[JUNK_COLUMN].to_numpy() == JUNK_NONE
     errors, mirrored = pose_errors_from_angles(
         tuple(truth[k][keep] for k in ("rot", "tilt", "psi")),
-        tuple(est[k][keep] for k in ("rot", "tilt", "psi")), chunk_size)
+        tuple(est[k][keep] for k in ("rot", "tilt", "psi")), chunk_size, symmetry)
     return {"pose_error_median_deg": float(np.median(errors)),
             "pose_error_hand_flipped": bool(mirrored),
             "pose_within_15deg_fraction": float(np.mean(errors < INLIER_DEG)),
             "pose_error_histogram": np.histogram(errors, bins=18, range=(0, 180))[0].tolist()}
+
+
+def symmetry_figures(symmetry, search: bool, volume, half1, half2, pixel_size: float,
+                     log=print) -> dict:
+    """``metrics["symmetry"]``: the group the run used (``group``, ``order``) and, for a C1 run
+    asked to (``search``, or ``symmetry`` ``'auto'``), ``search``: every candidate's scores on
+    the final map with its half maps (:meth:`cryoday.symmetry_search.SymmetrySearch.as_dict`;
+    its ``group`` is the one found)."""
+    auto = isinstance(symmetry, str) and symmetry.strip().lower() == "auto"
+    group = "C1" if auto else point_groups.canonical_name(symmetry)
+    out = {"group": group, "order": point_groups.order(group)}
+    if group == "C1" and (auto or search):
+        from cryoday.symmetry_search import find_symmetry
+
+        found = find_symmetry(volume, pixel_size, "auto", half1=half1, half2=half2)
+        out["search"] = found.as_dict()
+        log(f"symmetry search on the C1 map: {found.chosen.name} (consistency "
+            f"{found.chosen.consistency:.3f}, reference {found.reference:.3f})")
+    return out
 
 
 def final_map_figures(final_map, figures, reference=None, alignment=None) -> tuple[dict, dict]:
@@ -536,6 +635,7 @@ def pooled_low_to_high(spectrum: noise.NoiseSpectrum) -> float:
 def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preprocess_info,
                 preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
                 reference=None, truth_star=None, final_map=None, noise_spectrum=None,
+                symmetry="C1", symmetry_search=False, truth_symmetry=None,
                 log=print) -> tuple[dict, dict]:
     """Everything ``metrics.json`` reports, and the FSC table.
 
@@ -567,6 +667,15 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
     noise_spectrum : path, optional
         Preprocessing's ``noise_spectrum.tsv``: ``metrics["noise_model"]``
         (:func:`noise_model_figures`).
+    symmetry : str
+        The dataset's configured point group (``'auto'``: C1, then searched); pose errors are
+        taken up to it. ``metrics["symmetry"]`` (:func:`symmetry_figures`).
+    symmetry_search : bool
+        Search a C1 run's final map for its group (as ``'auto'`` does).
+    truth_symmetry : str, optional
+        A simulation's point group (``simulate.symmetry``): its poses are known only up to it,
+        so the pose errors are taken up to it whatever group the run used (else up to the
+        run's). ``metrics["symmetry"]["pose_errors_up_to"]`` says which.
     log : callable
         Receives progress lines.
     """
@@ -653,8 +762,16 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
             metrics["halfmap_fsc0143_masked_A"], float(stages_A[-1]))
         if disagreement:
             metrics["warnings"].append(disagreement)
+    # The search reads the map its half maps belong to (the full-box final map when there is).
+    searched = io.read_map(final_map["full"])[0] if final_map else volume
+    metrics["symmetry"] = symmetry_figures(symmetry, symmetry_search, searched, half1, half2,
+                                           pixel_size, log)
     if truth_star:
-        metrics.update(pose_error_figures(truth_star, final_star, pixel_size))
+        pose_group = (point_groups.canonical_name(truth_symmetry) if truth_symmetry
+                      else metrics["symmetry"]["group"])
+        metrics["symmetry"]["pose_errors_up_to"] = pose_group
+        metrics.update(pose_error_figures(truth_star, final_star, pixel_size,
+                                          symmetry=pose_group))
         log(f"median angular error of the poses: {metrics['pose_error_median_deg']:.1f} degrees")
     chosen_poses = records.read_poses(seed_poses[chosen])
     shift_range.add_to_metrics(metrics, chosen_poses)

@@ -32,6 +32,9 @@ metrics, fsc_table = validation.run_metrics(
     final_map={"half1": snakemake.input.half1, "half2": snakemake.input.half2,
                "full": snakemake.input.final_map, "figures": snakemake.input.final_figures},
     noise_spectrum=snakemake.input.noise,
+    symmetry=snakemake.params.symmetry,
+    symmetry_search=snakemake.params.symmetry_search,
+    truth_symmetry=snakemake.params.truth_symmetry,
     log=log.info,
 )
 validation.write_fsc_table(snakemake.output.fsc, fsc_table)

@@ -5,6 +5,11 @@ Directions are unit vectors in R^3 (a von Mises-Fisher kernel ``exp(kappa (u.v -
 One embedding per factor lets stored points from any grid be snapped to the current grid by a
 nearest-point search and spread by the grid's own sparse kernel matrix. The kernels' widths
 are tied to the grid spacing (see ``docs/importance.md``).
+
+A grid with a point group covers one asymmetric unit of directions. Stored directions come from
+such grids, but the antipodes the early proposals add, and points stored under another unit,
+lie outside it: they snap to the grid point nearest to their equivalent in the unit
+(``cryoday.symmetry.to_asymmetric_unit``), not to the nearest point across the unit's edge.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.spatial import cKDTree
 
-from cryoday import tunables
+from cryoday import symmetry, tunables
 from cryoday.importance.store import K_STORED, PosteriorStore
 
 
@@ -116,6 +121,7 @@ class GridKernels:
         self.store = store
         self.domains = grid_domains(grid)
         self.coordinates = (grid.directions, grid.inplane, grid.shifts * grid.pixel_size)
+        self.symmetry = getattr(grid, "symmetry", "C1")
         # Per image and stored point, its nearest grid point (-1: not known yet), for the three
         # dimensions and the antipodal directions: int32, 0.5 kB per image.
         self._snap = [np.full((store.n, K_STORED), -1, dtype=np.int32) for _ in range(4)]
@@ -138,7 +144,10 @@ class GridKernels:
         unknown = idx[:, 0] < 0
         if unknown.any():
             x = self.embedded(dim, rows[unknown])
-            found = self.domains[dim].nearest(-x if antipodes else x)
+            x = -x if antipodes else x
+            if dim == 0 and self.symmetry != "C1":
+                x = symmetry.to_asymmetric_unit(x, self.symmetry)[0]
+            found = self.domains[dim].nearest(x)
             cache[rows[unknown]] = found
             idx[unknown] = found
         return idx

@@ -32,6 +32,12 @@ def _plan_stages():
     planning = _load_planning()
     try:
         planning.check_decreasing(RECON["stages_A"])
+        planning.check_symmetry(RECON["symmetry"], "reconstruction.symmetry")
+        for name in DATASETS:
+            if "symmetry" in config["datasets"][name]:
+                planning.check_symmetry(
+                    config["datasets"][name]["symmetry"], f"datasets.{name}.symmetry"
+                )
     except planning.PlanError as exc:
         raise SystemExit(f"cryoday: {exc}") from None
     plans = {}
@@ -120,10 +126,34 @@ def stage_stack_groups():
 NOT_STAGE_KEYS = ("seeds", "stages_A")
 
 
+def dataset_symmetry(name):
+    """A dataset's point group as configured: its own ``symmetry`` key, else
+    ``reconstruction.symmetry`` (may be ``auto``)."""
+    return config["datasets"][name].get("symmetry", RECON["symmetry"])
+
+
+def symmetry_of(wildcards):
+    return dataset_symmetry(wildcards.dataset)
+
+
+def truth_symmetry(wildcards):
+    """A simulation's point group (``simulate.symmetry``), or None."""
+    return config["datasets"][wildcards.dataset].get("simulate", {}).get("symmetry")
+
+
 def stage_options(wildcards):
     """The reconstruction settings one stage reads (``cryoday.stage_config.StageConfig.from_config``
-    and the rule script's random start), and no others."""
-    options = {k: v for k, v in RECON.items() if k not in NOT_STAGE_KEYS}
+    and the rule script's random start), and no others.
+
+    ``symmetry`` is the dataset's (:func:`dataset_symmetry`), and left out when the stage
+    trains in C1 (``auto`` too): a C1 stage's params are those it had before symmetry existed.
+    """
+    options = {
+        k: v for k, v in RECON.items() if k not in NOT_STAGE_KEYS + ("symmetry",)
+    }
+    group = dataset_symmetry(wildcards.dataset)
+    if group.strip().upper() not in ("C1", "AUTO"):
+        options["symmetry"] = group
     if isinstance(options["undersampling"], list):
         # The schedule reads the factor at the stage's index (1 beyond the list's end), so the
         # factors of later stages are not this stage's.

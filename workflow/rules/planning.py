@@ -13,6 +13,7 @@ the value on every row) and stops there once it has seen the optics table.
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import struct
 from dataclasses import dataclass
@@ -45,6 +46,25 @@ def check_decreasing(stages_A) -> None:
                 f"reconstruction.stages_A must decrease strictly, coarse to fine (got "
                 f"{list(stages_A)}: stage {i + 1} at {stages_A[i]} A follows {stages_A[i - 1]} A)"
             )
+
+
+# cryoday.symmetry.canonical_name's names (a twin: this module may not import cryoday).
+_GROUP = re.compile(r"^\s*([CD])(\d{1,3})\s*$|^\s*(T|O|I[1-4]?)\s*$", re.IGNORECASE)
+
+
+def check_symmetry(value, key: str, auto: bool = True) -> None:
+    """Refuse a point-group name cryoday does not know (``auto`` allowed when ``auto``),
+    naming the config key; the names and their rule are ``cryoday.symmetry.canonical_name``'s."""
+    if auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return
+    match = _GROUP.match(value) if isinstance(value, str) else None
+    if match and match.group(1):
+        ok = int(match.group(2)) >= (1 if match.group(1).upper() == "C" else 2)
+    else:
+        ok = match is not None
+    if not ok:
+        raise PlanError(f"{key}: {value!r} is not a point group: use Cn, Dn, T, O, I "
+                        f"(RELION's names, e.g. C1, C4, D7){' or auto' if auto else ''}")
 
 
 def finest_resolution(box: int | None, pixel_size: float) -> float:

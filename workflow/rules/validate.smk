@@ -30,5 +30,8 @@ rule validate:
     params:
         seeds=SEEDS,
         stages_A=dataset_stages_A,
+        symmetry=symmetry_of,
+        truth_symmetry=truth_symmetry,
+        symmetry_search=config["validation"]["symmetry_search"],
     script:
         "../../scripts/validate.py"
