@@ -68,7 +68,10 @@ def pairs(sizes, only):
         seeds.append(rescale_volume(v, voxel, final.shape[0], ps))
     for n in sizes:
         scale = n / final.shape[0]
-        up = (lambda v: v) if n == final.shape[0] else (lambda v: resample_for_stage(v, n))
+
+        def up(v, n=n):
+            return v if n == v.shape[0] else resample_for_stage(v, n)
+
         cases = [(f"final_vs_truth_{n}", up(final), up(truth), None, None),
                  (f"seed1_vs_seed2_{n}", up(seeds[0]), up(seeds[1]), None, None)]
         for flipped in (False, True):
@@ -92,9 +95,9 @@ def main():
     args = parser.parse_args()
     root = (args.repo or Path(__file__).resolve().parents[1]).resolve()
     sys.path.insert(0, str(root))
-    import cryoday
     from scipy.spatial.transform import Rotation
 
+    import cryoday
     from cryoday.align import apply_alignment, find_alignment
     from cryoday.fsc import fsc, resolution_at
 
