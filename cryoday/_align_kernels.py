@@ -8,7 +8,6 @@ outside the box samples 0. They allocate nothing beyond per-slice accumulators.
 from __future__ import annotations
 
 import numba
-import numpy as np
 
 from cryoday import jit
 
