@@ -33,7 +33,7 @@ from cryoday.quadrature import directions_to_euler, fibonacci_sphere
 # Box (px) of the global search's maps: enough for ~12-degree steps at the particle's edge.
 SEARCH_BOX = 24
 # L-BFGS iterations of the polish at the full box.
-POLISH_ITERATIONS = 30
+POLISH_ITERATIONS = 10
 # Box (px) of the middle level of the local refinement, between the search box and the full
 # box: what a map at the stages' resolutions holds, at an eighth of a 96-px box's cost.
 REFINE_BOX = 48
@@ -44,7 +44,8 @@ REFINE_BOX = 48
 REFINE_LEVELS = ((100, 1e-9, 0.05), (100, 1e-9, 0.01), (POLISH_ITERATIONS, 1e-9, 0.0))
 # Boxes (px) from which a pass is split over threads: below, waking them costs more.
 PARALLEL_BOX = 80
-# Turned maps transformed at once in the global search.
+# Turned maps transformed at once in the global search (the batch's FFT intermediates raise
+# the peak memory by about ten times this).
 ALIGN_BATCH_BYTES = 16 << 20
 
 
