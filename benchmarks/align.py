@@ -10,7 +10,8 @@ For before/after figures run it with another checkout's ``cryoday`` (``--repo``)
 results (``--json``); a second run with ``--compare`` prints the rotation difference (degrees),
 shift difference (px) and FSC resolution change against the saved results. Nothing is asserted.
 
-    python benchmarks/align.py --repo /work/main --json /tmp/align_before.json
+    git archive main | tar -x -C /tmp/before   # a checkout of the code to compare with
+    python benchmarks/align.py --repo /tmp/before --json /tmp/align_before.json
     python benchmarks/align.py --compare /tmp/align_before.json --json /tmp/align_after.json
 
 Each pair's line is printed as it finishes; the last line is one JSON object with the figures.
