@@ -193,8 +193,9 @@ class Checkpoint:
     the prior's reference density (taken from the stage's start volume, not the
     checkpoint's); the history (from which :class:`EarlyStopping` is rebuilt); and the
     fingerprint of what produced it. The minibatch partition is not saved: it is the stage
-    generator's first draw (seed, rows and minibatch size are in the fingerprint), and that
-    generator draws nothing after the start.
+    generator's first draw from the training subset (seed, rows, minibatch size, and the
+    subset's ``max_particles`` and ``start_seed`` are in the fingerprint), and that generator
+    draws nothing after the start.
 
     Parameters
     ----------

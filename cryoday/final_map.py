@@ -16,6 +16,14 @@ renormalised masses: the posterior-marginalised insertion, cheap because the mar
 sharp by the last stage. The product drops the correlation between the dimensions, which is
 small when each marginal is concentrated on neighbouring grid points.
 
+With a point group (``reconstruction.symmetry`` or the dataset's ``symmetry:``, the group the
+stages trained in, whose poses cover one asymmetric unit) every pose is inserted at its ``|G|``
+equivalents ``A g`` (:func:`cryoday.symmetry.expand_poses`, the convention of
+:func:`cryoday.reconstruct.insert_symmetric`, RELION's ``--sym``): a symmetric molecule's image
+measures the slices at all of them, so the map comes out symmetric about RELION's axes, its
+Fourier space filled from one asymmetric unit of views. The expansion is made a block of poses
+at a time (``SYMMETRY_BLOCK_POSES``), so its memory does not grow with ``|G|`` times the data.
+
 Sharpening follows RELION's ``relion_postprocess``: the Guinier plot is ``ln |F(s)|`` against
 ``s^2`` over shells between ``GUINIER_LOW_A`` and the FSC 0.143 resolution; a map blurred by an
 envelope ``exp(-B s^2 / 4)`` has slope ``-B / 4`` there, so ``B = -4 x slope``. RELION reports
@@ -35,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoday import io
+from cryoday import symmetry as point_groups
 from cryoday.fourier import ft3, ift3, radial_index_3d
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 from cryoday.geometry import euler_to_matrix
@@ -53,6 +62,10 @@ MASK_EDGE_PX = 3.0
 POSTERIOR_TOP = (3, 3, 2)
 # Images per chunk of the insertion (memory is per chunk, not per data set).
 CHUNK_SIZE = 500
+# Expanded poses (each pose times |G|) made at once with a point group: ~110 bytes each (a
+# rotation, a shift, a weight, an image index), 55 MB, against accumulator cubes that are
+# ~1 GB at a 128-px box, whose fresh allocation per block this keeps rare.
+SYMMETRY_BLOCK_POSES = 1 << 19
 
 
 @dataclass
@@ -68,8 +81,10 @@ class FinalMap:
     resolution_A, resolution_unmasked_A : FSC 0.143 resolution of the masked and unmasked curves
     guinier_B_A2 : envelope B factor from the Guinier plot (positive: a blurred map); nan when the
         fit range holds too few shells (then the map is not sharpened)
-    n_particles, n_insertions : particles used and poses inserted
+    n_particles, n_insertions : particles used and poses inserted (``|G|`` per pose with a
+        point group)
     poses : ``"best"`` or ``"posterior"``
+    symmetry : the point group the poses were expanded by (``"C1"``: none)
     """
 
     half1: np.ndarray
@@ -86,12 +101,16 @@ class FinalMap:
     n_particles: int
     n_insertions: int
     poses: str
+    symmetry: str = "C1"
 
     def figures(self) -> dict:
-        """The figures of ``final_map.json``."""
+        """The figures of ``final_map.json`` (``symmetry`` only with a point group: a C1 run's
+        figures are those it had before symmetry existed)."""
         b = self.guinier_B_A2
+        group = {} if self.symmetry == "C1" else {"symmetry": self.symmetry}
         return {
             "poses": self.poses,
+            **group,
             "n_particles": self.n_particles,
             "n_insertions": self.n_insertions,
             "box": int(self.full.shape[0]),
@@ -215,10 +234,39 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP):
     return image[keep], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w.ravel()[keep]
 
 
+def insert_expanded(read, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
+                    pixel_size: float, box: int, group: str, *, image, weights,
+                    chunk_size: int = CHUNK_SIZE,
+                    block_poses: int = SYMMETRY_BLOCK_POSES) -> Sums:
+    """:func:`cryoday.reconstruct.insert` with every pose at its ``|G|`` equivalents ``A g``.
+
+    Poses are expanded ``block_poses // |G|`` at a time (pose-major, so each pose's equivalents
+    and each particle's poses stay together, as :func:`insert` wants them) and the blocks' sums
+    added: memory is that of one block, not of ``|G|`` times every pose. The arguments are
+    :func:`insert`'s (``image`` and ``weights`` per pose).
+    """
+    size = point_groups.order(group)
+    image = np.asarray(image, np.int64)
+    weights = np.asarray(weights, np.float64)
+    per_block = max(1, block_poses // size)
+    total = None
+    for start in range(0, max(len(image), 1), per_block):
+        rows = slice(start, start + per_block)
+        n_rows = len(image[rows])
+        sums = insert(read, n_rows * size, point_groups.expand_poses(rotations[rows], group),
+                      np.repeat(np.asarray(shifts_px, np.float64)[rows], size, axis=0),
+                      ctf_params, pixel_size, box, chunk_size=chunk_size,
+                      weights=np.repeat(weights[rows], size), image=np.repeat(image[rows], size))
+        total = sums if total is None else total._replace(num=total.num + sums.num,
+                                                          den=total.den + sums.den)
+    return total
+
+
 def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,
                          ctf_params: dict, pixel_size: float, box: int, *, image=None,
                          weights=None, seed: int = 0, wiener: float = 1e-3,
-                         chunk_size: int = CHUNK_SIZE, log=print) -> FinalMap:
+                         chunk_size: int = CHUNK_SIZE, symmetry: str = "C1",
+                         log=print) -> FinalMap:
     """Gold-standard half maps at the full box up to Nyquist, their FSC, the full map and the
     sharpened map.
 
@@ -233,7 +281,11 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     image : optional (m,) particle of each pose (default: pose i is particle i)
     weights : optional (m,) weight of each pose (its posterior mass)
     seed : the split into halves (``reconstruct.half_sets``)
+    symmetry : point group (RELION's names): each pose is inserted at its ``|G|`` equivalents
+        (:func:`insert_expanded`); ``"C1"``, the default, inserts each pose once
     """
+    group = point_groups.canonical_name(symmetry)
+    size = point_groups.order(group)
     image = np.arange(n) if image is None else np.asarray(image, np.int64)
     weights = np.ones(len(image)) if weights is None else np.asarray(weights, np.float64)
     if len(image) != len(rotations) or len(image) != len(shifts_px) or len(image) != len(weights):
@@ -244,10 +296,17 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
         # The poses of this half's particles, grouped by particle: each chunk of poses reads
         # and transforms its images once.
         rows = np.flatnonzero(np.isin(image, particles))
-        sums.append(insert(read, len(rows), rotations[rows], shifts_px[rows], ctf_params,
-                           pixel_size, box, chunk_size=chunk_size, weights=weights[rows],
-                           image=image[rows]))
-        log(f"half map {len(sums)}: {len(particles)} particles, {len(rows)} poses inserted")
+        if size == 1:
+            sums.append(insert(read, len(rows), rotations[rows], shifts_px[rows], ctf_params,
+                               pixel_size, box, chunk_size=chunk_size, weights=weights[rows],
+                               image=image[rows]))
+        else:
+            sums.append(insert_expanded(read, rotations[rows], shifts_px[rows], ctf_params,
+                                        pixel_size, box, group, image=image[rows],
+                                        weights=weights[rows], chunk_size=chunk_size))
+        expanded = "" if size == 1 else f" x {size} equivalents ({group})"
+        log(f"half map {len(sums)}: {len(particles)} particles, {len(rows)} poses{expanded} "
+            "inserted")
     # The half maps as RELION writes them: least squares with a small constant floor, no
     # filter, so that their FSC measures the data and nothing of a prior.
     half1, half2 = (solve(s, wiener) for s in sums)
@@ -268,8 +327,8 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     log(f"final map: half-map FSC 0.143 {resolution:.2f} A masked, {resolution_unmasked:.2f} A "
         f"unmasked; Guinier B {b:.0f} A^2 ({GUINIER_LOW_A:g} A to {resolution:.2f} A)")
     return FinalMap(half1, half2, full, sharpened, float(pixel_size), freq, unmasked, masked,
-                    resolution, resolution_unmasked, b, int(n), len(image),
-                    "best" if len(image) == n and np.all(weights == 1) else "posterior")
+                    resolution, resolution_unmasked, b, int(n), len(image) * size,
+                    "best" if len(image) == n and np.all(weights == 1) else "posterior", group)
 
 
 def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures, fsc_table
@@ -293,7 +352,7 @@ def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures,
 
 
 def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERIOR_TOP,
-        seed: int = 0, log=print) -> dict:
+        seed: int = 0, symmetry: str = "C1", log=print) -> dict:
     """The final map of a run from its files (rule ``final_map``).
 
     Parameters
@@ -307,6 +366,9 @@ def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERI
         posterior's top points (``top``); without it at its most probable pose.
     outputs : dict
         ``full``, ``half1``, ``half2``, ``sharpened``, ``figures``, ``fsc_table`` paths.
+    symmetry : str
+        The point group the stages trained in (``"C1"``: none); each pose is inserted at its
+        ``|G|`` equivalents.
     """
     particles = io.read_particles(preprocessed_star)
     box, pixel_size = int(particles.box), float(particles.pixel_size)
@@ -330,5 +392,6 @@ def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERI
         image = weights = None
     with io.ImageSource(particles) as source:
         result = final_reconstruction(source.read, n, rotations, shifts, ctf, pixel_size, box,
-                                      image=image, weights=weights, seed=seed, log=log)
+                                      image=image, weights=weights, seed=seed,
+                                      symmetry=symmetry, log=log)
     return write_final_map(result, **outputs)

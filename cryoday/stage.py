@@ -20,6 +20,11 @@ The pieces, composed by :func:`run_stage`:
 * :func:`train`: SAGD iterations with held-out evaluation and early stopping
   (:class:`~cryoday.checkpoint.EarlyStopping`);
 * :func:`final_poses`: every particle's most probable pose at the final map.
+
+Above ``reconstruction.max_particles`` training particles, the SAGD loop trains on a random
+subset of that size (:func:`~cryoday.stage_config.training_subset`), so that its stored
+gradients (one volume per minibatch) do not grow with the data set; the final pose pass still
+covers every particle.
 """
 
 from __future__ import annotations
@@ -43,9 +48,7 @@ from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 from cryoday.sagd import SAGD
-from cryoday.stage_config import (
-    StageConfig,
-)
+from cryoday.stage_config import StageConfig, training_subset
 from cryoday.tunables import IMAGE_CACHE_BYTES, KEPT_BATCHES
 
 # Training images whose power sets a random start's scale (``scale_to_data``).
@@ -386,7 +389,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     pixel_size, resolution_A : float
         The stage's pixel size and resolution (A).
     train_rows, heldout_rows : int arrays
-        Particle rows.
+        Particle rows. SAGD trains on at most ``config.max_particles`` of the training rows
+        (:func:`~cryoday.stage_config.training_subset`: the same ones in every stage of a
+        start); the held-out rows and the final pose pass are not subsampled.
     config : StageConfig
     sagd_state : path or None
         The previous stage's ``state.npz``, or None for the first stage.
@@ -419,13 +424,18 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     data = _Data(op, images, ctf_params, sigma, pixel_size, noise, noise_group)
     train_rows = np.asarray(train_rows)
     heldout_rows = np.asarray(heldout_rows)
+    # SAGD trains on at most max_particles of them (the same ones in every stage of the start);
+    # the final pose pass covers every particle.
+    fitted = training_subset(train_rows, config.max_particles, config.start_seed)
     # One generator, drawn in this order: the partition, then a random start's scale sample.
     rng = np.random.default_rng(config.seed)
-    n_batches = max(1, int(np.ceil(len(train_rows) / config.minibatch_size)))
-    partition = np.array_split(rng.permutation(train_rows), n_batches)
+    n_batches = max(1, int(np.ceil(len(fitted) / config.minibatch_size)))
+    partition = np.array_split(rng.permutation(fitted), n_batches)
+    subset = ("" if len(fitted) == len(train_rows) else
+              f" (a random {len(fitted)} of {len(train_rows)}: reconstruction.max_particles)")
     log(f"stage at {resolution_A:g} A: box {box}, {op.n_coef} coefficients, grid "
         f"{grid.n_dir} directions x {grid.n_inp} in-plane x {grid.n_shift} shifts "
-        f"= {grid.size:,} points per image; {len(train_rows)} training images in "
+        f"= {grid.size:,} points per image; {len(fitted)} training images{subset} in "
         f"{n_batches} minibatches, {len(heldout_rows)} held out")
 
     checkpoint = None
@@ -446,7 +456,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     reference_density = start.reference_density
     if not start.resumed:
         if scale_start:
-            sample = rng.choice(train_rows, min(len(train_rows), SCALE_SAMPLE), replace=False)
+            sample = rng.choice(fitted, min(len(fitted), SCALE_SAMPLE), replace=False)
             volume = scale_to_data(volume, op, data, grid, sample, rng)
         top = volume.max()
         reference_density = float(volume[volume > 0.1 * top].mean()) if top > 0 else 1.0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import yaml
 
 from cryoday import symmetry as point_groups
@@ -36,7 +37,8 @@ def stage_schedule(section: dict, stage: int, seed: int) -> StageSchedule:
     The learning rate halves at each stage, floored at ``learning_rate_min``; undersampling
     ``'auto'`` follows ``cryoday.quadrature.UNDERSAMPLING_BY_LEVEL``, a list gives one factor per
     stage (1 beyond its end); the stage's seed is ``seed * 1000 + stage``, so every stage of every
-    start draws its own minibatches and importance samples.
+    start draws its own minibatches and importance samples (and ``seed // 1000`` is the start's
+    seed again, :attr:`StageConfig.start_seed`; stages number fewer than 1000).
     """
     level = stage - 1
     learning_rate = max(section["learning_rate_min"], section["learning_rate"] * 0.5**level)
@@ -50,13 +52,19 @@ def stage_schedule(section: dict, stage: int, seed: int) -> StageSchedule:
 
 # A field's annotation (a string: annotations are postponed) -> how a config value is cast.
 _CASTS = {"int": int, "float": float, "bool": bool, "str": str,
-          "tuple": lambda values: tuple(float(v) for v in values)}
+          "tuple": lambda values: tuple(float(v) for v in values),
+          "int | None": lambda value: None if value is None else int(value)}
 
 
 # Keys a stage's options may leave out, and what their absence means. The workflow leaves
 # ``symmetry`` out for C1 so that the params of stages run before symmetry existed do not
-# change (Snakemake would rerun them as "Params have changed").
-_ABSENT_MEANS = {"symmetry": "C1"}
+# change (Snakemake would rerun them as "Params have changed"); options written before
+# ``max_particles`` existed trained on every particle.
+_ABSENT_MEANS = {"symmetry": "C1", "max_particles": None}
+
+# Mixed into the start's seed for the training subset's draw, so that it is a stream of its
+# own (not the random start's, nor any stage's).
+SUBSET_STREAM = 18
 
 
 def training_symmetry(name) -> str:
@@ -97,6 +105,7 @@ class StageConfig:
     importance_coverage: float
     importance_dataset_prior: tuple
     symmetry: str
+    max_particles: int | None
 
     @classmethod
     def from_config(cls, section: dict, stage: int, seed: int) -> StageConfig:
@@ -121,6 +130,13 @@ class StageConfig:
         values["symmetry"] = training_symmetry(values["symmetry"])
         return cls(**values, **schedule)
 
+    @property
+    def start_seed(self) -> int:
+        """The random start's seed, shared by all its stages (``seed`` is ``start * 1000 +
+        stage``, :func:`stage_schedule`): it draws the training subset
+        (:func:`training_subset`)."""
+        return self.seed // 1000
+
     def sampler_options(self, iterations_per_epoch: int) -> dict:
         """The importance sampler's constructor arguments."""
         return {"enabled": self.importance_sampling, "s0": self.s0, "seed": self.seed,
@@ -130,6 +146,38 @@ class StageConfig:
                 "max_shifts": self.importance_max_shifts,
                 "coverage": self.importance_coverage,
                 "dataset_prior": self.importance_dataset_prior}
+
+
+def training_subset(train_rows, max_particles: int | None, start_seed: int) -> np.ndarray:
+    """The training rows a stage's SAGD loop uses: all of them when there are at most
+    ``max_particles`` (or it is None), in their order; else ``max_particles`` of them drawn at
+    random from ``start_seed`` (sorted, so that reading them from a memory map runs forward).
+
+    The draw depends on the random start's seed only, not the stage: every stage of a start
+    trains on the same particles, whose stored pose posteriors the previous stage's
+    importance sampler has kept current. SAGD stores one gradient volume per minibatch, so the
+    subset bounds a stage's memory whatever the particle count; the final pose pass still
+    covers every particle.
+
+    Parameters
+    ----------
+    train_rows : (n,) int array
+        The training particles' rows (held-out rows are not among them).
+    max_particles : int or None
+        ``reconstruction.max_particles``.
+    start_seed : int
+        The random start's seed (``StageConfig.start_seed``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``train_rows`` itself, or the sorted subset.
+    """
+    train_rows = np.asarray(train_rows)
+    if max_particles is None or len(train_rows) <= max_particles:
+        return train_rows
+    rng = np.random.default_rng([SUBSET_STREAM, int(start_seed)])
+    return np.sort(rng.choice(train_rows, int(max_particles), replace=False))
 
 
 def default_reconstruction_config(schema=SCHEMA, **overrides) -> dict:

@@ -23,6 +23,7 @@ figures = final_map.run(
     state=state,
     outputs={key: snakemake.output[key] for key in
              ("full", "half1", "half2", "sharpened", "figures", "fsc_table")},
+    symmetry=snakemake.params.symmetry,
     log=log.info,
 )
 log.info("final map of seed %d: %s", chosen, json.dumps(figures))

@@ -199,7 +199,8 @@ def stage_mem_mb(wildcards, input, attempt):
 
     Snakemake evaluates this again once the stage's images exist (before it submits the job),
     so the figure is the estimate for the real data; before that, a 4 GB placeholder. The
-    terms: SAGD's stored gradients (one float32 volume per minibatch), the images kept in memory
+    terms: SAGD's stored gradients (one float32 volume per minibatch of the at most
+    ``max_particles`` images it trains on), the images kept in memory
     (at most 2 GiB, streamed beyond), and the likelihood's working set: per block of at most
     4,000 directions, their slices and per-thread gradient accumulators (~70 bytes per direction
     and Fourier pixel inside the cutoff on 2 threads), plus the padded transforms of the
@@ -209,7 +210,8 @@ def stage_mem_mb(wildcards, input, attempt):
     if size is None:
         return 4000 * attempt
     n_images, box = size
-    n_batches = -(-n_images // RECON["minibatch_size"])
+    cap = RECON["max_particles"]
+    n_batches = -(-min(n_images, cap or n_images) // RECON["minibatch_size"])
     gradients = n_batches * box**3 * 4
     images = min(n_images * box * box * 4, 2 << 30)
     likelihood = (
@@ -312,6 +314,14 @@ def final_map_states(wildcards):
             f"{last_stage_of_seed(wildcards.dataset, s)}/state.npz" for s in SEEDS
         ]
     }
+
+
+def final_map_symmetry(wildcards):
+    """The point group the final map's poses are expanded by: the one the dataset's stages
+    trained in (``auto`` trains in C1, and its group, found afterwards, is not on the map's
+    axes)."""
+    group = dataset_symmetry(wildcards.dataset)
+    return "C1" if group.strip().upper() in ("C1", "AUTO") else group
 
 
 def final_map_mem_mb(wildcards, input, attempt):

@@ -25,5 +25,6 @@ rule final_map:
         runtime=60,
     params:
         seeds=SEEDS,
+        symmetry=final_map_symmetry,
     script:
         "../../scripts/final_map.py"
