@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from workflow_helpers import run_snakemake, write_config
 
 from cryoday import initial, molecule, simulate, stage
 from cryoday.checkpoint import stage_fingerprint
 from cryoday.stage import run_stage
 from cryoday.stage_config import StageConfig, default_reconstruction_config, training_subset
-from workflow_helpers import run_snakemake, write_config
 
 N, HELD_OUT, BOX, PSIZE = 100, 20, 24, 8.0
 
