@@ -9,23 +9,15 @@ import sys
 
 import numpy as np
 import pytest
-from scipy import ndimage
+import test_symmetry_reconstruct
+from test_symmetry_reconstruct import BOX, GROUP, PSIZE, ctf_images
 from workflow_helpers import REPO, write_config
 
-from cryoday import final_map, molecule, simulate, symmetry
-from cryoday.ctf import evaluate_ctf
-from cryoday.fourier import ft2, ift2
+from cryoday import final_map, simulate, symmetry
 from cryoday.fsc import fsc
 from cryoday.reconstruct import half_sets, insert_symmetric
 
-BOX, PSIZE, GROUP = 32, 4.0, "D3"
-
-
-@pytest.fixture(scope="module")
-def d3_truth():
-    m = molecule.synthetic_molecule(BOX, PSIZE)
-    m = ndimage.shift(m, (2.0, 0.0, 4.0), order=1)
-    return symmetry.symmetrise(m, GROUP)
+d3_truth = test_symmetry_reconstruct.d3_truth  # the D3 map, shared with the reconstruct tests
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +26,7 @@ def one_unit(d3_truth):
     rng = np.random.default_rng(2)
     candidates = simulate.random_rotations(6000, rng)
     rotations = candidates[symmetry.in_asymmetric_unit(candidates[:, 2], GROUP)][:400]
-    n = len(rotations)
-    shifts = rng.normal(scale=1.0, size=(n, 2))
-    defocus = rng.uniform(1e4, 3e4, n)
-    k = (np.arange(BOX) - BOX // 2) / (BOX * PSIZE)
-    fy, fx = np.meshgrid(k, k, indexing="ij")
-    ctf = evaluate_ctf(fx, fy, defocus, defocus, 0.0, 300.0, 2.7, 0.1)
-    images = ift2(ctf * ft2(simulate.project(d3_truth, rotations, shifts))).astype(np.float32)
-    params = {"defocus_u": defocus, "defocus_v": defocus, "defocus_angle": np.zeros(n),
-              "voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1}
+    images, shifts, params = ctf_images(d3_truth, rotations, rng)
     return images, rotations, shifts, params
 
 

@@ -20,7 +20,9 @@ from cryoday.reconstruct import insert, reconstruct, solve
 BOX, PSIZE, GROUP = 32, 4.0, "D3"
 
 
-def _images(truth, rotations, rng):
+def ctf_images(truth, rotations, rng):
+    """Noise-free CTF-modulated projections of ``truth`` at ``rotations`` (random shifts and
+    defoci), and their shifts and CTF parameters."""
     n = len(rotations)
     shifts = rng.normal(scale=1.0, size=(n, 2))
     defocus = rng.uniform(1e4, 3e4, n)
@@ -48,7 +50,7 @@ def _fsc_res(a, b):
 def test_symmetric_map_at_random_poses_same_with_and_without_sym(d3_truth):
     rng = np.random.default_rng(1)
     rotations = simulate.random_rotations(800, rng)
-    images, shifts, params = _images(d3_truth, rotations, rng)
+    images, shifts, params = ctf_images(d3_truth, rotations, rng)
     plain = reconstruct(lambda r: images[r], 800, rotations, shifts, params, PSIZE, BOX)
     sym = reconstruct(lambda r: images[r], 800, rotations, shifts, params, PSIZE, BOX,
                       symmetry=GROUP, chunk_size=700)
@@ -62,7 +64,7 @@ def test_one_asymmetric_unit_of_views_recovers_the_map_only_with_sym(d3_truth):
     # Views from one asymmetric unit only (the direction is the pose's third row).
     rotations = candidates[symmetry.in_asymmetric_unit(candidates[:, 2], GROUP)][:400]
     n = len(rotations)
-    images, shifts, params = _images(d3_truth, rotations, rng)
+    images, shifts, params = ctf_images(d3_truth, rotations, rng)
     read = images.__getitem__
     plain = reconstruct(read, n, rotations, shifts, params, PSIZE, BOX)
     right = reconstruct(read, n, rotations, shifts, params, PSIZE, BOX, symmetry=GROUP)
@@ -95,7 +97,7 @@ def _status(argv) -> int:
 def _write_star(tmp_path, truth, n=300, seed=3):
     rng = np.random.default_rng(seed)
     rotations = simulate.random_rotations(n, rng)
-    images, shifts, params = _images(truth, rotations, rng)
+    images, shifts, params = ctf_images(truth, rotations, rng)
     with io.StackWriter(tmp_path / "p.mrcs", n, BOX, PSIZE) as writer:
         writer.data[:] = images
     rot, tilt, psi = matrix_to_euler(rotations)
