@@ -104,6 +104,8 @@ class StageConfig:
     importance_max_shifts: int
     importance_coverage: float
     importance_dataset_prior: tuple
+    importance_temperature_epochs: float
+    importance_anneal_halflife: float
     symmetry: str
     max_particles: int | None
 
@@ -145,7 +147,9 @@ class StageConfig:
                 "max_rotations": self.importance_max_rotations,
                 "max_shifts": self.importance_max_shifts,
                 "coverage": self.importance_coverage,
-                "dataset_prior": self.importance_dataset_prior}
+                "dataset_prior": self.importance_dataset_prior,
+                "temperature_epochs": self.importance_temperature_epochs,
+                "alpha_halflife": self.importance_anneal_halflife}
 
 
 def training_subset(train_rows, max_particles: int | None, start_seed: int) -> np.ndarray:
