@@ -245,17 +245,25 @@ def _relion_matrices(table):
 
 
 def _independent_pose_error(true, est):
-    """Median angular error (degrees) after scipy's mean global rotation, the better hand."""
+    """Median angular error (degrees) after scipy's mean global rotation, refitted (scipy's
+    mean again) on the particles within 15 degrees of it, as the pipeline fits its frame on the
+    particles it explains; the hand with more of them."""
     best = None
     flip = np.diag([1.0, 1.0, -1.0])
     for mirrored in (False, True):
         a = flip @ true @ flip if mirrored else true
-        q = Rotation.from_matrix(np.einsum("nji,njk->nik", est, a)).mean()
+        each = Rotation.from_matrix(np.einsum("nji,njk->nik", est, a))
+        q = each.mean()
+        for _ in range(3):
+            errors = np.degrees((q.inv() * each).magnitude())
+            if (errors < 15).any():
+                q = each[errors < 15].mean()
         relative = np.einsum("nij,jk,nlk->nil", est, q.as_matrix(), a)
-        median = np.degrees(np.median(Rotation.from_matrix(relative).magnitude()))
-        if best is None or median < best[0]:
-            best = (median, mirrored, q.as_matrix())
-    return best
+        errors = np.degrees(Rotation.from_matrix(relative).magnitude())
+        key = ((errors < 15).sum(), -np.median(errors))
+        if best is None or key > best[0]:
+            best = (key, np.median(errors), mirrored, q.as_matrix())
+    return best[1:]
 
 
 def _numpy_fsc(a, b):
