@@ -18,11 +18,10 @@ small when each marginal is concentrated on neighbouring grid points.
 
 With a point group (``reconstruction.symmetry`` or the dataset's ``symmetry:``, the group the
 stages trained in, whose poses cover one asymmetric unit) every pose is inserted at its ``|G|``
-equivalents ``A g`` (:func:`cryoday.symmetry.expand_poses`, the convention of
-:func:`cryoday.reconstruct.insert_symmetric`, RELION's ``--sym``): a symmetric molecule's image
-measures the slices at all of them, so the map comes out symmetric about RELION's axes, its
-Fourier space filled from one asymmetric unit of views. The expansion is made a block of poses
-at a time (``SYMMETRY_BLOCK_POSES``), so its memory does not grow with ``|G|`` times the data.
+equivalents ``A g`` by :func:`cryoday.reconstruct.insert_symmetric` (RELION's ``--sym``): a
+symmetric molecule's image measures the slices at all of them, so the map comes out symmetric
+about RELION's axes, its Fourier space filled from one asymmetric unit of views. The expansion
+is made a block of poses at a time, so its memory does not grow with ``|G|`` times the data.
 
 Sharpening follows RELION's ``relion_postprocess``: the Guinier plot is ``ln |F(s)|`` against
 ``s^2`` over shells between ``GUINIER_LOW_A`` and the FSC 0.143 resolution; a map blurred by an
@@ -48,7 +47,7 @@ from cryoday.fourier import ft3, ift3, radial_index_3d
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 from cryoday.geometry import euler_to_matrix
 from cryoday.quadrature import directions_to_euler
-from cryoday.reconstruct import Sums, half_sets, insert, solve
+from cryoday.reconstruct import Sums, half_sets, insert, insert_symmetric, solve
 
 # Low-resolution end of the Guinier fit (A): below ~10 A a protein's spectrum follows its shape
 # (domains, solvent contrast), not the envelope; RELION's postprocess uses 10 A too.
@@ -62,10 +61,6 @@ MASK_EDGE_PX = 3.0
 POSTERIOR_TOP = (3, 3, 2)
 # Images per chunk of the insertion (memory is per chunk, not per data set).
 CHUNK_SIZE = 500
-# Expanded poses (each pose times |G|) made at once with a point group: ~110 bytes each (a
-# rotation, a shift, a weight, an image index), 55 MB, against accumulator cubes that are
-# ~1 GB at a 128-px box, whose fresh allocation per block this keeps rare.
-SYMMETRY_BLOCK_POSES = 1 << 19
 
 
 @dataclass
@@ -234,34 +229,6 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP):
     return image[keep], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w.ravel()[keep]
 
 
-def insert_expanded(read, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
-                    pixel_size: float, box: int, group: str, *, image, weights,
-                    chunk_size: int = CHUNK_SIZE,
-                    block_poses: int = SYMMETRY_BLOCK_POSES) -> Sums:
-    """:func:`cryoday.reconstruct.insert` with every pose at its ``|G|`` equivalents ``A g``.
-
-    Poses are expanded ``block_poses // |G|`` at a time (pose-major, so each pose's equivalents
-    and each particle's poses stay together, as :func:`insert` wants them) and the blocks' sums
-    added: memory is that of one block, not of ``|G|`` times every pose. The arguments are
-    :func:`insert`'s (``image`` and ``weights`` per pose).
-    """
-    size = point_groups.order(group)
-    image = np.asarray(image, np.int64)
-    weights = np.asarray(weights, np.float64)
-    per_block = max(1, block_poses // size)
-    total = None
-    for start in range(0, max(len(image), 1), per_block):
-        rows = slice(start, start + per_block)
-        n_rows = len(image[rows])
-        sums = insert(read, n_rows * size, point_groups.expand_poses(rotations[rows], group),
-                      np.repeat(np.asarray(shifts_px, np.float64)[rows], size, axis=0),
-                      ctf_params, pixel_size, box, chunk_size=chunk_size,
-                      weights=np.repeat(weights[rows], size), image=np.repeat(image[rows], size))
-        total = sums if total is None else total._replace(num=total.num + sums.num,
-                                                          den=total.den + sums.den)
-    return total
-
-
 def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,
                          ctf_params: dict, pixel_size: float, box: int, *, image=None,
                          weights=None, seed: int = 0, wiener: float = 1e-3,
@@ -282,7 +249,7 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     weights : optional (m,) weight of each pose (its posterior mass)
     seed : the split into halves (``reconstruct.half_sets``)
     symmetry : point group (RELION's names): each pose is inserted at its ``|G|`` equivalents
-        (:func:`insert_expanded`); ``"C1"``, the default, inserts each pose once
+        (:func:`cryoday.reconstruct.insert_symmetric`); ``"C1"``, the default, inserts each pose once
     """
     group = point_groups.canonical_name(symmetry)
     size = point_groups.order(group)
@@ -301,9 +268,10 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
                                pixel_size, box, chunk_size=chunk_size, weights=weights[rows],
                                image=image[rows]))
         else:
-            sums.append(insert_expanded(read, rotations[rows], shifts_px[rows], ctf_params,
-                                        pixel_size, box, group, image=image[rows],
-                                        weights=weights[rows], chunk_size=chunk_size))
+            sums.append(insert_symmetric(read, len(rows), rotations[rows], shifts_px[rows],
+                                         ctf_params, pixel_size, box, group,
+                                         chunk_size=chunk_size, weights=weights[rows],
+                                         image=image[rows]))
         expanded = "" if size == 1 else f" x {size} equivalents ({group})"
         log(f"half map {len(sums)}: {len(particles)} particles, {len(rows)} poses{expanded} "
             "inserted")

@@ -14,8 +14,9 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from cryoday.fourier import fourier_crop_2d, ift3
+from cryoday import symmetry as point_groups
 from cryoday.batch import make_batch
+from cryoday.fourier import fourier_crop_2d, ift3
 from cryoday.projection import SliceOperator, _scatter_trilinear
 
 
@@ -149,7 +150,7 @@ def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_
         --sym`` does, so the map comes out symmetric about RELION's axes. ``chunk_size`` then
         counts poses, so memory stays that of ``chunk_size`` images.
     """
-    if symmetry_order(symmetry) > 1:
+    if point_groups.order(symmetry) > 1:
         return solve(insert_symmetric(read, n, rotations, shifts_px, ctf_params, pixel_size,
                                       box, symmetry, max_resolution_A, chunk_size, weights),
                      wiener)
@@ -157,32 +158,42 @@ def reconstruct(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_
                         max_resolution_A, chunk_size, weights), wiener)
 
 
-def symmetry_order(name: str) -> int:
-    """``|G|`` of a group name (``InputError`` for a bad one)."""
-    from cryoday.symmetry import order
-
-    return order(name)
+# Expanded poses (each pose times |G|) made at once with a point group: ~110 bytes each (a
+# rotation, a shift, a weight, an image index), 55 MB, against accumulator cubes that are
+# ~1 GB at a 128-px box, whose fresh allocation per block this keeps rare.
+SYMMETRY_BLOCK_POSES = 1 << 19
 
 
 def insert_symmetric(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,
                      ctf_params: dict, pixel_size: float, box: int, symmetry: str,
                      max_resolution_A: float | None = None, chunk_size: int = 500,
-                     weights: np.ndarray | None = None) -> Sums:
-    """:func:`insert` with every image at each of its pose's ``|G|`` equivalents ``A g``.
+                     weights: np.ndarray | None = None, image: np.ndarray | None = None,
+                     block_poses: int = SYMMETRY_BLOCK_POSES) -> Sums:
+    """:func:`insert` with every pose at its ``|G|`` equivalents ``A g``.
 
     A volume with ``V(g r) = V(r)`` gives the same image at ``A`` and ``A g``
-    (:mod:`cryoday.symmetry`), so each image also measures the slices at ``A g``; the
-    expansion is pose-major, so an image's poses stay together in a chunk.
+    (:mod:`cryoday.symmetry`), so each image also measures the slices at ``A g``. The ``n``
+    poses are expanded ``block_poses // |G|`` at a time, pose-major (each pose's equivalents,
+    and with ``image`` each image's poses, stay together, as :func:`insert` wants them), and the
+    blocks' sums added. The arguments are :func:`insert`'s.
     """
-    from cryoday.symmetry import expand_poses
-
-    size = symmetry_order(symmetry)
-    expanded = expand_poses(rotations, symmetry)
-    image = np.repeat(np.arange(n), size)
-    shifts = np.repeat(np.asarray(shifts_px, dtype=np.float64), size, axis=0)
-    w = None if weights is None else np.repeat(np.asarray(weights, dtype=np.float64), size)
-    return insert(read, n * size, expanded, shifts, ctf_params, pixel_size, box,
-                  max_resolution_A, chunk_size, w, image=image)
+    size = point_groups.order(symmetry)
+    image = np.arange(n) if image is None else np.asarray(image, np.int64)
+    weights = None if weights is None else np.asarray(weights, np.float64)
+    shifts_px = np.asarray(shifts_px, np.float64)
+    per_block = max(1, block_poses // size)
+    total = None
+    for start in range(0, max(n, 1), per_block):
+        rows = slice(start, min(start + per_block, n))
+        n_rows = len(image[rows])
+        sums = insert(read, n_rows * size, point_groups.expand_poses(rotations[rows], symmetry),
+                      np.repeat(shifts_px[rows], size, axis=0), ctf_params, pixel_size, box,
+                      max_resolution_A, chunk_size,
+                      None if weights is None else np.repeat(weights[rows], size),
+                      image=np.repeat(image[rows], size))
+        total = sums if total is None else total._replace(num=total.num + sums.num,
+                                                          den=total.den + sums.den)
+    return total
 
 
 def half_sets(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

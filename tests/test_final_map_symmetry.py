@@ -67,7 +67,8 @@ def test_c1_is_the_default_bit_for_bit(one_unit):
 
 def test_blocks_of_expanded_poses_sum_to_the_whole_expansion(one_unit):
     # Two weighted poses per particle (a posterior's), expanded in blocks of 7 poses' worth of
-    # equivalents, against reconstruct.insert_symmetric expanding them all at once.
+    # equivalents, against reconstruct.insert_symmetric expanding them all at once with one
+    # image per pose.
     images, rotations, shifts, params = one_unit
     particles = half_sets(len(images))[0][:60]
     image = np.repeat(particles, 2)
@@ -75,9 +76,9 @@ def test_blocks_of_expanded_poses_sum_to_the_whole_expansion(one_unit):
     poses = rotations[image] @ symmetry.group("C2")[rng.integers(0, 2, len(image))]
     weights = rng.uniform(0.2, 1.0, len(image))
     read = images.__getitem__
-    blocked = final_map.insert_expanded(read, poses, shifts[image], params, PSIZE, BOX, GROUP,
-                                        image=image, weights=weights, chunk_size=50,
-                                        block_poses=7 * 6)
+    blocked = insert_symmetric(read, len(image), poses, shifts[image], params, PSIZE, BOX,
+                               GROUP, chunk_size=50, weights=weights, image=image,
+                               block_poses=7 * 6)
 
     def read_pose(rows):  # insert_symmetric's images are the poses
         return images[image[rows]]
