@@ -179,8 +179,13 @@ def deconvolve(observed: np.ndarray, response: np.ndarray, box: int) -> np.ndarr
     lam = SMOOTHING * np.trace(ata) / s
     p = np.linalg.solve(ata + lam * d2.T @ d2, a.T @ observed)
     p = np.maximum(p, 1e-3 * np.max(p))
-    grid_mean = np.sum(_hat_basis(box) * p[:, None, None]) / box**2
-    return p / grid_mean
+    return grid_mean_one(p, box)
+
+
+def grid_mean_one(p: np.ndarray, box: int) -> np.ndarray:
+    """Shell powers ``p`` scaled so that their linear interpolation averages 1 over the
+    ``box x box`` Fourier grid (every spectrum's normalisation)."""
+    return p / (np.sum(_hat_basis(box) * p[:, None, None]) / box**2)
 
 
 def noise_groups(table: pd.DataFrame,

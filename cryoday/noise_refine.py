@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from cryoday.batch import ImageBatch, shift_phases
-from cryoday.noise import SKIPPED_SHELLS, NoiseSpectrum, _hat_basis
+from cryoday.noise import SKIPPED_SHELLS, NoiseSpectrum, grid_mean_one
 
 
 class ResidualPower:
@@ -80,19 +80,15 @@ class ResidualPower:
         measured[:, :SKIPPED_SHELLS] = np.nan
         ratio = measured / old
         power = old.copy()
-        basis = _hat_basis(full_box)
         for g in range(len(old)):
             band = np.flatnonzero(np.isfinite(ratio[g]))
             if len(band) == 0:
                 continue
-            first, last = band[0], band[-1]
+            # np.interp holds the end values outside the band: below it the ratio at its start,
+            # beyond it the ratio at its edge, so the shape there stays the previous one, joined
+            # continuously.
             r = np.interp(np.arange(len(old[g])), band, ratio[g, band])
-            # Below the band the ratio at its start, beyond it the ratio at its edge: the shape
-            # there stays the previous one, joined continuously.
-            r[:first] = ratio[g, first]
-            r[last + 1:] = ratio[g, last]
-            p = old[g] * r
-            power[g] = p / (np.sum(basis * p[:, None, None]) / full_box**2)
+            power[g] = grid_mean_one(old[g] * r, full_box)
         return NoiseSpectrum(self.spectrum.shells, power, self.spectrum.labels), ratio
 
 
