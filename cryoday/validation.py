@@ -288,8 +288,7 @@ def symmetric_pose_errors(pairs, n: int, symmetry: str, chunk_size: int = POSE_C
             a = true if hand == 0 else flip @ true @ flip
             _, g = nearest(est @ frame, a, group)
             total += np.einsum("nji,njk,nkl->il", est, a, group[g])
-        u, _, vt = np.linalg.svd(total)
-        frame = u @ np.diag([1, 1, np.linalg.det(u @ vt)]) @ vt
+        frame = _project_rotation(total)
         errors = np.empty(n)
         for rows in chunks:
             true, est = pairs(rows)
