@@ -1,10 +1,14 @@
-"""A stand-in for the stage driver's objective, shared by the stage and checkpoint tests."""
+"""What the stage tests share: a stand-in for the stage driver's objective (the stage and
+checkpoint tests) and a tiny simulated particle set (the stage, max_particles and symmetry
+tests)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
+
+from cryoday import simulate
 
 
 class ScriptedObjective:
@@ -26,3 +30,14 @@ class ScriptedObjective:
 
     def heldout_nll(self, volume):
         return self.heldout.pop(0)
+
+
+def tiny_particle_set(volume, pixel_size: float, n: int, seed: int):
+    """``n`` simulated images of ``volume`` at SNR 0.5, normalised to unit noise by their first
+    three rows' spread, and their CTF parameters (``cryoday.ctf.evaluate_ctf`` names)."""
+    images, table = next(simulate.simulate_chunks(volume, pixel_size, n, snr=0.5, seed=seed))
+    images = ((images - images.mean()) / images[:, :3].std()).astype(np.float32)
+    ctf = {"defocus_u": table.rlnDefocusU.to_numpy(), "defocus_v": table.rlnDefocusV.to_numpy(),
+           "defocus_angle": table.rlnDefocusAngle.to_numpy(), "voltage": 300.0, "cs": 2.7,
+           "amplitude_contrast": 0.1}
+    return images, ctf

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stage_helpers import tiny_particle_set
 from workflow_helpers import run_snakemake, write_config
 
-from cryoday import initial, molecule, simulate, stage
+from cryoday import initial, molecule, stage
 from cryoday.checkpoint import stage_fingerprint
 from cryoday.stage import run_stage
 from cryoday.stage_config import StageConfig, default_reconstruction_config, training_subset
@@ -18,13 +19,7 @@ N, HELD_OUT, BOX, PSIZE = 100, 20, 24, 8.0
 
 @pytest.fixture(scope="module")
 def tiny_set():
-    volume = molecule.synthetic_molecule(BOX, PSIZE)
-    images, table = next(simulate.simulate_chunks(volume, PSIZE, N, snr=0.5, seed=2))
-    images = ((images - images.mean()) / images[:, :3].std()).astype(np.float32)
-    ctf = {"defocus_u": table.rlnDefocusU.to_numpy(), "defocus_v": table.rlnDefocusV.to_numpy(),
-           "defocus_angle": table.rlnDefocusAngle.to_numpy(), "voltage": 300.0, "cs": 2.7,
-           "amplitude_contrast": 0.1}
-    return images, ctf
+    return tiny_particle_set(molecule.synthetic_molecule(BOX, PSIZE), PSIZE, N, seed=2)
 
 
 def _config(stage_number=1, seed=1, **overrides):

@@ -8,15 +8,15 @@ import dataclasses
 import numpy as np
 import pytest
 from snakemake.utils import validate
+from stage_helpers import ScriptedObjective, tiny_particle_set
 
-from cryoday import initial, molecule, simulate
+from cryoday import initial, molecule
 from cryoday.errors import InputError
 from cryoday.importance import ImportanceSampler
 from cryoday.quadrature import UNDERSAMPLING_BY_LEVEL
 from cryoday.sagd import SAGD
 from cryoday.stage import run_stage, train
 from cryoday.stage_config import SCHEMA, StageConfig, default_reconstruction_config, stage_schedule
-from stage_helpers import ScriptedObjective
 
 # Keys of the reconstruction section read outside StageConfig: by the workflow (stages, seeds),
 # the schedule (learning_rate_min) and the rule script (the stage-1 start).
@@ -100,13 +100,7 @@ def test_training_stops_when_the_heldout_error_stops_improving(min_iterations, e
 
 
 def _tiny_set():
-    volume = molecule.synthetic_molecule(24, 8.0)
-    images, table = next(simulate.simulate_chunks(volume, 8.0, 100, snr=0.5, seed=2))
-    images = ((images - images.mean()) / images[:, :3].std()).astype(np.float32)
-    ctf = {"defocus_u": table.rlnDefocusU.to_numpy(), "defocus_v": table.rlnDefocusV.to_numpy(),
-           "defocus_angle": table.rlnDefocusAngle.to_numpy(), "voltage": 300.0, "cs": 2.7,
-           "amplitude_contrast": 0.1}
-    return images, ctf
+    return tiny_particle_set(molecule.synthetic_molecule(24, 8.0), 8.0, 100, seed=2)
 
 
 def test_a_stage_resumes_from_its_checkpoint(tmp_path):

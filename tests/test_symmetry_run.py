@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from stage_helpers import tiny_particle_set
 
 from cryoday import initial, molecule, simulate, symmetry
 from cryoday.errors import InputError
@@ -126,12 +127,7 @@ def test_the_sampler_snaps_antipodes_into_the_unit():
 
 def _symmetric_set(name, n=120, box=24, pixel_size=8.0):
     truth = symmetry.symmetrise(molecule.synthetic_molecule(box, pixel_size), name)
-    images, table = next(simulate.simulate_chunks(truth, pixel_size, n, snr=0.5, seed=3))
-    images = ((images - images.mean()) / images[:, :3].std()).astype(np.float32)
-    ctf = {"defocus_u": table.rlnDefocusU.to_numpy(), "defocus_v": table.rlnDefocusV.to_numpy(),
-           "defocus_angle": table.rlnDefocusAngle.to_numpy(), "voltage": 300.0, "cs": 2.7,
-           "amplitude_contrast": 0.1}
-    return images, ctf
+    return tiny_particle_set(truth, pixel_size, n, seed=3)
 
 
 def test_a_trained_map_stays_symmetric_and_c1_is_untouched(monkeypatch):
