@@ -59,8 +59,8 @@ _CASTS = {"int": int, "float": float, "bool": bool, "str": str,
 # Keys a stage's options may leave out, and what their absence means. The workflow leaves
 # ``symmetry`` out for C1 so that the params of stages run before symmetry existed do not
 # change (Snakemake would rerun them as "Params have changed"); options written before
-# ``max_particles`` existed trained on every particle.
-_ABSENT_MEANS = {"symmetry": "C1", "max_particles": None}
+# ``max_particles`` existed trained on every particle; ``classes`` is left out for one class.
+_ABSENT_MEANS = {"symmetry": "C1", "max_particles": None, "classes": 1}
 
 # Mixed into the start's seed for the training subset's draw, so that it is a stream of its
 # own (not the random start's, nor any stage's).
@@ -108,6 +108,7 @@ class StageConfig:
     importance_anneal_halflife: float
     symmetry: str
     max_particles: int | None
+    classes: int
 
     @classmethod
     def from_config(cls, section: dict, stage: int, seed: int) -> StageConfig:

@@ -132,6 +132,11 @@ def dataset_symmetry(name):
     return config["datasets"][name].get("symmetry", RECON["symmetry"])
 
 
+def dataset_classes(name):
+    """A dataset's number of classes: its own ``classes`` key, else ``reconstruction.classes``."""
+    return int(config["datasets"][name].get("classes", RECON["classes"]))
+
+
 def symmetry_of(wildcards):
     return dataset_symmetry(wildcards.dataset)
 
@@ -154,6 +159,10 @@ def stage_options(wildcards):
     group = dataset_symmetry(wildcards.dataset)
     if group.strip().upper() not in ("C1", "AUTO"):
         options["symmetry"] = group
+    # Left out for one class likewise: its params are those it had before classes existed.
+    options.pop("classes", None)
+    if dataset_classes(wildcards.dataset) > 1:
+        options["classes"] = dataset_classes(wildcards.dataset)
     if isinstance(options["undersampling"], list):
         # The schedule reads the factor at the stage's index (1 beyond the list's end), so the
         # factors of later stages are not this stage's.

@@ -12,6 +12,7 @@ rule reconstruct_stage:
         history="results/{dataset}/abinitio/seed{seed}/stage{stage}/history.tsv",
         poses="results/{dataset}/abinitio/seed{seed}/stage{stage}/poses.npz",
         noise="results/{dataset}/abinitio/seed{seed}/stage{stage}/noise_spectrum.tsv",
+        classes="results/{dataset}/abinitio/seed{seed}/stage{stage}/classes.npz",
     log:
         "logs/reconstruct_stage/{dataset}_seed{seed}_stage{stage}.log",
     benchmark:
