@@ -208,8 +208,9 @@ def test_a_stage_gets_every_key_it_reads_and_no_other(tmp_path):
     for stage in (1, 2, 4):
         options = _mock_params(tmp_path, "reconstruct_stage", dataset="d", seed="2",
                                stage=str(stage))["options"]
-        # symmetry too: left out in C1, so a C1 stage's params are those from before it existed
-        assert set(options) == set(section) - {"seeds", "stages_A", "symmetry"}
+        # symmetry and classes too: left out in C1 and for one class, so such a stage's params
+        # are those from before they existed
+        assert set(options) == set(section) - {"seeds", "stages_A", "symmetry", "classes"}
         assert set(options) <= stage_keys  # a new key no stage reads must be left out too
         assert options["undersampling"] == factors[:stage]
         assert StageConfig.from_config(options, stage, 2) == StageConfig.from_config(
