@@ -363,6 +363,11 @@ class StageResult:
     def save_history(self, path) -> None:
         records.write_history(path, self.history)
 
+    def save_classes(self, path, pixel_size: float) -> None:
+        """``classes.npz`` (:func:`cryoday.records.write_classes`): one class here."""
+        records.write_classes(path, self.volume[None], [1.0], pixel_size,
+                              np.ones((len(self.history), 1)))
+
     def save_poses(self, path, pixel_size: float) -> None:
         records.write_poses(path, self.rotations, self.shifts_px * pixel_size, self.nll,
                             self.null_nll, self.heldout_rows, **self._shift_state())

@@ -68,6 +68,7 @@ io.write_map(snakemake.output.volume, result.volume, pixel_size)
 result.save_state(snakemake.output.state)
 result.save_history(snakemake.output.history)
 result.save_poses(snakemake.output.poses, pixel_size=pixel_size)
+result.save_classes(snakemake.output.classes, pixel_size=pixel_size)
 # White noise (a flat spectrum) is the user's choice: it is passed on unrefined.
 (result.noise or input_spectrum).save(snakemake.output.noise)
 Path(snakemake.params.checkpoint).unlink(missing_ok=True)
