@@ -97,6 +97,9 @@ class Images(NamedTuple):
         ``G = 0`` (the default): white noise.
     noise_group : (B,) int64
         Each image's row of :attr:`noise_weight` (unread for white noise).
+    grad_weight : (B,) float32
+        A factor on each image's share of the gradient (its class posterior when several
+        class maps are trained, :mod:`cryoday.classes`); empty (the default): 1 for all.
     """
 
     data: np.ndarray
@@ -109,6 +112,7 @@ class Images(NamedTuple):
     # Defaults: white noise (no rows).
     noise_weight: np.ndarray = np.zeros((0, 0), dtype=np.float32)
     noise_group: np.ndarray = np.zeros(0, dtype=np.int64)
+    grad_weight: np.ndarray = np.zeros(0, dtype=np.float32)
 
 
 class Poses(NamedTuple):
@@ -563,7 +567,7 @@ def column_layout(i0, n_img, poses, sigma2):
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
 def columns_to_posteriors(gamma, norm, columns, dir_lw, i0, p_start, c_start, dnorms, sigma2,
-                          poses, want_grad, out):
+                          grad_weight, poses, want_grad, out):
     """From the cross terms of images ``i0:`` side by side to each image's nll, marginals and
     best pose.
 
@@ -585,6 +589,8 @@ def columns_to_posteriors(gamma, norm, columns, dir_lw, i0, p_start, c_start, dn
     dnorms : (n_img,) float64
         ``sum_k w |d_k|^2`` per image.
     sigma2 : (B,) float32
+    grad_weight : (B,) or (0,) float32
+        :attr:`Images.grad_weight`.
     poses : Poses
     want_grad : bool
     out : Outputs
@@ -612,7 +618,8 @@ def columns_to_posteriors(gamma, norm, columns, dir_lw, i0, p_start, c_start, dn
                        - dnorms[u] / (2.0 * sigma2[i]))
         out.best_inp[i] = best_c // n_s
         out.best_shift[i] = best_c % n_s
-        col_factor[c_start[u]:c_start[u + 1]] = (1.0 / (sigma2[i] * total) if total > 0.0
+        share = grad_weight[i] if grad_weight.shape[0] > 0 else np.float32(1.0)
+        col_factor[c_start[u]:c_start[u + 1]] = (share / (sigma2[i] * total) if total > 0.0
                                                  else np.nan)  # NaN energies: a NaN gradient
     if want_grad:
         scale_columns(gamma, col_factor)
@@ -709,7 +716,7 @@ def batch_kernel(s_parts, images, coef, poses, want_grad, col_budget, out):
             else:
                 gamma[:, c0 * n_s:c1 * n_s] = np.dot(sub, zt.T)
         columns_to_posteriors(gamma, norm, columns, dir_logw[d0:d1], i, p_start, c_start,
-                              dnorms, sigma2, poses, want_grad, out)
+                              dnorms, sigma2, images.grad_weight, poses, want_grad, out)
         if want_grad:
             if single:
                 grad_z = np.dot(gamma, zt_kept)
@@ -802,7 +809,7 @@ def shared_kernel(s_parts, images, coef, poses, group_off, want_grad, out):
         else:
             norm = np.dot(sub_abs2, wc2.T)  # (n_d, all in-plane angles of the group)
         columns_to_posteriors(gamma, norm, columns, dir_logw[d0:d1], i0, p_start, c_start,
-                              dnorms, sigma2, poses, want_grad, out)
+                              dnorms, sigma2, images.grad_weight, poses, want_grad, out)
         if want_grad:  # summed over the group's images
             if merged:
                 both = np.dot(gamma, zt)

@@ -284,7 +284,8 @@ def _blas_controller() -> ThreadpoolController:
 
 def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
                  subsets: PoseSubsets, want_grad: bool = True, cube=None,
-                 plan: LikelihoodPlan | None = None) -> LikelihoodResult:
+                 plan: LikelihoodPlan | None = None,
+                 grad_weights: np.ndarray | None = None) -> LikelihoodResult:
     """Negative log marginal likelihood of each image, with posteriors and the gradient.
 
     Parameters
@@ -305,6 +306,9 @@ def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
     plan : LikelihoodPlan, optional
         ``LikelihoodPlan(subsets, grid)``; by default the one kept for ``subsets``
         (:func:`plan_for`).
+    grad_weights : (n,) array, optional
+        With ``want_grad``, the gradient is of ``sum_i grad_weights[i] nll_i`` (each image's
+        class posterior, :mod:`cryoday.classes`); the nll and posteriors are unchanged.
 
     Returns
     -------
@@ -317,11 +321,16 @@ def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
     if batch.padded is None:
         raise ValueError("the batch has no padded transforms: build it with make_batch")
     cube = op.prepare(volume) if cube is None else cube
+    weights = (np.zeros(0, np.float32) if grad_weights is None
+               else np.ascontiguousarray(grad_weights, dtype=np.float32))
+    if len(weights) not in (0, len(batch)):
+        raise ValueError(f"{len(weights)} gradient weights for {len(batch)} images")
     if len(plan.blocks) == 1:
         return _marginal_nll_block(op, cube, batch, grid, subsets, plan.blocks[0],
-                                   plan.shared_dirs is not None, want_grad)
+                                   plan.shared_dirs is not None, want_grad, weights)
     parts = [_marginal_nll_block(op, cube, batch.take(slice(b.lo, b.hi)), grid, b.subsets, b,
-                                 plan.shared_dirs is not None, want_grad)
+                                 plan.shared_dirs is not None, want_grad,
+                                 weights[b.lo:b.hi] if len(weights) else weights)
              for b in plan.blocks]
     return LikelihoodResult(
         nll=np.concatenate([p.nll for p in parts]),
@@ -334,8 +343,9 @@ def marginal_nll(op: SliceOperator, volume: np.ndarray, batch: ImageBatch, grid,
     )
 
 
-def _images(op: SliceOperator, batch: ImageBatch) -> kernels.Images:
-    """The kernels' view of ``batch`` (white noise: no noise weight rows)."""
+def _images(op: SliceOperator, batch: ImageBatch, grad_weights=None) -> kernels.Images:
+    """The kernels' view of ``batch`` (white noise: no noise weight rows; no gradient
+    weights: 1 for every image)."""
     if batch.noise_weight is None:
         noise_weight = np.ones((0, op.n_coef), dtype=np.float32)
         noise_group = np.zeros(len(batch), dtype=np.int64)
@@ -346,7 +356,8 @@ def _images(op: SliceOperator, batch: ImageBatch) -> kernels.Images:
         centre=float(batch.padded.shape[1] // 2), ctf_params=batch.ctf_params,
         freq_scale=float(batch.freq_scale), sigma2=batch.sigma2,
         noise_weight=np.ascontiguousarray(noise_weight, dtype=np.float32),
-        noise_group=np.ascontiguousarray(noise_group, dtype=np.int64))
+        noise_group=np.ascontiguousarray(noise_group, dtype=np.int64),
+        grad_weight=np.zeros(0, np.float32) if grad_weights is None else grad_weights)
 
 
 def _poses(subsets: PoseSubsets, dir_loc: np.ndarray, grid) -> kernels.Poses:
@@ -361,7 +372,7 @@ def _poses(subsets: PoseSubsets, dir_loc: np.ndarray, grid) -> kernels.Poses:
 
 def _marginal_nll_block(op: SliceOperator, cube: np.ndarray, batch: ImageBatch, grid,
                         subsets: PoseSubsets, block: _Block, shared: bool,
-                        want_grad: bool) -> LikelihoodResult:
+                        want_grad: bool, grad_weights=None) -> LikelihoodResult:
     """:func:`marginal_nll` of one block of images (``batch`` and ``subsets`` are the block's;
     ``shared``: every image evaluates the same directions)."""
     n_images = len(batch)
@@ -378,7 +389,7 @@ def _marginal_nll_block(op: SliceOperator, cube: np.ndarray, batch: ImageBatch, 
         # float32: each entry sums the few images of one block that sample that direction.
         acc_h=scratch.zeroed("likelihood.acc_h", (n_threads, n_u, 2 * k_coef) if want_grad
                              else (1, 1, 1), np.float32))
-    images = _images(op, batch)
+    images = _images(op, batch, grad_weights)
     poses = _poses(subsets, block.dir_loc, grid)
     groups = shared_groups(subsets, shared, n_u, k_coef, n_threads)
     # Each kernel thread calls BLAS on its own images: BLAS's own threads would only contend

@@ -98,6 +98,23 @@ class PoseSubsets:
                            *cut(self.shift_offsets, self.shift_index, self.shift_logw))
 
 
+    def take(self, images) -> PoseSubsets:
+        """The subsets of the images at the indices ``images``, in that order."""
+        images = np.asarray(images, dtype=np.int64)
+
+        def gather(offsets, index, logw):
+            counts = offsets[images + 1] - offsets[images]
+            new_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            picked = (np.repeat(offsets[images] - new_offsets[:-1], counts)
+                      + np.arange(new_offsets[-1]))
+            return new_offsets, index[picked], logw[picked]
+
+        return PoseSubsets(self.n_inp,
+                           *gather(self.dir_offsets, self.dir_index, self.dir_logw),
+                           *gather(self.inp_offsets, self.inp_index, self.inp_logw),
+                           *gather(self.shift_offsets, self.shift_index, self.shift_logw))
+
+
 def exhaustive_subsets(grid, n_images: int) -> PoseSubsets:
     """Every direction, in-plane angle and shift of ``grid`` for each of ``n_images`` images."""
     def every(n, logw):

@@ -192,17 +192,26 @@ def test_gradient_matches_the_dense_reference(problem, monkeypatch, shared):
     monkeypatch.setattr(kernels, "shared_kernel", lambda *a: calls.append(1) or kernel(*a))
     result = marginal_nll(op, start, batch, grid, subsets)
     assert bool(calls) == shared
+    # Class posteriors as gradient weights (cryoday.classes): one image left out entirely.
+    shares = np.r_[0.0, rng.uniform(0.1, 1.0, n - 1)].astype(np.float32)
+    weighted = marginal_nll(op, start, batch, grid, subsets, grad_weights=shares)
     images, ctf = raw
     expected = np.zeros(volume.shape)
+    expected_weighted = np.zeros(volume.shape)
     for i in range(n):
         one = (images[i:i + 1], {k: (v[i:i + 1] if np.ndim(v) else v) for k, v in ctf.items()})
         nll, grad = reference_nll(one, start, grid, op, batch.take(slice(i, i + 1)), dir_sets[i],
                                   inp_sets[i], shift_sets[i], volume_grad=True)
         assert result.nll[i] == pytest.approx(nll[0], rel=1e-4)
         expected += grad
+        expected_weighted += shares[i] * grad
     # float32 slices, GEMMs and accumulators against float64: 1e-3 of the largest voxel.
     assert np.abs(result.grad - expected).max() < 1e-3 * np.abs(expected).max()
     assert np.abs(expected).max() > 0
+    assert np.array_equal(weighted.nll, result.nll)
+    assert (np.abs(weighted.grad - expected_weighted).max()
+            < 1e-3 * np.abs(expected_weighted).max())
+    assert np.abs(expected_weighted - expected).max() > 0.05 * np.abs(expected).max()
 
 
 def test_ragged_subsets_equal_the_exhaustive_result_restricted(problem):
@@ -226,6 +235,25 @@ def test_ragged_subsets_equal_the_exhaustive_result_restricted(problem):
     # The rotations each image evaluated, direction-major, as rot_post is ordered.
     first = (dir_sets[0][:, None] * grid.n_inp + inp_sets[0][None, :]).ravel()
     assert np.array_equal(subsets.rot_index[:subsets.rot_offsets[1]], first)
+
+
+def test_taking_images_of_subsets_equals_building_them_from_those_images(problem):
+    _, grid, *_ = problem
+    rng = np.random.default_rng(5)
+    n = 6
+    sets = [[np.sort(rng.choice(size, min(size, 1 + (i * 7 + j) % 4), replace=False))
+             for i in range(n)]
+            for j, size in enumerate((grid.n_dir, grid.n_inp, grid.n_shift))]
+    logws = [[rng.standard_normal(len(x)) for x in part] for part in sets]
+    whole = PoseSubsets.from_sets(grid.n_inp, sets[0], logws[0], sets[1], logws[1], sets[2],
+                                  logws[2])
+    picked = [4, 1, 5]
+    taken = whole.take(picked)
+    built = PoseSubsets.from_sets(grid.n_inp, *[[part[i] for i in picked]
+                                                for pair in zip(sets, logws) for part in pair])
+    for name in ("dir_offsets", "dir_index", "dir_logw", "inp_offsets", "inp_index", "inp_logw",
+                 "shift_offsets", "shift_index", "shift_logw"):
+        assert np.array_equal(getattr(taken, name), getattr(built, name)), name
 
 
 def test_rotating_volume_and_poses_together_leaves_the_likelihood_unchanged():
