@@ -12,15 +12,15 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numba
 import numpy as np
 import scipy
 
-from cryoday import __version__, records
+from cryoday import __version__, classes, records
 from cryoday.importance import ImportanceSampler
 from cryoday.io import read_rows
 from cryoday.sagd import SAGD
@@ -259,7 +259,8 @@ class Checkpoint:
                                  f"the stage's box is {tuple(shape)}")
             if optimiser.n_batches != n_batches:
                 raise ValueError(f"{optimiser.n_batches} minibatches, the stage has {n_batches}")
-            sampler = ImportanceSampler.from_state(extra, **config.sampler_options(n_batches))
+            sampler = classes.sampler_type(config.classes).from_state(
+                extra, **config.sampler_options(n_batches))
             if sampler.n != n_images:
                 raise ValueError(f"posteriors of {sampler.n} images, the stage has {n_images}")
             sampler.set_grid(grid, average=extra)

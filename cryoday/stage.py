@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cryoday import noise_refine, records, shift_range, symmetry
+from cryoday import classes, noise_refine, records, shift_range, symmetry
 from cryoday.batch import make_batch
 from cryoday.checkpoint import Checkpoint, EarlyStopping, Start, stage_fingerprint
 from cryoday.importance import ImportanceSampler
@@ -127,8 +127,12 @@ class _Objective:
         self.heldout_rows = np.asarray(heldout_rows)
         self.batch_size = batch_size
         self.n_train = sum(len(p) for p in partition)
+        self.n_classes = 1
         self.iteration = 0
         self.last = None
+
+    def end_step(self) -> None:
+        """After a SAGD step (K classes update their proportions here)."""
 
     def __call__(self, volume, batch_id: int, want_grad: bool):
         """Mean negative log-likelihood of minibatch ``batch_id`` and its gradient (or None)."""
@@ -191,6 +195,7 @@ def resume_or_start(volume, n_images: int, n_batches: int, config: StageConfig,
     checkpoint needs it: its dataset average lives on the grid)."""
     options = config.sampler_options(n_batches)
     eps = config.learning_rate
+    sampler_type = classes.sampler_type(config.classes)
     if checkpoint is not None:
         if grid is None:
             raise ValueError("resuming from a checkpoint needs the stage's grid")
@@ -199,13 +204,13 @@ def resume_or_start(volume, n_images: int, n_batches: int, config: StageConfig,
             return resumed
     if sagd_state is not None:
         optimiser, extra = SAGD.load(sagd_state)
-        sampler = ImportanceSampler.from_state(extra, **options)
+        sampler = sampler_type.from_state(extra, **options)
         if optimiser.n_batches != n_batches:
             optimiser = SAGD(n_batches, volume.shape, eps, optimiser.L, seed=config.seed)
         optimiser.reset_for_new_stage(volume.shape, eps)
     else:
         optimiser = SAGD(n_batches, volume.shape, eps, L=1.0, seed=config.seed)
-        sampler = ImportanceSampler(n_images, **options)
+        sampler = classes.new_sampler(n_images, config.classes, options)
     if grid is not None:
         sampler.set_grid(grid)
     return Start(volume, optimiser, sampler, [], resumed=False)
@@ -224,7 +229,10 @@ def _symmetrised_gradients(objective, group: str):
     """
     def symmetric(volume, batch_id, want_grad):
         value, grad = objective(volume, batch_id, want_grad)
-        return value, None if grad is None else symmetry.symmetrise(grad, group)
+        if grad is None:
+            return value, None
+        return value, (classes.symmetrised(grad, group) if grad.ndim == 4
+                       else symmetry.symmetrise(grad, group))
 
     return symmetric
 
@@ -256,10 +264,12 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
         objective.iteration = optimiser.t
         batch_id = optimiser.next_batch()
         volume, figures = optimiser.step(volume, batch_id, step_objective, prior, n_train)
+        objective.end_step()
         last = objective.last
         row = {"iteration": iteration, "epoch": iteration * config.minibatch_size / n_train,
                "heldout_nll": float("nan"), "n_evaluated": last.n_evaluated,
-               "n_full": len(objective.partition[batch_id]) * objective.grid.size,
+               "n_full": (len(objective.partition[batch_id]) * objective.grid.size
+                          * objective.n_classes),
                "kl": objective.sampler.last_kl, "kl_epoch": objective.sampler.last_kl_epochs,
                **figures}
         stop = False
@@ -352,6 +362,8 @@ class StageResult:
     heldout_rows: np.ndarray | None = None
     shift_estimate: shift_range.ShiftEstimate | None = None  # the final shift posteriors' fit
     noise: object = None  # the noise spectrum refined from the final poses' residuals, or None
+    volumes: np.ndarray | None = None  # (K, box, box, box) class maps; volume is the main one's
+    class_posterior: np.ndarray | None = None  # (n, K), K > 1 only
 
     def _shift_state(self) -> dict:
         return {} if self.shift_estimate is None else self.shift_estimate.state()
@@ -364,13 +376,18 @@ class StageResult:
         records.write_history(path, self.history)
 
     def save_classes(self, path, pixel_size: float) -> None:
-        """``classes.npz`` (:func:`cryoday.records.write_classes`): one class here."""
-        records.write_classes(path, self.volume[None], [1.0], pixel_size,
-                              np.ones((len(self.history), 1)))
+        """``classes.npz`` (:func:`cryoday.records.write_classes`)."""
+        if self.volumes is None or len(self.volumes) == 1:
+            records.write_classes(path, self.volume[None], [1.0], pixel_size,
+                                  np.ones((len(self.history), 1)))
+            return
+        records.write_classes(path, self.volumes, self.sampler.proportions(), pixel_size,
+                              self.sampler.proportion_history)
 
     def save_poses(self, path, pixel_size: float) -> None:
         records.write_poses(path, self.rotations, self.shifts_px * pixel_size, self.nll,
-                            self.null_nll, self.heldout_rows, **self._shift_state())
+                            self.null_nll, self.heldout_rows, self.class_posterior,
+                            **self._shift_state())
 
 
 def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, train_rows,
@@ -383,8 +400,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
 
     Parameters
     ----------
-    volume0 : (box, box, box) float32
-        Start (the resampled previous stage, or the random start).
+    volume0 : (box, box, box) or (K, box, box, box) float32
+        Start (the resampled previous stage, or the random start); with
+        ``config.classes = K > 1`` one map per class (:mod:`cryoday.classes`).
     images : (n, box, box) array-like
         A memory map of the stage's images, normalised, protein bright.
     ctf_params : dict of (n,) arrays
@@ -419,7 +437,12 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         residuals at the final poses (:mod:`cryoday.noise_refine`) into ``result.noise``.
     """
     start_time = time.perf_counter()
-    box = volume0.shape[0]
+    n_classes = config.classes
+    volume0 = np.asarray(volume0, np.float32)
+    if n_classes > 1 and (volume0.ndim != 4 or len(volume0) != n_classes):
+        raise ValueError(f"{n_classes} classes need {n_classes} start maps, got an array of "
+                         f"shape {volume0.shape}")
+    box = volume0.shape[-1]
     radius = box * pixel_size / resolution_A
     op = SliceOperator(box, radius)
     shift_prior = shift_range.for_stage(config.shift_sigma_A, box * pixel_size, sagd_state, log)
@@ -448,11 +471,13 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         checkpoint = Checkpoint(checkpoint_path, stage_fingerprint(
             config, images, ctf_params, sigma, pixel_size, resolution_A, train_rows,
             heldout_rows, volume0, sagd_state, scale_start, noise, noise_group), log)
-    volume_start = low_pass(volume0, radius)
+    each = ((lambda f, v: classes.per_class(f, v)) if n_classes > 1
+            else (lambda f, v: f(v)))
+    volume_start = each(lambda v: low_pass(v, radius), volume0)
     if config.symmetry != "C1":
         # The grid holds one asymmetric unit: the map must be symmetric from the start (a
         # random start too), and the symmetrised gradients keep it so (see ``train``).
-        volume_start = symmetry.symmetrise(volume_start, config.symmetry)
+        volume_start = each(lambda v: symmetry.symmetrise(v, config.symmetry), volume_start)
         log(f"symmetry {config.symmetry} (order {symmetry.order(config.symmetry)}): the grid "
             "covers one asymmetric unit, the start map and every gradient are symmetrised")
     start = resume_or_start(volume_start, len(images), n_batches, config,
@@ -462,20 +487,34 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     if not start.resumed:
         if scale_start:
             sample = rng.choice(fitted, min(len(fitted), SCALE_SAMPLE), replace=False)
-            volume = scale_to_data(volume, op, data, grid, sample, rng)
+            volume = each(lambda v: scale_to_data(v, op, data, grid, sample, rng), volume)
         top = volume.max()
         reference_density = float(volume[volume > 0.1 * top].mean()) if top > 0 else 1.0
     if checkpoint is not None:
         checkpoint.reference_density = reference_density
     prior = make_prior(config.prior, reference_density, config.prior_strength)
-    objective = _Objective(op, data, grid, start.sampler, partition, heldout_rows,
-                           config.minibatch_size)
+    if n_classes > 1:
+        prior = classes.PerClassPrior(prior)
+        objective = classes.MixtureObjective(op, data, grid, start.sampler, partition,
+                                             heldout_rows, config.minibatch_size,
+                                             finite_or_raise)
+        log(f"{n_classes} classes, each from its own start; proportions "
+            + ", ".join(f"{p:.2f}" for p in start.sampler.proportions()))
+    else:
+        objective = _Objective(op, data, grid, start.sampler, partition, heldout_rows,
+                               config.minibatch_size)
     try:
         volume = train(volume, start.optimiser, objective, prior, config, start.history, log,
                        checkpoint, start_time, after_iteration)
         residuals = (None if noise is None or full_box is None
                      else noise_refine.ResidualPower(op, noise, pixel_size))
-        poses = final_poses(volume, objective, start.optimiser.t, log, start_time, residuals)
+        class_posterior = None
+        if n_classes > 1:
+            poses, class_posterior = classes.final_class_poses(
+                volume, objective, start.optimiser.t, log, start_time, residuals)
+        else:
+            poses = final_poses(volume, objective, start.optimiser.t, log, start_time,
+                                residuals)
     except Exception as error:
         # Out of memory or disk is the machine's, not the checkpoint's fault: keep it.
         if start.resumed and not isinstance(error, (OSError, MemoryError)):
@@ -487,8 +526,10 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         refined, ratio = residuals.refined(full_box)
         log("noise spectrum refined from the residuals at the final poses: "
             + noise_refine.change_summary(noise, refined, ratio))
-    return StageResult(volume, start.optimiser, start.sampler, start.history, *poses,
-                       heldout_rows, learned, refined)
+    volumes = volume if n_classes > 1 else volume[None]
+    main_volume = volumes[start.sampler.main] if n_classes > 1 else volume
+    return StageResult(main_volume, start.optimiser, start.sampler, start.history, *poses,
+                       heldout_rows, learned, refined, volumes, class_posterior)
 
 
 __all__ = [

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from _common import setup_logging
 
-from cryoday import initial, io, noise
+from cryoday import classes, initial, io, noise, records
 from cryoday.stage import run_stage
 from cryoday.stage_config import StageConfig
 
@@ -33,26 +33,36 @@ noise_group = (particles.table["cryodayNoiseGroup"].to_numpy().astype(np.int64)
 if not np.any(spectrum.power != 1.0):
     spectrum = None  # white noise: the white likelihood exactly
 
+n_classes = config.classes
 sagd_state = None
 if stage > 1:
-    previous_volume, sagd_state = snakemake.input.previous
-    volume, _ = io.read_map(previous_volume)
-    volume0 = initial.resample_for_stage(volume, box)
-    log.info("stage %d starts from stage %d's volume, resampled %d -> %d px",
-             stage, stage - 1, volume.shape[0], box)
+    previous_volume, sagd_state, *previous_classes = snakemake.input.previous
+    if n_classes > 1:
+        volumes = records.read_classes(previous_classes[0])["volumes"]
+        volume0 = np.stack([initial.resample_for_stage(v, box) for v in volumes])
+    else:
+        volume0 = initial.resample_for_stage(io.read_map(previous_volume)[0], box)
+    log.info("stage %d starts from stage %d's %s, resampled to %d px", stage, stage - 1,
+             f"{n_classes} class maps" if n_classes > 1 else "volume", box)
 elif section["initial_model"]:
     volume, voxel_size = io.read_map(section["initial_model"])
     volume0 = initial.resample_to(volume, voxel_size or info["full_pixel_size"], box, pixel_size)
+    if n_classes > 1:
+        # Every class from the one model: the classes separate as the class similarity falls.
+        volume0 = np.stack([volume0] * n_classes)
     log.info("stage 1 starts from the initial model %s", section["initial_model"])
 else:
     # null in the config: the diameter preprocessing estimated from the images (older stage
     # files without one: random_blobs' 0.6 x box).
     diameter = section["particle_diameter_A"] or info.get("particle_diameter_A")
-    volume0 = initial.random_blobs(box, pixel_size, seed=seed, diameter_A=diameter)
-    log.info("stage 1 starts from a random density (seed %d) of diameter %s", seed,
+    starts = [initial.random_blobs(box, pixel_size, seed=classes.class_start_seed(seed, c),
+                                   diameter_A=diameter) for c in range(n_classes)]
+    volume0 = np.stack(starts) if n_classes > 1 else starts[0]
+    log.info("stage 1 starts from %s (seed %d) of diameter %s",
+             f"{n_classes} random densities" if n_classes > 1 else "a random density", seed,
              f"{diameter:.1f} A ({'config' if section['particle_diameter_A'] else 'estimated'})"
              if diameter else "0.6 x box")
-io.write_map(snakemake.output.initial, volume0, pixel_size)
+io.write_map(snakemake.output.initial, volume0[0] if n_classes > 1 else volume0, pixel_size)
 log.info("stage %d: %.1f A, %d px at %.3f A/px, eps %.4g, undersampling %.2f",
          stage, resolution, box, pixel_size, config.learning_rate, config.undersampling)
 

@@ -18,6 +18,7 @@ class ScriptedObjective:
         self.heldout = list(heldout)
         self.partition = [np.arange(5), np.arange(5, 10)]
         self.n_train = 10
+        self.n_classes = 1
         self.grid = SimpleNamespace(size=100)
         self.sampler = SimpleNamespace(last_kl=float("nan"), last_kl_epochs=float("nan"))
         self.iteration = 0
@@ -30,6 +31,9 @@ class ScriptedObjective:
 
     def heldout_nll(self, volume):
         return self.heldout.pop(0)
+
+    def end_step(self):
+        pass
 
 
 def tiny_particle_set(volume, pixel_size: float, n: int, seed: int):

@@ -175,10 +175,10 @@ def previous_stage(wildcards):
     stage = int(wildcards.stage)
     if stage == 1:
         return []
-    return [
-        f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}/volume.mrc",
-        f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}/state.npz",
-    ]
+    previous = f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}"
+    # The class maps only with classes: a one-class stage's inputs are as before they existed.
+    extra = ["classes.npz"] if dataset_classes(wildcards.dataset) > 1 else []
+    return [f"{previous}/{name}" for name in ["volume.mrc", "state.npz"] + extra]
 
 
 def stage_noise(wildcards):
