@@ -213,18 +213,22 @@ def stage_mem_mb(wildcards, input, attempt):
     (at most 2 GiB, streamed beyond), and the likelihood's working set: per block of at most
     4,000 directions, their slices and per-thread gradient accumulators (~70 bytes per direction
     and Fourier pixel inside the cutoff on 2 threads), plus the padded transforms of the
-    four minibatches a stage keeps (its line search and held-out set revisit them).
+    four minibatches a stage keeps (its line search and held-out set revisit them). With K
+    classes the stored gradients and the working set of slices are K times one class's (each
+    class has its own gradients, and its nll pass runs with its own slices).
     """
     size = stage_size(input)
     if size is None:
         return 4000 * attempt
     n_images, box = size
+    n_classes = dataset_classes(wildcards.dataset)
     cap = RECON["max_particles"]
     n_batches = -(-min(n_images, cap or n_images) // RECON["minibatch_size"])
-    gradients = n_batches * box**3 * 4
+    gradients = n_classes * n_batches * box**3 * 4
     images = min(n_images * box * box * 4, 2 << 30)
     likelihood = (
-        4000 * 0.8 * box * box * 70 + 4 * RECON["minibatch_size"] * (3 * box) ** 2 * 8
+        n_classes * 4000 * 0.8 * box * box * 70
+        + 4 * RECON["minibatch_size"] * (3 * box) ** 2 * 8
     )
     return int(1000 + (gradients + images + likelihood) / 1e6) * attempt
 
@@ -234,13 +238,16 @@ def stage_runtime(wildcards, input, attempt):
 
     Measured: the demo's 10 A stage (44 px) took 7.3 s per 200-image iteration on 2 cores shared
     with another job, 78 ms per image scaled to 64 px. A time limit beyond the need is harmless;
-    one below it kills the job, which then resumes from its checkpoint. Doubled on each retry.
+    one below it kills the job, which then resumes from its checkpoint. Doubled on each retry;
+    times the number of classes (K classes cost at most about K times one per iteration).
     """
     size = stage_size(input)
     if size is None:
-        return 240 * attempt
+        return 240 * attempt * dataset_classes(wildcards.dataset)
     _, box = size
-    per_iteration_s = RECON["minibatch_size"] * 0.1 * (box / 64) ** 2
+    per_iteration_s = (
+        RECON["minibatch_size"] * 0.1 * (box / 64) ** 2 * dataset_classes(wildcards.dataset)
+    )
     return int(30 + RECON["max_iterations"] * per_iteration_s / 60) * attempt
 
 
