@@ -175,7 +175,9 @@ def previous_stage(wildcards):
     stage = int(wildcards.stage)
     if stage == 1:
         return []
-    previous = f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}"
+    previous = (
+        f"results/{wildcards.dataset}/abinitio/seed{wildcards.seed}/stage{stage - 1}"
+    )
     # The class maps only with classes: a one-class stage's inputs are as before they existed.
     extra = ["classes.npz"] if dataset_classes(wildcards.dataset) > 1 else []
     return [f"{previous}/{name}" for name in ["volume.mrc", "state.npz"] + extra]
@@ -246,7 +248,10 @@ def stage_runtime(wildcards, input, attempt):
         return 240 * attempt * dataset_classes(wildcards.dataset)
     _, box = size
     per_iteration_s = (
-        RECON["minibatch_size"] * 0.1 * (box / 64) ** 2 * dataset_classes(wildcards.dataset)
+        RECON["minibatch_size"]
+        * 0.1
+        * (box / 64) ** 2
+        * dataset_classes(wildcards.dataset)
     )
     return int(30 + RECON["max_iterations"] * per_iteration_s / 60) * attempt
 
