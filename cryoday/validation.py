@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoday import io, noise, records, shift_range
+from cryoday import class_results, io, noise, records, shift_range
 from cryoday import symmetry as point_groups
 from cryoday.align import apply_alignment, fsc_after_alignment
 from cryoday.fourier import rescale_volume
@@ -635,7 +635,7 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
                 preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
                 reference=None, truth_star=None, final_map=None, noise_spectrum=None,
                 symmetry="C1", symmetry_search=False, truth_symmetry=None,
-                log=print) -> tuple[dict, dict]:
+                class_stages: dict | None = None, log=print) -> tuple[dict, dict]:
     """Everything ``metrics.json`` reports, and the FSC table.
 
     Parameters
@@ -675,6 +675,10 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
         A simulation's point group (``simulate.symmetry``): its poses are known only up to it,
         so the pose errors are taken up to it whatever group the run used (else up to the
         run's). ``metrics["symmetry"]["pose_errors_up_to"]`` says which.
+    class_stages : dict, optional
+        ``{seed: [classes.npz of each stage, in order]}`` of a run of K > 1 classes:
+        ``metrics["classes"]`` (:func:`cryoday.class_results.class_metrics`, on the chosen
+        seed's). A run of one class has no such section.
     log : callable
         Receives progress lines.
     """
@@ -787,6 +791,12 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
                 f"the final map explains the {signal['n_heldout']} held-out images no better than "
                 f"empty density ({why}): there is no evidence of a structure in "
                 "these particles (too few, too noisy, or not particles)")
+    if class_stages and class_results.n_classes(chosen_poses) > 1:
+        stages = {int(s): list(v) for s, v in class_stages.items()}[chosen]
+        metrics["classes"], class_warnings = class_results.class_metrics(
+            chosen_poses, stages, stages_A, truth_star, reference, int(info["box"]),
+            pixel_size, log)
+        metrics["warnings"] += class_warnings
     # Seed consistency: every pair of final maps, aligned, against the half maps' resolution.
     maps = {}
     for seed in seeds:
