@@ -19,7 +19,7 @@ chosen = int(json.loads(Path(snakemake.input.choice).read_text())["chosen_seed"]
 state = snakemake.input.states[seeds.index(chosen)] if snakemake.input.states else None
 # With K > 1 classes (common.smk lists these only then): the main class's posterior weights.
 class_weights = main_class = None
-if "class_maps" in snakemake.input.keys():
+if getattr(snakemake.input, "class_maps", None):
     main = records.read_classes(snakemake.input.class_maps[seeds.index(chosen)])["main"]
     poses = records.read_poses(snakemake.input.class_poses[seeds.index(chosen)])
     class_weights, main_class = records.class_posterior(poses)[:, main], main + 1

@@ -15,8 +15,8 @@ seeds = snakemake.params.seeds
 histories = validation.by_seed(snakemake.input.histories, seeds)
 volumes = validation.by_seed(snakemake.input.volumes, seeds)
 # Listed only with K > 1 classes: each seed's classes.npz per stage.
-class_stages = (validation.by_seed(snakemake.input.class_stages, seeds)
-                if "class_stages" in snakemake.input.keys() else None)
+class_stages = getattr(snakemake.input, "class_stages", None)
+class_stages = validation.by_seed(class_stages, seeds) if class_stages else None
 report.write_report(
     snakemake.output[0],
     dataset=snakemake.wildcards.dataset,
