@@ -35,6 +35,10 @@ from cryoday import io, records
 # leaves room for a class trained on a small share of the particles, while two different
 # folds (or a noise class against anything) stay below 0.5 from the first shells on.
 SAME_MOLECULE_FACTOR = 2.0
+# ...and only when that FSC 0.5 crossing lies beyond this Fourier shell: the first shells hold a
+# few dozen voxels each, and an alignment searched over rotations, shifts and hand makes any two
+# maps agree there (a noise map met a molecule's to shell 1.5 on a 10 px stage box).
+SAME_MOLECULE_MIN_SHELL = 4
 
 # The truth's kinds of particle in a simulation (cryoday.simulate.JUNK_*), by column value.
 TRUTH_KINDS = {0: "map", 1: "noise", 2: "other_map"}
@@ -179,18 +183,20 @@ def class_agreement(volumes, pixel_size: float, last_stage_A: float,
     last_stage_A : float
         The last stage's resolution (A).
     factor : float
-        A pair is one molecule when its FSC 0.5 resolution is at most ``factor * last_stage_A``.
+        A pair is one molecule when its FSC 0.5 resolution is at most ``factor * last_stage_A``
+        and finer than shell ``SAME_MOLECULE_MIN_SHELL`` of the maps' box.
 
     Returns
     -------
     dict
         ``pairs``: ``{"1-2": {"fsc05_A", "fsc0143_A", "same_molecule"}}`` (1-based classes),
-        ``threshold_A``, ``factor``.
+        ``threshold_A`` (the finer of the two limits), ``factor``.
     """
     from cryoday.align import fsc_after_alignment
     from cryoday.fsc import resolution_at
 
-    threshold = factor * float(last_stage_A)
+    box_A = len(volumes[0]) * float(pixel_size) if len(volumes) else 0.0
+    threshold = min(factor * float(last_stage_A), box_A / SAME_MOLECULE_MIN_SHELL)
     pairs = {}
     for a, b in combinations(range(len(volumes)), 2):
         _, freq, curve, res = fsc_after_alignment(volumes[a], volumes[b], pixel_size)

@@ -507,8 +507,9 @@ def classes_section(metrics, stage_classes) -> str:
         for pair, f in section["agreement"]["pairs"].items())
     parts += [
         (f"<p>Classes compared after alignment: two classes look like the same molecule when "
-         f"their FSC 0.5 is finer than {section['agreement']['factor']:g} x the last stage's "
-         f"resolution ({section['agreement']['threshold_A']:.1f} A).</p>"),
+         f"their FSC 0.5 is finer than {section['agreement']['threshold_A']:.1f} A "
+         f"({section['agreement']['factor']:g} x the last stage's resolution, and beyond the "
+         "first Fourier shells, where any two aligned maps agree).</p>"),
         ("<table><tr><th>classes</th><th>FSC 0.5</th><th>FSC 0.143</th><th>verdict</th></tr>"
          f"{pair_rows}</table>")]
     confusion = section.get("confusion")
