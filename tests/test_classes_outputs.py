@@ -242,3 +242,34 @@ def test_report_has_a_section_per_class(tmp_path, sim):
     assert page.count('alt="class ') >= 1 + 2 * 3  # the plot, and views + surface per class
     # One class: no section.
     assert report.classes_section({}, run["stage_classes"]) == ""
+
+
+def test_the_main_class_map_weights_each_particle_by_its_posterior(tmp_path, sim):
+    # Weights of 0 for the junk and 1 for the molecule's particles: the full map is the one of
+    # the molecule's particles alone (its sums hold nothing of the others).
+    from cryoday import final_map
+
+    molecule_rows = np.flatnonzero(sim["kinds"] == JUNK_NONE)
+    weights = (sim["kinds"] == JUNK_NONE).astype(np.float64)
+    outputs = {name: tmp_path / f"{name}.{'json' if name == 'figures' else 'mrc'}"
+               for name in ("full", "half1", "half2", "sharpened", "figures")}
+    outputs["fsc_table"] = tmp_path / "fsc.tsv"
+    figures = final_map.run(preprocessed_star=sim["star"], final_star=sim["star"],
+                            outputs=outputs, class_weights=weights, main_class=1,
+                            log=lambda *_: None)
+    assert figures["class"] == 1 and figures["class_weight_sum"] == len(molecule_rows)
+    assert figures["poses"] == "best"
+    assert json.loads(outputs["figures"].read_text())["class"] == 1
+
+    particles = io.read_particles(sim["star"])
+    pose = io.poses(particles)
+    from cryoday.geometry import euler_to_matrix
+
+    rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])[molecule_rows]
+    shifts = np.stack([pose["shift_x"], pose["shift_y"]], 1)[molecule_rows] / PIXEL
+    with io.ImageSource(particles) as source:
+        alone = final_map.final_reconstruction(source.read, N, rotations, shifts,
+                                               io.ctf_params(particles), PIXEL, BOX,
+                                               image=molecule_rows, log=lambda *_: None)
+    full, _ = io.read_map(outputs["full"])
+    np.testing.assert_allclose(full, alone.full, atol=1e-5 * np.abs(alone.full).max())
