@@ -206,8 +206,14 @@ def class_agreement(volumes, pixel_size: float, last_stage_A: float,
     return {"pairs": pairs, "threshold_A": threshold, "factor": float(factor)}
 
 
+# A class's half maps are reconstructed only from this many particles on (fewer give an FSC
+# of noise whatever the class).
+HALFMAP_MIN_PARTICLES = 10
+
+
 def class_metrics(poses: dict, stage_classes, stages_A, truth_star=None, reference=None,
-                  box: int | None = None, pixel_size: float | None = None,
+                  box: int | None = None, pixel_size: float | None = None, *,
+                  preprocessed_star=None, final_star=None,
                   log=print) -> tuple[dict, list[str]]:
     """``metrics["classes"]`` of a run of K > 1 classes, and the warnings it gives.
 
@@ -225,14 +231,20 @@ def class_metrics(poses: dict, stage_classes, stages_A, truth_star=None, referen
         The simulation's truth map: each class of the molecule's particles is compared with it
         after alignment (at ``box`` and ``pixel_size``, the input's).
     box, pixel_size : int, float, optional
-        The input box and pixel size (A), for the comparison with ``reference``.
+        The input box and pixel size (A), for the comparison with ``reference`` and the half
+        maps.
+    preprocessed_star, final_star : path, optional
+        The preprocessed particles and ``final/particles.star``: each class of at least
+        ``HALFMAP_MIN_PARTICLES`` gets gold-standard half maps from its particles at their final
+        poses (:func:`cryoday.validation.halfmap_fsc`), ``halfmap_fsc0143_masked_A``.
     log : callable
 
     Returns
     -------
     section : dict
         ``n_classes``, ``main`` (1-based), ``classes`` (:func:`class_table`, each with
-        ``fsc05_vs_truth_A`` / ``fsc0143_vs_truth_A`` when it is the molecule's), ``junk``
+        ``fsc05_vs_truth_A`` / ``fsc0143_vs_truth_A`` when it is the molecule's, and
+        ``halfmap_fsc0143_masked_A`` given the particles' files), ``junk``
         (1-based classes judged junk), ``agreement`` (:func:`class_agreement` of the last
         stage's maps), ``proportions_by_stage`` (each stage's final proportions) and, for a
         simulation, ``confusion`` (:func:`confusion_table`) and ``molecule_classes``.
@@ -279,6 +291,22 @@ def class_metrics(poses: dict, stage_classes, stages_A, truth_star=None, referen
                 _, freq, curve, res = fsc_after_alignment(volume, ref, pixel_size)
                 table[k - 1]["fsc0143_vs_truth_A"] = float(res)
                 table[k - 1]["fsc05_vs_truth_A"] = float(resolution_at(freq, curve, 0.5))
+    if preprocessed_star and final_star and box and pixel_size:
+        from cryoday.fsc import fsc, soft_spherical_mask
+        from cryoday.validation import halfmap_fsc
+
+        mask = soft_spherical_mask(box, 0.4 * box, 3.0)  # validation's half-map mask
+        for k, c in enumerate(table):
+            rows = np.flatnonzero(assigned == k)
+            if len(rows) < HALFMAP_MIN_PARTICLES:
+                c["halfmap_fsc0143_masked_A"] = None
+                continue
+            half1, half2 = halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log,
+                                       rows=rows)
+            freq, curve = fsc(half1, half2, pixel_size, mask=mask)
+            c["halfmap_fsc0143_masked_A"] = float(resolution_at(freq, curve, 0.143))
+            log(f"class {k + 1}: half-map FSC 0.143 {c['halfmap_fsc0143_masked_A']:.1f} A "
+                f"masked ({len(rows)} particles)")
     warnings = []
     main = table[last["main"]]
     if main["junk"]:

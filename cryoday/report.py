@@ -485,7 +485,8 @@ def classes_section(metrics, stage_classes) -> str:
     rows = "".join(
         f"<tr{' class=ok' if c['main'] else ''}><td>{c['class']}{' (main)' if c['main'] else ''}"
         f"</td><td>{c['size']}</td><td>{c['size_fraction']:.1%}</td><td>{c['proportion']:.3f}"
-        f"</td><td>{_verdict(c)}</td><td>{_resolution(c.get('fsc05_vs_truth_A'))} / "
+        f"</td><td>{_verdict(c)}</td><td>{_resolution(c.get('halfmap_fsc0143_masked_A'))}</td>"
+        f"<td>{_resolution(c.get('fsc05_vs_truth_A'))} / "
         f"{_resolution(c.get('fsc0143_vs_truth_A'))}</td></tr>" for c in classes)
     junk = section.get("junk", [])
     parts = [
@@ -497,7 +498,8 @@ def classes_section(metrics, stage_classes) -> str:
             if junk else "No class looks like junk.") + "</p>"),
         ("<table><tr><th>class</th><th>particles</th><th>share</th><th>proportion</th>"
          "<th>held-out test (junk: no evidence of a structure)</th>"
-         "<th>FSC 0.5 / 0.143 vs truth</th></tr>"), rows, "</table>",
+         "<th>half-map FSC 0.143 (masked)</th><th>FSC 0.5 / 0.143 vs truth</th></tr>"), rows,
+        "</table>",
         class_proportion_plot(stage_classes),
     ]
     pair_rows = "".join(
@@ -529,8 +531,9 @@ def classes_section(metrics, stage_classes) -> str:
                 f"{', '.join(map(str, same[k]))}." if k in same else "")
         parts += [f"<h3>{title}</h3>",
                   (f"<p>{c['size']} particles ({c['size_fraction']:.1%}), proportion "
-                   f"{c['proportion']:.3f}; {_verdict(c)}. FSC 0.5 against the truth: "
-                   f"{_resolution(c.get('fsc05_vs_truth_A'))}.{also}</p>"),
+                   f"{c['proportion']:.3f}; {_verdict(c)}. Half-map FSC 0.143 (masked): "
+                   f"{_resolution(c.get('halfmap_fsc0143_masked_A'))}; FSC 0.5 against the "
+                   f"truth: {_resolution(c.get('fsc05_vs_truth_A'))}.{also}</p>"),
                   map_views(last["volumes"][k - 1], f"{title}: central slices and projections"),
                   isosurface_views(last["volumes"][k - 1], f"{title}: surface")]
     return "\n".join(parts)

@@ -188,10 +188,16 @@ def test_confusion_table_counts_each_kind_per_class():
 def test_validation_class_section_on_a_simulation(tmp_path, sim):
     run = class_run(tmp_path, sim, 3)
     io.write_map(tmp_path / "truth.mrc", sim["truth"], PIXEL)
+    # The simulation's STAR holds the true poses: the final poses here.
     section, warnings = class_results.class_metrics(
         records.read_poses(run["poses"]), run["stage_classes"], STAGES_A, sim["star"],
-        tmp_path / "truth.mrc", BOX, PIXEL, log=lambda _: None)
+        tmp_path / "truth.mrc", BOX, PIXEL, preprocessed_star=sim["star"],
+        final_star=sim["star"], log=lambda _: None)
     assert warnings == []  # a junk class is what classes are for
+    # Half maps per class: the molecule's 40 particles at their true poses resolve it; the
+    # 10 noise images hold nothing to resolve.
+    halfmaps = [c["halfmap_fsc0143_masked_A"] for c in section["classes"]]
+    assert halfmaps[0] < 30.0 and not halfmaps[1] < 2 * halfmaps[0]
     assert section["n_classes"] == 3 and section["main"] == 1 and section["junk"] == [2]
     kinds = sim["kinds"]
     assert section["confusion"] == {
