@@ -430,7 +430,7 @@ def final_map_section(metrics, final_map=None, final_fsc=None) -> str:
 
 def class_proportion_plot(stage_classes) -> str:
     """Each class's proportion after every SAGD iteration, the stages one after another
-    (``proportion_history`` of each stage's ``classes.npz``; dashed lines at stage ends)."""
+    (``proportion_history`` of each stage's ``classes.npz``; dashed lines between stages)."""
     histories = [records.read_classes(p)["proportion_history"] for p in stage_classes]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     offset = 0
@@ -440,7 +440,8 @@ def class_proportion_plot(stage_classes) -> str:
             ax.plot(it, history[:, k], color=f"C{k}",
                     label=f"class {k + 1}" if index == 0 else None)
         offset += len(history)
-        ax.axvline(offset + 0.5, color="gray", ls="--", lw=0.6)
+        if index < len(histories) - 1:
+            ax.axvline(offset + 0.5, color="gray", ls="--", lw=0.6)
     ax.set(xlabel="iteration (stages one after another)", ylabel="class proportion",
            title="class proportions over the iterations", ylim=(0, 1))
     ax.legend(fontsize=7)
