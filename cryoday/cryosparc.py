@@ -540,7 +540,7 @@ def _fresh_dataset(path: Path, table: pd.DataFrame, psize: float, box) -> np.nda
 
 
 def write_cs(path, particles_table: pd.DataFrame, source_cs=None, pixel_size: float | None = None,
-             box: int | None = None) -> None:
+             box: int | None = None, class_posterior=None) -> None:
     """Write particles with their poses, shifts and classes as a cryoSPARC ``.cs`` file.
 
     Parameters
@@ -563,6 +563,9 @@ def write_cs(path, particles_table: pd.DataFrame, source_cs=None, pixel_size: fl
         source's ``blob/psize_A``.
     box : int, optional
         Image size in px for ``blob/shape`` without a source (default ``rlnImageSize``).
+    class_posterior : array_like, optional
+        ``(n,)`` each particle's posterior of its class (``alignments3D/class_posterior``);
+        by default the source's value, or 1 in a new slot.
     """
     path = Path(path)
     table = particles_table.reset_index(drop=True)
@@ -607,6 +610,8 @@ def write_cs(path, particles_table: pd.DataFrame, source_cs=None, pixel_size: fl
             raise InputError(f"{path}: rlnClassNumber {classes[row]} at particle row {row + 1}; "
                              "classes count from 1")
         values["class"] = classes - 1
+    if class_posterior is not None:
+        values["class_posterior"] = np.asarray(class_posterior, np.float32).reshape(n)
     if "rlnRandomSubset" in table:
         values["split"] = table["rlnRandomSubset"].to_numpy(np.int64) - 1
     if not values:

@@ -16,6 +16,11 @@ renormalised masses: the posterior-marginalised insertion, cheap because the mar
 sharp by the last stage. The product drops the correlation between the dimensions, which is
 small when each marginal is concentrated on neighbouring grid points.
 
+With K classes (``reconstruction.classes``) the map is the main class's: each particle's poses
+are weighted by its posterior for the main class (``poses.npz`` ``class_posterior``), so
+particles of the other classes (junk, another conformation) hardly enter it; the particles'
+poses and ``state.npz``'s posteriors are then the main class's for its particles.
+
 With a point group (``reconstruction.symmetry`` or the dataset's ``symmetry:``, the group the
 stages trained in, whose poses cover one asymmetric unit) every pose is inserted at its ``|G|``
 equivalents ``A g`` by :func:`cryoday.reconstruct.insert_symmetric` (RELION's ``--sym``): a
@@ -299,10 +304,10 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
                     "best" if len(image) == n and np.all(weights == 1) else "posterior", group)
 
 
-def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures, fsc_table
-                    ) -> dict:
+def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures, fsc_table,
+                    extra: dict | None = None) -> dict:
     """Write the maps, the FSC table and the figures (each file atomically); returns the
-    figures (``final_map.json``), which name the FSC table."""
+    figures (``final_map.json``), which name the FSC table, with ``extra`` (if given) added."""
     for path, volume in ((full, result.full), (half1, result.half1), (half2, result.half2),
                          (sharpened, result.sharpened)):
         io.write_map(path, volume, result.pixel_size)
@@ -313,14 +318,15 @@ def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures,
     write_fsc_table(fsc_table, {"freq_invA": result.freq, "resolution_A": resolution,
                                 "fsc_unmasked": result.fsc_unmasked,
                                 "fsc_masked": result.fsc_masked})
-    out = {**result.figures(), "fsc_table": str(fsc_table)}
+    out = {**result.figures(), **(extra or {}), "fsc_table": str(fsc_table)}
     with io.atomic_path(figures) as tmp:
         Path(tmp).write_text(json.dumps(out, indent=2))
     return out
 
 
 def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERIOR_TOP,
-        seed: int = 0, symmetry: str = "C1", log=print) -> dict:
+        seed: int = 0, symmetry: str = "C1", class_weights=None, main_class: int | None = None,
+        log=print) -> dict:
     """The final map of a run from its files (rule ``final_map``).
 
     Parameters
@@ -337,6 +343,12 @@ def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERI
     symmetry : str
         The point group the stages trained in (``"C1"``: none); each pose is inserted at its
         ``|G|`` equivalents.
+    class_weights : (n,) array, optional
+        With K > 1 classes, each particle's posterior for the main class: its poses' weights
+        are multiplied by it. The figures then say ``class`` (``main_class``, 1-based) and
+        ``class_weight_sum`` (the particles' effective number).
+    main_class : int, optional
+        The main class, 1-based (for the figures).
     """
     particles = io.read_particles(preprocessed_star)
     box, pixel_size = int(particles.box), float(particles.pixel_size)
@@ -358,8 +370,24 @@ def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERI
         rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])
         shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1) / pixel_size
         image = weights = None
+    if class_weights is not None:
+        class_weights = np.asarray(class_weights, np.float64).reshape(-1)
+        if len(class_weights) != n:
+            raise ValueError(f"{len(class_weights)} class weights, {preprocessed_star} has {n} "
+                             "particles")
+        if image is None:
+            image, weights = np.arange(n), class_weights.copy()
+        else:
+            weights = weights * class_weights[image]
+        log(f"class {main_class}: particles weighted by their posterior for it "
+            f"({class_weights.sum():.1f} of {n} particles' worth)")
     with io.ImageSource(particles) as source:
         result = final_reconstruction(source.read, n, rotations, shifts, ctf, pixel_size, box,
                                       image=image, weights=weights, seed=seed,
                                       symmetry=symmetry, log=log)
-    return write_final_map(result, **outputs)
+    extra = None
+    if class_weights is not None:
+        # The class weights are not pose posteriors: best poses stay "best".
+        result.poses = "posterior" if state is not None else "best"
+        extra = {"class": main_class, "class_weight_sum": float(class_weights.sum())}
+    return write_final_map(result, **outputs, extra=extra)

@@ -428,9 +428,121 @@ def final_map_section(metrics, final_map=None, final_fsc=None) -> str:
     return "\n".join(parts)
 
 
+def class_proportion_plot(stage_classes) -> str:
+    """Each class's proportion after every SAGD iteration, the stages one after another
+    (``proportion_history`` of each stage's ``classes.npz``; dashed lines between stages)."""
+    histories = [records.read_classes(p)["proportion_history"] for p in stage_classes]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    offset = 0
+    for index, history in enumerate(histories):
+        it = offset + np.arange(1, len(history) + 1)
+        for k in range(history.shape[1]):
+            ax.plot(it, history[:, k], color=f"C{k}",
+                    label=f"class {k + 1}" if index == 0 else None)
+        offset += len(history)
+        if index < len(histories) - 1:
+            ax.axvline(offset + 0.5, color="gray", ls="--", lw=0.6)
+    ax.set(xlabel="iteration (stages one after another)", ylabel="class proportion",
+           title="class proportions over the iterations", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    return _img(_png(fig), "class proportions")
+
+
+def _resolution(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1f} A"
+
+
+def _verdict(c) -> str:
+    if c["junk"] is None:
+        return f"unknown ({html.escape(c['junk_reason'])})"
+    return (f"<b>junk</b>: {html.escape(c['junk_reason'])}" if c["junk"]
+            else html.escape(c["junk_reason"]))
+
+
+def classes_section(metrics, stage_classes) -> str:
+    """A run of K > 1 classes: the class table (size, proportion, held-out test, junk or not,
+    resolution against the truth), the proportions over the iterations, the FSC between
+    classes, a simulation's confusion table, and each class's map (central slices,
+    projections, surface). Empty for one class.
+
+    Parameters
+    ----------
+    metrics : dict
+        ``metrics.json`` (its ``classes`` section, :func:`cryoday.class_results.class_metrics`).
+    stage_classes : sequence of path
+        The chosen seed's ``classes.npz`` of every stage, in order.
+    """
+    section = metrics.get("classes")
+    if not section or not stage_classes:
+        return ""
+    last = records.read_classes(stage_classes[-1])
+    classes = section["classes"]
+    same = {}
+    for pair, figures in section["agreement"]["pairs"].items():
+        a, b = (int(x) for x in pair.split("-"))
+        if figures["same_molecule"]:
+            same.setdefault(a, []).append(b)
+            same.setdefault(b, []).append(a)
+    rows = "".join(
+        f"<tr{' class=ok' if c['main'] else ''}><td>{c['class']}{' (main)' if c['main'] else ''}"
+        f"</td><td>{c['size']}</td><td>{c['size_fraction']:.1%}</td><td>{c['proportion']:.3f}"
+        f"</td><td>{_verdict(c)}</td><td>{_resolution(c.get('halfmap_fsc0143_masked_A'))}</td>"
+        f"<td>{_resolution(c.get('fsc05_vs_truth_A'))} / "
+        f"{_resolution(c.get('fsc0143_vs_truth_A'))}</td></tr>" for c in classes)
+    junk = section.get("junk", [])
+    parts = [
+        "<h2>Classes</h2>",
+        (f"<p>{section['n_classes']} classes (<code>reconstruction.classes</code>); the final "
+         f"map is class {section['main']}'s, the one of the largest proportion. Each class's "
+         "map and particles are in <code>final/class&lt;k&gt;/</code>. "
+         + (f"Classes that look like junk: {', '.join(map(str, junk))}."
+            if junk else "No class looks like junk.") + "</p>"),
+        ("<table><tr><th>class</th><th>particles</th><th>share</th><th>proportion</th>"
+         "<th>held-out test (junk: no evidence of a structure)</th>"
+         "<th>half-map FSC 0.143 (masked)</th><th>FSC 0.5 / 0.143 vs truth</th></tr>"), rows,
+        "</table>",
+        class_proportion_plot(stage_classes),
+    ]
+    pair_rows = "".join(
+        f"<tr><td>{pair}</td><td>{_resolution(f['fsc05_A'])}</td>"
+        f"<td>{_resolution(f['fsc0143_A'])}</td>"
+        f"<td>{'the same molecule' if f['same_molecule'] else 'different'}</td></tr>"
+        for pair, f in section["agreement"]["pairs"].items())
+    parts += [
+        (f"<p>Classes compared after alignment: two classes look like the same molecule when "
+         f"their FSC 0.5 is finer than {section['agreement']['threshold_A']:.1f} A "
+         f"({section['agreement']['factor']:g} x the last stage's resolution, and beyond the "
+         "first Fourier shells, where any two aligned maps agree).</p>"),
+        ("<table><tr><th>classes</th><th>FSC 0.5</th><th>FSC 0.143</th><th>verdict</th></tr>"
+         f"{pair_rows}</table>")]
+    confusion = section.get("confusion")
+    if confusion:
+        head = "".join(f"<th>class {c['class']}</th>" for c in classes)
+        body = "".join(f"<tr><td>{html.escape(kind)}</td>"
+                       + "".join(f"<td>{n}</td>" for n in counts) + "</tr>"
+                       for kind, counts in confusion.items())
+        parts += [("<p>Simulation: each kind of particle (the molecule's map, pure noise, "
+                   "another map) against its assigned class.</p>"),
+                  f"<table><tr><th>truth</th>{head}</tr>{body}</table>"]
+    for c in classes:
+        k = c["class"]
+        title = (f"class {k}" + (" (main)" if c["main"] else "")
+                 + (" (junk)" if c["junk"] else ""))
+        also = (f" It looks like the same molecule as class(es) "
+                f"{', '.join(map(str, same[k]))}." if k in same else "")
+        parts += [f"<h3>{title}</h3>",
+                  (f"<p>{c['size']} particles ({c['size_fraction']:.1%}), proportion "
+                   f"{c['proportion']:.3f}; {_verdict(c)}. Half-map FSC 0.143 (masked): "
+                   f"{_resolution(c.get('halfmap_fsc0143_masked_A'))}; FSC 0.5 against the "
+                   f"truth: {_resolution(c.get('fsc05_vs_truth_A'))}.{also}</p>"),
+                  map_views(last["volumes"][k - 1], f"{title}: central slices and projections"),
+                  isosurface_views(last["volumes"][k - 1], f"{title}: surface")]
+    return "\n".join(parts)
+
+
 def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
                  preprocessed_star, seed_stages, settings, n_example_particles,
-                 final_map=None, final_fsc=None, noise_spectrum=None):
+                 final_map=None, final_fsc=None, noise_spectrum=None, class_stages=None):
     """Write the report for one dataset (atomically).
 
     Parameters
@@ -455,6 +567,9 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
         The final map (``final/map_full.mrc``) and its half-map FSC table.
     noise_spectrum : path, optional
         Preprocessing's ``noise_spectrum.tsv``, plotted under Inputs.
+    class_stages : dict, optional
+        ``{seed: [classes.npz of each stage, in order]}`` of a run of K > 1 classes: a section
+        per class (:func:`classes_section`, the chosen seed's).
     """
     m = json.loads(Path(metrics).read_text())
     info = json.loads(Path(preprocess_info).read_text())
@@ -503,6 +618,8 @@ def write_report(path, *, dataset, metrics, fsc, volume, star, preprocess_info,
         fsc_plot(fsc), pose_error_histogram(m),
         final_map_section(m, final_map, final_fsc),
         symmetry_section(m, vol, io.read_map(final_map)[0] if final_map else None),
+        classes_section(m, {int(k): v for k, v in (class_stages or {}).items()}
+                        .get(int(m.get("chosen_seed", 0)))),
         "<h2>Provenance</h2>",
         (f"<p>{_versions()}; written {datetime.now(UTC):%Y-%m-%d %H:%M UTC} on "
          f"{html.escape(platform.node())} in <code>{html.escape(os.getcwd())}</code> by "

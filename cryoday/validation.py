@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoday import io, noise, records, shift_range
+from cryoday import class_results, io, noise, records, shift_range
 from cryoday import symmetry as point_groups
 from cryoday.align import apply_alignment, fsc_after_alignment
 from cryoday.fourier import rescale_volume
@@ -299,7 +299,7 @@ def symmetric_pose_errors(pairs, n: int, symmetry: str, chunk_size: int = POSE_C
     return results[int(mirrored)], mirrored
 
 
-def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
+def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print, rows=None):
     """Gold-standard FSC: two half-maps from disjoint halves with the final poses.
 
     Parameters
@@ -310,6 +310,8 @@ def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
         The same particles with their final poses.
     box, pixel_size : int, float
         The maps' box and voxel size (the preprocessed images').
+    rows : array of int, optional
+        Only these particles (0-based rows; a class's), split into halves; default all.
     """
     from cryoday.geometry import euler_to_matrix
     from cryoday.reconstruct import half_sets, reconstruct
@@ -320,13 +322,15 @@ def halfmap_fsc(preprocessed_star, final_star, box, pixel_size, log=print):
     rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])
     shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1) / pixel_size
     ctf = io.ctf_params(particles)
+    subset = np.arange(len(particles)) if rows is None else np.asarray(rows, np.int64)
     maps = []
     with io.ImageSource(particles) as source:
-        for rows in half_sets(len(particles)):
+        for half in half_sets(len(subset)):
+            rows = subset[half]
             maps.append(reconstruct(lambda r, rows=rows: source.read(rows[r]), len(rows),
                                     rotations[rows], shifts[rows],
                                     {k: v[rows] for k, v in ctf.items()}, pixel_size, box))
-    log(f"half maps reconstructed from {len(particles)} particles")
+    log(f"half maps reconstructed from {len(subset)} particles")
     return maps
 
 
@@ -635,7 +639,7 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
                 preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
                 reference=None, truth_star=None, final_map=None, noise_spectrum=None,
                 symmetry="C1", symmetry_search=False, truth_symmetry=None,
-                log=print) -> tuple[dict, dict]:
+                class_stages: dict | None = None, log=print) -> tuple[dict, dict]:
     """Everything ``metrics.json`` reports, and the FSC table.
 
     Parameters
@@ -675,6 +679,10 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
         A simulation's point group (``simulate.symmetry``): its poses are known only up to it,
         so the pose errors are taken up to it whatever group the run used (else up to the
         run's). ``metrics["symmetry"]["pose_errors_up_to"]`` says which.
+    class_stages : dict, optional
+        ``{seed: [classes.npz of each stage, in order]}`` of a run of K > 1 classes:
+        ``metrics["classes"]`` (:func:`cryoday.class_results.class_metrics`, on the chosen
+        seed's). A run of one class has no such section.
     log : callable
         Receives progress lines.
     """
@@ -787,6 +795,12 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
                 f"the final map explains the {signal['n_heldout']} held-out images no better than "
                 f"empty density ({why}): there is no evidence of a structure in "
                 "these particles (too few, too noisy, or not particles)")
+    if class_stages and class_results.n_classes(chosen_poses) > 1:
+        stages = {int(s): list(v) for s, v in class_stages.items()}[chosen]
+        metrics["classes"], class_warnings = class_results.class_metrics(
+            chosen_poses, stages, stages_A, truth_star, reference, int(info["box"]),
+            pixel_size, preprocessed_star=preprocessed_star, final_star=final_star, log=log)
+        metrics["warnings"] += class_warnings
     # Seed consistency: every pair of final maps, aligned, against the half maps' resolution.
     maps = {}
     for seed in seeds:

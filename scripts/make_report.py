@@ -14,6 +14,9 @@ seeds = snakemake.params.seeds
 # common.smk lists every seed's stages seed-major; regrouped into one record list per seed.
 histories = validation.by_seed(snakemake.input.histories, seeds)
 volumes = validation.by_seed(snakemake.input.volumes, seeds)
+# Listed only with K > 1 classes: each seed's classes.npz per stage.
+class_stages = getattr(snakemake.input, "class_stages", None)
+class_stages = validation.by_seed(class_stages, seeds) if class_stages else None
 report.write_report(
     snakemake.output[0],
     dataset=snakemake.wildcards.dataset,
@@ -29,5 +32,6 @@ report.write_report(
     final_map=snakemake.input.final_map,
     final_fsc=snakemake.input.final_fsc,
     noise_spectrum=snakemake.input.noise,
+    class_stages=class_stages,
 )
 log.info("wrote %s", snakemake.output[0])

@@ -17,6 +17,9 @@ seeds = snakemake.params.seeds
 # common.smk lists every seed's stages seed-major; regrouped into one record list per seed.
 histories = validation.by_seed(snakemake.input.histories, seeds)
 volumes = validation.by_seed(snakemake.input.volumes, seeds)
+# Listed only with K > 1 classes: each seed's classes.npz per stage.
+class_stages = getattr(snakemake.input, "class_stages", None)
+class_stages = validation.by_seed(class_stages, seeds) if class_stages else None
 metrics, fsc_table = validation.run_metrics(
     dataset=snakemake.wildcards.dataset,
     final_volume=snakemake.input.volume,
@@ -35,6 +38,7 @@ metrics, fsc_table = validation.run_metrics(
     symmetry=snakemake.params.symmetry,
     symmetry_search=snakemake.params.symmetry_search,
     truth_symmetry=snakemake.params.truth_symmetry,
+    class_stages=class_stages,
     log=log.info,
 )
 validation.write_fsc_table(snakemake.output.fsc, fsc_table)

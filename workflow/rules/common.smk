@@ -269,6 +269,14 @@ def final_outputs():
             f"results/{name}/validation/metrics.json",
             f"results/{name}/report.html",
         ]
+        # One class (the default) has no class outputs: its runs plan what they planned before.
+        if dataset_classes(name) > 1:
+            outputs.append(f"results/{name}/final/classes.json")
+            for k in range(1, dataset_classes(name) + 1):
+                outputs += [
+                    f"results/{name}/final/class{k}/volume.mrc",
+                    f"results/{name}/final/class{k}/particles.star",
+                ]
     return outputs
 
 
@@ -312,6 +320,40 @@ def last_stage_files(wildcards):
             ("poses", "poses.npz"),
         )
     }
+
+
+def class_records(wildcards):
+    """Each random start's last ``classes.npz`` and ``poses.npz`` (seeds in config order):
+    ``classes`` and ``poses``."""
+    return {
+        kind: [f"{last_stage_of_seed(wildcards.dataset, s)}/{name}" for s in SEEDS]
+        for kind, name in (("classes", "classes.npz"), ("poses", "poses.npz"))
+    }
+
+
+def class_inputs(wildcards):
+    """What validate and make_report read of the classes, only with K > 1 (a run of one class
+    keeps the inputs it had): every start's ``classes.npz`` per stage (``class_stages``,
+    seed-major like :func:`seed_stage_files`)."""
+    if dataset_classes(wildcards.dataset) == 1:
+        return {}
+    return {
+        "class_stages": [
+            f"results/{wildcards.dataset}/abinitio/seed{s}/stage{st}/classes.npz"
+            for s in SEEDS
+            for st in range(1, len(dataset_stages(wildcards.dataset)) + 1)
+        ],
+    }
+
+
+def final_map_classes(wildcards):
+    """With K > 1, each start's last ``classes.npz`` and ``poses.npz`` (``class_maps``,
+    ``class_poses``): the main class's half maps weight each particle by its posterior for it.
+    None for one class (the rule's inputs stay as they were)."""
+    if dataset_classes(wildcards.dataset) == 1:
+        return {}
+    records = class_records(wildcards)
+    return {"class_maps": records["classes"], "class_poses": records["poses"]}
 
 
 def truth_particles(wildcards):

@@ -1,6 +1,7 @@
 rule final_map:
     input:
         unpack(final_map_states),
+        unpack(final_map_classes),
         star="results/{dataset}/final/particles.star",
         choice="results/{dataset}/final/seed_choice.json",
         particles="results/{dataset}/preprocess/particles.star",

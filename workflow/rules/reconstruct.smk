@@ -54,3 +54,50 @@ rule finalize:
         seeds=SEEDS,
     script:
         "../../scripts/finalize.py"
+
+
+rule class_summary:
+    input:
+        unpack(class_records),
+        choice="results/{dataset}/final/seed_choice.json",
+    output:
+        summary="results/{dataset}/final/classes.json",
+    log:
+        "logs/class_summary/{dataset}.log",
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    params:
+        seeds=SEEDS,
+    script:
+        "../../scripts/class_summary.py"
+
+
+rule class_outputs:
+    input:
+        unpack(class_records),
+        choice="results/{dataset}/final/seed_choice.json",
+        star="results/{dataset}/final/particles.star",
+        info="results/{dataset}/preprocess/info.json",
+    output:
+        volume="results/{dataset}/final/class{k}/volume.mrc",
+        star="results/{dataset}/final/class{k}/particles.star",
+    log:
+        "logs/class_outputs/{dataset}_class{k}.log",
+    wildcard_constraints:
+        k=r"[1-9]\d*",
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    params:
+        seeds=SEEDS,
+    script:
+        "../../scripts/class_outputs.py"

@@ -1,6 +1,7 @@
 rule make_report:
     input:
         unpack(seed_stage_files),
+        unpack(class_inputs),
         metrics="results/{dataset}/validation/metrics.json",
         fsc="results/{dataset}/validation/fsc.tsv",
         volume="results/{dataset}/final/volume.mrc",

@@ -1,6 +1,7 @@
 rule validate:
     input:
         unpack(seed_stage_files),
+        unpack(class_inputs),
         poses=seed_last_poses,
         volume="results/{dataset}/final/volume.mrc",
         star="results/{dataset}/final/particles.star",
