@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mrcfile
 import numpy as np
 import pytest
@@ -58,3 +60,31 @@ def test_two_molecules_are_sorted_into_two_classes(two_class_run):
     # The stage's map is its main class's.
     with mrcfile.open(stage / "volume.mrc") as f:
         np.testing.assert_array_equal(f.data, saved["volumes"][saved["main"]])
+
+
+@pytest.mark.slow
+def test_each_class_gets_its_map_its_particles_and_its_verdict(two_class_run):
+    final = two_class_run / "results/two/final"
+    table = starfile.read(final / "particles.star")["particles"]
+    assert set(table["rlnClassNumber"]) == {1, 2}
+    assert table["rlnMaxValueProbDistribution"].between(0.5, 1.0).all()
+    sizes = []
+    for k in (1, 2):
+        with mrcfile.open(final / f"class{k}/volume.mrc") as f:
+            assert f.data.shape == (32, 32, 32)
+            assert float(f.voxel_size.x) == pytest.approx(5.0)
+        mine = starfile.read(final / f"class{k}/particles.star")["particles"]
+        assert (table.loc[table["rlnClassNumber"] == k, "rlnImageName"].str.split("@").str[0]
+                .astype(int).tolist() == mine["rlnImageName"].str.split("@").str[0]
+                .astype(int).tolist())
+        sizes.append(len(mine))
+    assert sum(sizes) == len(table)
+    metrics = json.loads((two_class_run / "results/two/validation/metrics.json").read_text())
+    section = metrics["classes"]
+    # Both classes are molecules (neither is junk), and they are not the same molecule.
+    assert [c["junk"] for c in section["classes"]] == [False, False]
+    assert not section["agreement"]["pairs"]["1-2"]["same_molecule"]
+    confusion = np.array(section["confusion"]["map"] + section["confusion"]["other_map"])
+    assert confusion.reshape(2, 2).max(axis=1).sum() >= 0.9 * len(table)
+    report = (two_class_run / "results/two/report.html").read_text()
+    assert "<h3>class 1" in report and "<h3>class 2" in report
