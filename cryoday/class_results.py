@@ -279,18 +279,26 @@ def class_metrics(poses: dict, stage_classes, stages_A, truth_star=None, referen
                                                    len(table))
         section["molecule_classes"] = [k + 1 for k in molecule_classes(section["confusion"])]
         log(f"confusion of the truth against the classes: {section['confusion']}")
-        if reference and box and pixel_size:
-            from cryoday.align import fsc_after_alignment
+    if reference and box and pixel_size:
+        from cryoday.align import fsc_after_alignment
 
-            ref, ref_voxel = io.read_map(reference)
-            if ref.shape[0] != box or (ref_voxel and abs(ref_voxel - pixel_size) > 1e-3):
-                ref = rescale_volume(ref, ref_voxel or pixel_size, box, pixel_size)
-            for k in section["molecule_classes"]:
-                volume = rescale_volume(last["volumes"][k - 1], last["pixel_size"], box,
-                                        pixel_size)
-                _, freq, curve, res = fsc_after_alignment(volume, ref, pixel_size)
-                table[k - 1]["fsc0143_vs_truth_A"] = float(res)
-                table[k - 1]["fsc05_vs_truth_A"] = float(resolution_at(freq, curve, 0.5))
+        ref, ref_voxel = io.read_map(reference)
+        if ref.shape[0] != box or (ref_voxel and abs(ref_voxel - pixel_size) > 1e-3):
+            ref = rescale_volume(ref, ref_voxel or pixel_size, box, pixel_size)
+        # Every class with a structure against the reference (a set of two molecules matches a
+        # reference of one in one class, not necessarily the main one); a simulation's
+        # molecule classes also under the truth's name.
+        molecules = set(section.get("molecule_classes", []))
+        for k, c in enumerate(table, 1):
+            if c["junk"] and k not in molecules:
+                continue
+            volume = rescale_volume(last["volumes"][k - 1], last["pixel_size"], box, pixel_size)
+            _, freq, curve, res = fsc_after_alignment(volume, ref, pixel_size)
+            c["fsc0143_vs_reference_A"] = float(res)
+            c["fsc05_vs_reference_A"] = float(resolution_at(freq, curve, 0.5))
+            if k in molecules:
+                c["fsc0143_vs_truth_A"] = c["fsc0143_vs_reference_A"]
+                c["fsc05_vs_truth_A"] = c["fsc05_vs_reference_A"]
     if preprocessed_star and final_star and box and pixel_size:
         from cryoday.fsc import fsc, soft_spherical_mask
         from cryoday.validation import halfmap_fsc

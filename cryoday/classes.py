@@ -53,8 +53,54 @@ CLASS_SIMILARITY_EPOCHS = 2.0
 PROPORTION_FLOOR = 1e-3
 # Mixed into each class's sampler seed, so that classes draw their pose samples independently.
 CLASS_SEED_STRIDE = 7919
+# Duplicate classes (find_duplicates): FSC 0.5 finer than this times the stage's resolution, once
+# the stage resolves this fraction of the particle's diameter; their new start's peak (weak_start).
+DUPLICATE_FACTOR = 1.25
+DUPLICATE_DETAIL = 5.0
+WEAK_START = 0.05
 # A class holding less than this fraction of the particles is reported as empty.
 EMPTY_FRACTION = 0.01
+
+
+def find_duplicates(volumes, pixel_size: float, resolution_A: float, diameter_A: float | None,
+                    proportions) -> list[tuple[int, int]]:
+    """Classes that are another class's molecule again, to be started afresh: ``(duplicate,
+    twin)`` pairs (0-based), the duplicate the smaller of the two.
+
+    K classes of a set that holds fewer kinds of particle than K split a molecule between
+    copies of it, which then hold particles that are junk or another conformation elsewhere
+    would take. Two maps of a stage at ``resolution_A`` are copies when their FSC 0.5 after
+    alignment is finer than ``DUPLICATE_FACTOR`` times it; only once the stage resolves
+    detail of a ``DUPLICATE_DETAIL``-th of the particle's diameter, since coarser maps of two
+    different molecules agree as well as copies do (two blobs of one size).
+    """
+    from cryoday.class_results import class_agreement
+
+    if diameter_A is None or resolution_A > diameter_A / DUPLICATE_DETAIL:
+        return []
+    agreement = class_agreement(volumes, pixel_size, resolution_A, factor=DUPLICATE_FACTOR)
+    taken: set[int] = set()
+    pairs = []
+    by_size = np.argsort(-np.asarray(proportions))
+    for name, figures in agreement["pairs"].items():
+        if not figures["same_molecule"]:
+            continue
+        a, b = (int(x) - 1 for x in name.split("-"))
+        twin, duplicate = (a, b) if list(by_size).index(a) < list(by_size).index(b) else (b, a)
+        if duplicate in taken or twin in taken:
+            continue
+        taken.add(duplicate)
+        pairs.append((duplicate, twin))
+    return pairs
+
+
+def weak_start(like: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """A duplicate's new start: ``start`` at ``WEAK_START`` of the twin map ``like``'s peak, so
+    that it begins by explaining images as little as empty density does (pure noise
+    prefers it) and grows into whatever the images it takes hold."""
+    peak = float(start.max())
+    return (start * (WEAK_START * float(like.max()) / peak if peak > 0 else 0.0)).astype(
+        np.float32)
 
 
 def class_start_seed(seed: int, c: int) -> int:
@@ -134,6 +180,19 @@ class ClassSamplers:
     def end_step(self) -> None:
         """After a SAGD step: the proportions enter the history (and the next step's mixture)."""
         self.proportion_history.append(self.proportions())
+
+    def reseed(self, duplicate: int, twin: int, options: dict, grid) -> None:
+        """Class ``duplicate`` starts again (:func:`find_duplicates`): its particles pass to
+        ``twin``, its pose posteriors are forgotten, and the proportions start uniform again
+        (no particle counts as visited), so the new class is a candidate for every particle."""
+        options = dict(options)
+        seed = int(options.pop("seed", 0))
+        self.posterior[:, twin] += self.posterior[:, duplicate]
+        self.posterior[:, duplicate] = 0.0
+        self.visited[:] = False
+        sampler = ImportanceSampler(self.n, seed=seed + CLASS_SEED_STRIDE * duplicate, **options)
+        sampler.set_grid(grid)
+        self.samplers[duplicate] = sampler
 
     # ------------------------------------------------------------------ the sampler interface
 

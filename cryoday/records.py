@@ -118,24 +118,27 @@ def class_posterior(poses: dict) -> np.ndarray:
     return np.ones((len(poses["nll"]), 1), np.float32)
 
 
-def write_classes(path, volumes, proportions, pixel_size: float, proportion_history) -> None:
+def write_classes(path, volumes, proportions, pixel_size: float, proportion_history,
+                  resolution_A: float | None = None) -> None:
     """Write a stage's ``classes.npz`` (module docstring); ``main`` is the class of the largest
-    proportion."""
+    proportion; ``resolution_A``, the stage's, is kept when given."""
     volumes = np.asarray(volumes, np.float32)
     proportions = np.asarray(proportions, np.float64)
     if volumes.ndim != 4 or len(volumes) != len(proportions):
         raise ValueError(f"write_classes: {len(proportions)} proportions for volumes of shape "
                          f"{volumes.shape}")
     history = np.asarray(proportion_history, np.float64).reshape(-1, len(proportions))
+    extra = {} if resolution_A is None else {"resolution_A": np.float64(resolution_A)}
     write_npz(path, volumes=volumes, proportions=proportions, pixel_size=np.float64(pixel_size),
-              main=np.int64(np.argmax(proportions)), proportion_history=history)
+              main=np.int64(np.argmax(proportions)), proportion_history=history, **extra)
 
 
 def read_classes(path) -> dict:
-    """A ``classes.npz``: ``volumes``, ``proportions``, ``pixel_size`` (float), ``main`` (int)
-    and ``proportion_history``."""
+    """A ``classes.npz``: ``volumes``, ``proportions``, ``pixel_size`` (float), ``main`` (int),
+    ``proportion_history`` and ``resolution_A`` (float, None in files written without it)."""
     data = read_npz(path)
     data["pixel_size"] = float(data["pixel_size"])
+    data["resolution_A"] = float(data["resolution_A"]) if "resolution_A" in data else None
     data["main"] = int(data["main"])
     return data
 

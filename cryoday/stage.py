@@ -375,14 +375,14 @@ class StageResult:
     def save_history(self, path) -> None:
         records.write_history(path, self.history)
 
-    def save_classes(self, path, pixel_size: float) -> None:
+    def save_classes(self, path, pixel_size: float, resolution_A: float | None = None) -> None:
         """``classes.npz`` (:func:`cryoday.records.write_classes`)."""
         if self.volumes is None or len(self.volumes) == 1:
             records.write_classes(path, self.volume[None], [1.0], pixel_size,
-                                  np.ones((len(self.history), 1)))
+                                  np.ones((len(self.history), 1)), resolution_A)
             return
         records.write_classes(path, self.volumes, self.sampler.proportions(), pixel_size,
-                              self.sampler.proportion_history)
+                              self.sampler.proportion_history, resolution_A)
 
     def save_poses(self, path, pixel_size: float) -> None:
         records.write_poses(path, self.rotations, self.shifts_px * pixel_size, self.nll,
@@ -395,7 +395,8 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
               log: Callable[[str], object] = print, checkpoint_path=None,
               scale_start=False,
               after_iteration: Callable[[int], object] | None = None, noise=None,
-              noise_group=None, full_box: int | None = None) -> StageResult:
+              noise_group=None, full_box: int | None = None,
+              reseeded: tuple = ()) -> StageResult:
     """Run one stage; see the module docstring.
 
     Parameters
@@ -435,6 +436,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     full_box : int or None
         The full-size images' box: with it and ``noise``, the spectrum is refined from the
         residuals at the final poses (:mod:`cryoday.noise_refine`) into ``result.noise``.
+    reseeded : sequence of (class, twin)
+        Classes whose start in ``volume0`` is a new one (:func:`cryoday.classes.find_duplicates`):
+        their particles pass to their twin and their pose posteriors are forgotten.
     """
     start_time = time.perf_counter()
     n_classes = config.classes
@@ -485,6 +489,8 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     volume = start.volume
     reference_density = start.reference_density
     if not start.resumed:
+        for duplicate, twin in reseeded:
+            start.sampler.reseed(duplicate, twin, config.sampler_options(n_batches), grid)
         if scale_start:
             sample = rng.choice(fitted, min(len(fitted), SCALE_SAMPLE), replace=False)
             volume = each(lambda v: scale_to_data(v, op, data, grid, sample, rng), volume)

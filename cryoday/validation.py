@@ -635,6 +635,24 @@ def pooled_low_to_high(spectrum: noise.NoiseSpectrum) -> float:
     return float(power[low].mean() / power[high].mean())
 
 
+def _reference_in_another_class(metrics: dict, stages_A, log) -> bool:
+    """True (and ``metrics["reference_class"]``) when the main class is not the reference's
+    structure but another class with a structure is: a set of two molecules, a reference of
+    one of them. False when no class matches the reference."""
+    for c in metrics["classes"]["classes"]:
+        if c["main"] or c["junk"] or "fsc05_vs_reference_A" not in c:
+            continue
+        halfmap = c.get("halfmap_fsc0143_masked_A", metrics["halfmap_fsc0143_masked_A"])
+        if not reference_disagreement(c["fsc05_vs_reference_A"], c["fsc0143_vs_reference_A"],
+                                      halfmap, float(stages_A[-1])):
+            metrics["reference_class"] = c["class"]
+            log(f"the reference is class {c['class']}'s structure (FSC 0.5 / 0.143 against it "
+                f"{c['fsc05_vs_reference_A']:.1f} / {c['fsc0143_vs_reference_A']:.1f} A), not "
+                f"the main class {metrics['classes']['main']}'s")
+            return True
+    return False
+
+
 def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preprocess_info,
                 preprocessed_star, seed_stages: dict, seed_poses: dict, stages_A,
                 reference=None, truth_star=None, final_map=None, noise_spectrum=None,
@@ -763,12 +781,11 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
             f"half maps agree only to {metrics['halfmap_fsc0143_masked_A']:.1f} A (masked "
             f"FSC 0.143), far from the last stage's {stages_A[-1]} A: the poses are unreliable"
         )
+    disagreement = None
     if reference:
         disagreement = reference_disagreement(
             metrics["fsc05_vs_reference_A"], metrics["fsc0143_vs_reference_A"],
             metrics["halfmap_fsc0143_masked_A"], float(stages_A[-1]))
-        if disagreement:
-            metrics["warnings"].append(disagreement)
     # The search reads the map its half maps belong to (the full-box final map when there is).
     searched = io.read_map(final_map["full"])[0] if final_map else volume
     metrics["symmetry"] = symmetry_figures(symmetry, symmetry_search, searched, half1, half2,
@@ -801,6 +818,9 @@ def run_metrics(*, dataset: str, final_volume, final_star, seed_choice, preproce
             chosen_poses, stages, stages_A, truth_star, reference, int(info["box"]),
             pixel_size, preprocessed_star=preprocessed_star, final_star=final_star, log=log)
         metrics["warnings"] += class_warnings
+    if disagreement and not ("classes" in metrics
+                             and _reference_in_another_class(metrics, stages_A, log)):
+        metrics["warnings"].append(disagreement)
     # Seed consistency: every pair of final maps, aligned, against the half maps' resolution.
     maps = {}
     for seed in seeds:

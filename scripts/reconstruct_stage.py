@@ -34,12 +34,28 @@ if not np.any(spectrum.power != 1.0):
     spectrum = None  # white noise: the white likelihood exactly
 
 n_classes = config.classes
+# null in the config: the diameter preprocessing estimated from the images (older stage files
+# without one: random_blobs' 0.6 x box).
+diameter = section["particle_diameter_A"] or info.get("particle_diameter_A")
 sagd_state = None
+reseeded = []
 if stage > 1:
     previous_volume, sagd_state, *previous_classes = snakemake.input.previous
     if n_classes > 1:
-        volumes = records.read_classes(previous_classes[0])["volumes"]
-        volume0 = np.stack([initial.resample_for_stage(v, box) for v in volumes])
+        previous = records.read_classes(previous_classes[0])
+        volume0 = np.stack([initial.resample_for_stage(v, box) for v in previous["volumes"]])
+        if previous["resolution_A"] is not None:
+            reseeded = classes.find_duplicates(previous["volumes"], previous["pixel_size"],
+                                               previous["resolution_A"], diameter,
+                                               previous["proportions"])
+        for duplicate, twin in reseeded:
+            fresh = initial.random_blobs(box, pixel_size, diameter_A=diameter,
+                                         seed=classes.class_start_seed(seed, duplicate) + stage)
+            volume0[duplicate] = classes.weak_start(volume0[twin], fresh)
+            log.info("class %d is class %d's molecule again (FSC 0.5 between them finer than "
+                     "%g x %g A): it starts afresh from a weak random density, its "
+                     "particles pass to class %d", duplicate + 1, twin + 1,
+                     classes.DUPLICATE_FACTOR, previous["resolution_A"], twin + 1)
     else:
         volume0 = initial.resample_for_stage(io.read_map(previous_volume)[0], box)
     log.info("stage %d starts from stage %d's %s, resampled to %d px", stage, stage - 1,
@@ -52,9 +68,6 @@ elif section["initial_model"]:
         volume0 = np.stack([volume0] * n_classes)
     log.info("stage 1 starts from the initial model %s", section["initial_model"])
 else:
-    # null in the config: the diameter preprocessing estimated from the images (older stage
-    # files without one: random_blobs' 0.6 x box).
-    diameter = section["particle_diameter_A"] or info.get("particle_diameter_A")
     starts = [initial.random_blobs(box, pixel_size, seed=classes.class_start_seed(seed, c),
                                    diameter_A=diameter) for c in range(n_classes)]
     volume0 = np.stack(starts) if n_classes > 1 else starts[0]
@@ -72,13 +85,13 @@ result = run_stage(
     train_rows=np.flatnonzero(~heldout), heldout_rows=np.flatnonzero(heldout), config=config,
     sagd_state=sagd_state, log=log.info, checkpoint_path=snakemake.params.checkpoint,
     scale_start=(stage == 1 and not section["initial_model"]), noise=spectrum,
-    noise_group=noise_group, full_box=info["full_box"],
+    noise_group=noise_group, full_box=info["full_box"], reseeded=tuple(reseeded),
 )
 io.write_map(snakemake.output.volume, result.volume, pixel_size)
 result.save_state(snakemake.output.state)
 result.save_history(snakemake.output.history)
 result.save_poses(snakemake.output.poses, pixel_size=pixel_size)
-result.save_classes(snakemake.output.classes, pixel_size=pixel_size)
+result.save_classes(snakemake.output.classes, pixel_size=pixel_size, resolution_A=resolution)
 # White noise (a flat spectrum) is the user's choice: it is passed on unrefined.
 (result.noise or input_spectrum).save(snakemake.output.noise)
 Path(snakemake.params.checkpoint).unlink(missing_ok=True)

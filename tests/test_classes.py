@@ -163,3 +163,36 @@ def test_a_two_class_stage_resumes_from_its_checkpoint_exactly(tmp_path):
     assert np.array_equal(resumed.class_posterior, whole.class_posterior)
     np.testing.assert_array_equal(resumed.sampler.proportion_history,
                                   whole.sampler.proportion_history)
+
+
+def test_a_copy_of_a_class_is_found_but_another_molecule_or_a_coarse_stage_is_not():
+    from scipy import ndimage
+
+    box, psize = 32, 4.0
+    one = molecule.synthetic_molecule(box, psize)
+    other = molecule.other_molecule(box, psize)
+    turned = ndimage.rotate(one, 90, axes=(0, 1), reshape=False, order=1).astype(np.float32)
+    volumes = np.stack([one, other, turned])
+    # Class 3, smaller than class 1, is class 1's molecule turned: it is the duplicate.
+    assert classes.find_duplicates(volumes, psize, 12.0, 100.0, [0.5, 0.2, 0.3]) == [(2, 0)]
+    assert classes.find_duplicates(volumes, psize, 12.0, 100.0, [0.2, 0.2, 0.6]) == [(0, 2)]
+    assert classes.find_duplicates(volumes[:2], psize, 12.0, 100.0, [0.5, 0.5]) == []
+    # At a stage coarser than a fifth of the diameter any two blobs agree: no test is made.
+    assert classes.find_duplicates(volumes, psize, 30.0, 100.0, [0.5, 0.2, 0.3]) == []
+    assert classes.find_duplicates(volumes, psize, 12.0, None, [0.5, 0.2, 0.3]) == []
+
+
+def test_a_reseeded_class_gives_its_particles_to_its_twin_and_forgets_its_poses():
+    grid = pose_grid(40.0, BOX, PSIZE, undersampling=2.0, shift_sigma_A=8.0)
+    samplers = ClassSamplers.fresh(4, 3, enabled=False, seed=2)
+    samplers.set_grid(grid)
+    samplers.record(np.arange(4), np.tile([0.2, 0.5, 0.3], (4, 1)), training=True)
+    before = samplers.samplers[2]
+    samplers.reseed(2, 1, {"enabled": False, "seed": 2}, grid)
+    np.testing.assert_allclose(samplers.posterior, np.tile([0.2, 0.8, 0.0], (4, 1)), atol=1e-7)
+    assert samplers.samplers[2] is not before and samplers.samplers[2].grid is grid
+    assert samplers.samplers[2].seed == before.seed
+    # The proportions start uniform again: the new class is a candidate for every particle.
+    np.testing.assert_allclose(samplers.proportions(), [1 / 3] * 3)
+    weak = classes.weak_start(np.full((4, 4, 4), 2.0, np.float32), np.ones((4, 4, 4)))
+    assert weak.max() == pytest.approx(2.0 * classes.WEAK_START)

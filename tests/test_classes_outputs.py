@@ -279,3 +279,23 @@ def test_the_main_class_map_weights_each_particle_by_its_posterior(tmp_path, sim
                                                image=molecule_rows, log=lambda *_: None)
     full, _ = io.read_map(outputs["full"])
     np.testing.assert_allclose(full, alone.full, atol=1e-5 * np.abs(alone.full).max())
+
+
+def test_a_reference_of_another_class_than_the_main_one_is_no_disagreement():
+    from cryoday.validation import _reference_in_another_class
+
+    def metrics(fsc05_other):
+        return {"halfmap_fsc0143_masked_A": 10.0, "classes": {"main": 2, "classes": [
+            {"class": 1, "main": False, "junk": False, "fsc05_vs_reference_A": fsc05_other,
+             "fsc0143_vs_reference_A": 10.5, "halfmap_fsc0143_masked_A": 10.4},
+            {"class": 2, "main": True, "junk": False, "fsc05_vs_reference_A": 35.0,
+             "fsc0143_vs_reference_A": 14.0},
+            {"class": 3, "main": False, "junk": True}]}}
+
+    two_molecules = metrics(12.0)
+    assert _reference_in_another_class(two_molecules, [40, 10], log=lambda *_: None)
+    assert two_molecules["reference_class"] == 1
+    # No class is the reference's structure: the disagreement stands.
+    neither = metrics(40.0)
+    assert not _reference_in_another_class(neither, [40, 10], log=lambda *_: None)
+    assert "reference_class" not in neither
