@@ -58,6 +58,8 @@ CLASS_SEED_STRIDE = 7919
 DUPLICATE_FACTOR = 1.25
 DUPLICATE_DETAIL = 5.0
 WEAK_START = 0.05
+# The share of a random density in each class's start from a shared initial model.
+PERTURBATION = 0.2
 # A class holding less than this fraction of the particles is reported as empty.
 EMPTY_FRACTION = 0.01
 
@@ -101,6 +103,15 @@ def weak_start(like: np.ndarray, start: np.ndarray) -> np.ndarray:
     peak = float(start.max())
     return (start * (WEAK_START * float(like.max()) / peak if peak > 0 else 0.0)).astype(
         np.float32)
+
+
+def perturbed_start(model: np.ndarray, blob: np.ndarray) -> np.ndarray:
+    """A class's start from an initial model shared by all classes: ``1 - PERTURBATION`` of
+    the model and ``PERTURBATION`` of a random density scaled to the model's peak (identical
+    starts would get identical gradients, and the classes would never part)."""
+    peak = float(blob.max())
+    scaled = blob * (float(model.max()) / peak if peak > 0 else 0.0)
+    return ((1.0 - PERTURBATION) * model + PERTURBATION * scaled).astype(np.float32)
 
 
 def class_start_seed(seed: int, c: int) -> int:

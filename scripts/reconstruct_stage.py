@@ -64,8 +64,12 @@ elif section["initial_model"]:
     volume, voxel_size = io.read_map(section["initial_model"])
     volume0 = initial.resample_to(volume, voxel_size or info["full_pixel_size"], box, pixel_size)
     if n_classes > 1:
-        # Every class from the one model: the classes separate as the class similarity falls.
-        volume0 = np.stack([volume0] * n_classes)
+        # Every class from the one model, each but the first with a fifth of a random density
+        # of its own mixed in: identical starts would get identical gradients and never part.
+        volume0 = np.stack([volume0] + [
+            classes.perturbed_start(volume0, initial.random_blobs(
+                box, pixel_size, seed=classes.class_start_seed(seed, c), diameter_A=diameter))
+            for c in range(1, n_classes)])
     log.info("stage 1 starts from the initial model %s", section["initial_model"])
 else:
     starts = [initial.random_blobs(box, pixel_size, seed=classes.class_start_seed(seed, c),

@@ -196,3 +196,12 @@ def test_a_reseeded_class_gives_its_particles_to_its_twin_and_forgets_its_poses(
     np.testing.assert_allclose(samplers.proportions(), [1 / 3] * 3)
     weak = classes.weak_start(np.full((4, 4, 4), 2.0, np.float32), np.ones((4, 4, 4)))
     assert weak.max() == pytest.approx(2.0 * classes.WEAK_START)
+
+
+def test_classes_from_one_initial_model_start_apart_but_close_to_it():
+    model = molecule.synthetic_molecule(BOX, PSIZE)
+    blob = initial.random_blobs(BOX, PSIZE, seed=3)
+    start = classes.perturbed_start(model, blob)
+    assert not np.allclose(start, model)
+    assert np.corrcoef(start.ravel(), model.ravel())[0, 1] > 0.8
+    assert start.max() <= model.max() * (1 + 1e-6)
