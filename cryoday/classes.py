@@ -54,9 +54,11 @@ PROPORTION_FLOOR = 1e-3
 # Mixed into each class's sampler seed, so that classes draw their pose samples independently.
 CLASS_SEED_STRIDE = 7919
 # Duplicate classes (find_duplicates): FSC 0.5 finer than this times the stage's resolution, once
-# the stage resolves this fraction of the particle's diameter; their new start's peak (weak_start).
+# the stage resolves this fraction of the particle's diameter (two different 120 A molecules'
+# true maps agree to FSC 0.5 at 25 A, a fifth of it: at 20 A their classes could not be told
+# from copies); their new start's peak (weak_start).
 DUPLICATE_FACTOR = 1.25
-DUPLICATE_DETAIL = 5.0
+DUPLICATE_DETAIL = 6.0
 WEAK_START = 0.05
 # The share of a random density in each class's start from a shared initial model.
 PERTURBATION = 0.2

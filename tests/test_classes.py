@@ -177,7 +177,7 @@ def test_a_copy_of_a_class_is_found_but_another_molecule_or_a_coarse_stage_is_no
     assert classes.find_duplicates(volumes, psize, 12.0, 100.0, [0.5, 0.2, 0.3]) == [(2, 0)]
     assert classes.find_duplicates(volumes, psize, 12.0, 100.0, [0.2, 0.2, 0.6]) == [(0, 2)]
     assert classes.find_duplicates(volumes[:2], psize, 12.0, 100.0, [0.5, 0.5]) == []
-    # At a stage coarser than a fifth of the diameter any two blobs agree: no test is made.
+    # At a stage coarser than a sixth of the diameter two molecules agree: no test is made.
     assert classes.find_duplicates(volumes, psize, 30.0, 100.0, [0.5, 0.2, 0.3]) == []
     assert classes.find_duplicates(volumes, psize, 12.0, None, [0.5, 0.2, 0.3]) == []
 
