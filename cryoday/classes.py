@@ -196,14 +196,19 @@ class ClassSamplers:
 
     def reseed(self, duplicate: int, twin: int, options: dict, grid) -> None:
         """Class ``duplicate`` starts again (:func:`find_duplicates`): its particles pass to
-        ``twin``, its pose posteriors are forgotten, and the proportions start uniform again
-        (no particle counts as visited), so the new class is a candidate for every particle."""
+        ``twin``, and the proportions start uniform again (no particle counts as visited), so
+        the new class is a candidate for every particle. Its pose posteriors are replaced by
+        a copy of the twin's: a fresh sampler would search a fine stage's whole grid for every
+        particle (3x the stage's time, measured), and the new class's first map is a weak
+        density whose likelihood hardly depends on the pose."""
         options = dict(options)
         seed = int(options.pop("seed", 0))
         self.posterior[:, twin] += self.posterior[:, duplicate]
         self.posterior[:, duplicate] = 0.0
         self.visited[:] = False
-        sampler = ImportanceSampler(self.n, seed=seed + CLASS_SEED_STRIDE * duplicate, **options)
+        sampler = ImportanceSampler.from_state(self.samplers[twin].state(),
+                                               seed=seed + CLASS_SEED_STRIDE * duplicate,
+                                               **options)
         sampler.set_grid(grid)
         self.samplers[duplicate] = sampler
 

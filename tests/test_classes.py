@@ -182,7 +182,7 @@ def test_a_copy_of_a_class_is_found_but_another_molecule_or_a_coarse_stage_is_no
     assert classes.find_duplicates(volumes, psize, 12.0, None, [0.5, 0.2, 0.3]) == []
 
 
-def test_a_reseeded_class_gives_its_particles_to_its_twin_and_forgets_its_poses():
+def test_a_reseeded_class_gives_its_particles_to_its_twin_and_takes_its_poses():
     grid = pose_grid(40.0, BOX, PSIZE, undersampling=2.0, shift_sigma_A=8.0)
     samplers = ClassSamplers.fresh(4, 3, enabled=False, seed=2)
     samplers.set_grid(grid)
@@ -192,6 +192,11 @@ def test_a_reseeded_class_gives_its_particles_to_its_twin_and_forgets_its_poses(
     np.testing.assert_allclose(samplers.posterior, np.tile([0.2, 0.8, 0.0], (4, 1)), atol=1e-7)
     assert samplers.samplers[2] is not before and samplers.samplers[2].grid is grid
     assert samplers.samplers[2].seed == before.seed
+    # The twin's pose posteriors, copied (the twin's own are not shared).
+    twin, new = samplers.samplers[1].store, samplers.samplers[2].store
+    for key, value in twin.state().items():
+        assert np.array_equal(new.state()[key], value)
+    assert new.has is not twin.has
     # The proportions start uniform again: the new class is a candidate for every particle.
     np.testing.assert_allclose(samplers.proportions(), [1 / 3] * 3)
     weak = classes.weak_start(np.full((4, 4, 4), 2.0, np.float32), np.ones((4, 4, 4)))
