@@ -638,10 +638,11 @@ def pooled_low_to_high(spectrum: noise.NoiseSpectrum) -> float:
 def _reference_in_another_class(metrics: dict, stages_A, log) -> bool:
     """True (and ``metrics["reference_class"]``) when the main class is not the reference's
     structure but another class with a structure is: a set of two molecules, a reference of
-    one of them. False when no class matches the reference."""
-    for c in metrics["classes"]["classes"]:
-        if c["main"] or c["junk"] or "fsc05_vs_reference_A" not in c:
-            continue
+    one of them. The class that agrees with the reference best (FSC 0.5) is named. False when
+    no class matches the reference."""
+    candidates = [c for c in metrics["classes"]["classes"]
+                  if not c["main"] and not c["junk"] and "fsc05_vs_reference_A" in c]
+    for c in sorted(candidates, key=lambda c: c["fsc05_vs_reference_A"]):
         halfmap = c.get("halfmap_fsc0143_masked_A", metrics["halfmap_fsc0143_masked_A"])
         if not reference_disagreement(c["fsc05_vs_reference_A"], c["fsc0143_vs_reference_A"],
                                       halfmap, float(stages_A[-1])):

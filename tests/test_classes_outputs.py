@@ -290,12 +290,20 @@ def test_a_reference_of_another_class_than_the_main_one_is_no_disagreement():
              "fsc0143_vs_reference_A": 10.5, "halfmap_fsc0143_masked_A": 10.4},
             {"class": 2, "main": True, "junk": False, "fsc05_vs_reference_A": 35.0,
              "fsc0143_vs_reference_A": 14.0},
-            {"class": 3, "main": False, "junk": True}]}}
+            {"class": 3, "main": False, "junk": True},
+            # A poorer copy of class 1 (the set has a spare class): not the one named.
+            {"class": 4, "main": False, "junk": False, "fsc05_vs_reference_A": 19.0,
+             "fsc0143_vs_reference_A": 13.5, "halfmap_fsc0143_masked_A": 12.0}]}}
 
     two_molecules = metrics(12.0)
     assert _reference_in_another_class(two_molecules, [40, 10], log=lambda *_: None)
     assert two_molecules["reference_class"] == 1
+    reordered = metrics(12.0)
+    reordered["classes"]["classes"].reverse()
+    assert _reference_in_another_class(reordered, [40, 10], log=lambda *_: None)
+    assert reordered["reference_class"] == 1
     # No class is the reference's structure: the disagreement stands.
     neither = metrics(40.0)
+    neither["classes"]["classes"].pop()
     assert not _reference_in_another_class(neither, [40, 10], log=lambda *_: None)
     assert "reference_class" not in neither
