@@ -32,7 +32,6 @@ class's ``log pi`` finite, so that it can still take particles it explains bette
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +40,6 @@ from scipy.special import logsumexp
 from cryoday import symmetry
 from cryoday.importance import ImportanceSampler
 from cryoday.likelihood import marginal_nll
-from cryoday.pose_sets import empty_map_subsets
 
 # Images whose gradient weight for a class is below this enter that class's gradient not at all:
 # what they would add is at most this fraction of their one-class gradient.
@@ -85,12 +83,12 @@ def find_duplicates(volumes, pixel_size: float, resolution_A: float, diameter_A:
     agreement = class_agreement(volumes, pixel_size, resolution_A, factor=DUPLICATE_FACTOR)
     taken: set[int] = set()
     pairs = []
-    by_size = np.argsort(-np.asarray(proportions))
+    proportions = np.asarray(proportions)
     for name, figures in agreement["pairs"].items():
         if not figures["same_molecule"]:
             continue
-        a, b = (int(x) - 1 for x in name.split("-"))
-        twin, duplicate = (a, b) if list(by_size).index(a) < list(by_size).index(b) else (b, a)
+        a, b = (int(x) - 1 for x in name.split("-"))  # a < b: a is the twin on a tie
+        twin, duplicate = (a, b) if proportions[a] >= proportions[b] else (b, a)
         if duplicate in taken or twin in taken:
             continue
         taken.add(duplicate)
@@ -98,28 +96,36 @@ def find_duplicates(volumes, pixel_size: float, resolution_A: float, diameter_A:
     return pairs
 
 
+def _with_peak(density: np.ndarray, peak: float) -> np.ndarray:
+    """``density`` scaled to the peak ``peak`` (zeros stay zeros)."""
+    top = float(density.max())
+    return density * (peak / top if top > 0 else 0.0)
+
+
 def weak_start(like: np.ndarray, start: np.ndarray) -> np.ndarray:
     """A duplicate's new start: ``start`` at ``WEAK_START`` of the twin map ``like``'s peak, so
     that it begins by explaining images as little as empty density does (pure noise
     prefers it) and grows into whatever the images it takes hold."""
-    peak = float(start.max())
-    return (start * (WEAK_START * float(like.max()) / peak if peak > 0 else 0.0)).astype(
-        np.float32)
+    return _with_peak(start, WEAK_START * float(like.max())).astype(np.float32)
 
 
 def perturbed_start(model: np.ndarray, blob: np.ndarray) -> np.ndarray:
     """A class's start from an initial model shared by all classes: ``1 - PERTURBATION`` of
     the model and ``PERTURBATION`` of a random density scaled to the model's peak (identical
     starts would get identical gradients, and the classes would never part)."""
-    peak = float(blob.max())
-    scaled = blob * (float(model.max()) / peak if peak > 0 else 0.0)
+    scaled = _with_peak(blob, float(model.max()))
     return ((1.0 - PERTURBATION) * model + PERTURBATION * scaled).astype(np.float32)
 
 
 def class_start_seed(seed: int, c: int) -> int:
-    """The random start of class ``c`` (0-based) of random start ``seed``: class 0's is the
-    one-class start's."""
+    """The seed of class ``c`` (0-based) from a one-class seed ``seed`` (a random start's, or
+    its importance sampler's): class 0's is the one-class one."""
     return int(seed) + CLASS_SEED_STRIDE * int(c)
+
+
+def _class_options(options: dict, c: int) -> dict:
+    """The importance sampler's ``options`` for class ``c``: its own seed."""
+    return {**options, "seed": class_start_seed(options.get("seed", 0), c)}
 
 
 def class_similarity(epoch: float) -> float:
@@ -163,9 +169,7 @@ class ClassSamplers:
     @classmethod
     def fresh(cls, n_images: int, k: int, **options) -> ClassSamplers:
         """K new samplers, each with its own seed."""
-        seed = int(options.pop("seed", 0))
-        return cls([ImportanceSampler(n_images, seed=seed + CLASS_SEED_STRIDE * c, **options)
-                    for c in range(k)])
+        return cls([ImportanceSampler(n_images, **_class_options(options, c)) for c in range(k)])
 
     # ------------------------------------------------------------------ proportions
 
@@ -201,14 +205,11 @@ class ClassSamplers:
         a copy of the twin's: a fresh sampler would search a fine stage's whole grid for every
         particle (3x the stage's time, measured), and the new class's first map is a weak
         density whose likelihood hardly depends on the pose."""
-        options = dict(options)
-        seed = int(options.pop("seed", 0))
         self.posterior[:, twin] += self.posterior[:, duplicate]
         self.posterior[:, duplicate] = 0.0
         self.visited[:] = False
         sampler = ImportanceSampler.from_state(self.samplers[twin].state(),
-                                               seed=seed + CLASS_SEED_STRIDE * duplicate,
-                                               **options)
+                                               **_class_options(options, duplicate))
         sampler.set_grid(grid)
         self.samplers[duplicate] = sampler
 
@@ -252,11 +253,8 @@ class ClassSamplers:
         KeyError
             ``state`` holds no classes (a one-class stage's).
         """
-        k = int(state["class_count"])
-        seed = int(options.pop("seed", 0))
-        samplers = [ImportanceSampler.from_state(_unprefixed(state, c),
-                                                 seed=seed + CLASS_SEED_STRIDE * c, **options)
-                    for c in range(k)]
+        samplers = [ImportanceSampler.from_state(_unprefixed(state, c), **_class_options(options, c))
+                    for c in range(int(state["class_count"]))]
         return cls(samplers, state["class_posterior"], state["class_visited"],
                    list(state["class_proportion_history"]))
 
@@ -415,51 +413,38 @@ class MixtureObjective:
 def final_class_poses(volumes, objective: MixtureObjective, iteration: int, log=print,
                       start_time=None, residuals=None):
     """Every particle's class posterior, and its most probable pose in its most probable class
-    (:func:`cryoday.stage.final_poses` for K classes; ``residuals`` are taken at those poses in
-    that class's map).
+    (:func:`cryoday.stage.pose_pass`, as :func:`cryoday.stage.final_poses` for one class;
+    ``residuals`` are taken at those poses in that class's map).
 
     Returns
     -------
     poses : cryoday.stage.Poses
     posterior : (n, K) float32
     """
-    from cryoday.stage import Poses  # stage imports this module
+    from cryoday.stage import pose_pass  # stage imports this module
 
-    start_time = time.perf_counter() if start_time is None else start_time
-    op, data, grid = objective.op, objective.data, objective.grid
+    data, grid = objective.data, objective.grid
     n = len(data)
-    rotations, shifts = np.empty((n, 3, 3)), np.empty((n, 2))
-    nll, null_nll = np.empty(n), np.empty(n)
     posterior = np.empty((n, objective.n_classes), np.float32)
-    cubes = [op.prepare(v) for v in volumes]
-    empty_cube = op.prepare(np.zeros_like(volumes[0]))
-    chunks = np.array_split(np.arange(n), max(1, n // objective.batch_size))
+    cubes = [objective.op.prepare(v) for v in volumes]
     objective.iteration = iteration
-    log(f"final poses and classes of all {n} particles at the stage's {len(volumes)} maps")
-    next_report = 0.1
-    for done, rows in enumerate(chunks, 1):
+
+    def chunk(rows, batch):
         result = objective.evaluate(volumes, rows, False, cubes)
         best = np.argmax(result.posterior, axis=1)
         best_rot = np.stack([r.best_rot for r in result.results])[best, np.arange(len(rows))]
         best_shift = np.stack([r.best_shift for r in result.results])[best, np.arange(len(rows))]
-        rotations[rows] = grid.rotations[best_rot]
-        shifts[rows] = grid.shifts[best_shift]
-        nll[rows] = result.nll
+        rotations, shifts = grid.rotations[best_rot], grid.shifts[best_shift]
         posterior[rows] = result.posterior
-        batch = data.batch(rows)
         if residuals is not None:
             for c in np.unique(best):
                 mine = np.flatnonzero(best == c)
-                residuals.add(cubes[c], batch.take(mine), rotations[rows][mine],
-                              shifts[rows][mine],
+                residuals.add(cubes[c], batch.take(mine), rotations[mine], shifts[mine],
                               None if data.noise_group is None else data.noise_group[rows][mine])
-        null_nll[rows] = marginal_nll(op, np.zeros_like(volumes[0]), batch, grid,
-                                      empty_map_subsets(grid, len(rows)), want_grad=False,
-                                      cube=empty_cube).nll
-        if done / len(chunks) >= next_report:
-            log(f"final poses: {rows[-1] + 1} / {n} particles, "
-                f"{time.perf_counter() - start_time:.1f} s")
-            next_report += 0.1
+        return rotations, shifts, result.nll
+
+    poses = pose_pass(objective, f"and classes of all {n} particles at the stage's "
+                      f"{len(volumes)} maps", chunk, log, start_time)
     sizes = np.bincount(np.argmax(posterior, axis=1), minlength=objective.n_classes)
     log("classes: " + ", ".join(f"{c + 1}: {size} particles ({size / n:.1%})"
                                 for c, size in enumerate(sizes)))
@@ -467,7 +452,7 @@ def final_class_poses(volumes, objective: MixtureObjective, iteration: int, log=
     if empty:
         log(f"class(es) {', '.join(map(str, empty))} hold fewer than {EMPTY_FRACTION:.0%} of the "
             "particles: empty")
-    return Poses(rotations, shifts, nll, null_nll), posterior
+    return poses, posterior
 
 
 __all__ = [

@@ -97,7 +97,6 @@ class PoseSubsets:
                            *cut(self.inp_offsets, self.inp_index, self.inp_logw),
                            *cut(self.shift_offsets, self.shift_index, self.shift_logw))
 
-
     def take(self, images) -> PoseSubsets:
         """The subsets of the images at the indices ``images``, in that order."""
         images = np.asarray(images, dtype=np.int64)

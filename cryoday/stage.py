@@ -303,38 +303,29 @@ class Poses(NamedTuple):
     null_nll: np.ndarray  # -log p(I | V = 0)
 
 
-def final_poses(volume, objective: _Objective, iteration: int, log=print,
-                start_time=None, residuals=None) -> Poses:
-    """The pose pass over every particle (training and held out) at the final ``volume``,
-    with the sampler's proposals at ``iteration`` (their posteriors are updated too); with
-    ``residuals`` (a :class:`cryoday.noise_refine.ResidualPower`) each image's residual at its
-    most probable pose is added to it.
+def pose_pass(objective, what: str, chunk, log=print, start_time=None) -> Poses:
+    """The final pose pass's frame, shared by one class (:func:`final_poses`) and K
+    (:func:`cryoday.classes.final_class_poses`): every particle (training and held out) in
+    chunks of the minibatch size; ``chunk(rows, batch)`` returns the rows' rotations, shifts
+    (px) and nll, and the null nll (empty density) is added here; progress is logged every
+    tenth of the particles. ``what`` ends the first log line.
 
     ``null_nll`` explains the images as pure noise: validation asks whether the map explains
     the held-out images better than that (a likelihood-ratio test for signal).
     """
     start_time = time.perf_counter() if start_time is None else start_time
-    op, data, grid, sampler = objective.op, objective.data, objective.grid, objective.sampler
+    op, data, grid = objective.op, objective.data, objective.grid
     n = len(data)
     rotations, shifts = np.empty((n, 3, 3)), np.empty((n, 2))
     nll, null_nll = np.empty(n), np.empty(n)
-    cube = op.prepare(volume)
-    empty = np.zeros_like(volume)
+    empty = np.zeros((op.box,) * 3, np.float32)
     empty_cube = op.prepare(empty)
     chunks = np.array_split(np.arange(n), max(1, n // objective.batch_size))
-    log(f"final poses of all {n} particles at the stage's map")
+    log(f"final poses {what}")
     next_report = 0.1
     for done, rows in enumerate(chunks, 1):
         batch = data.batch(rows)
-        subsets = sampler.subsets(grid, rows, iteration)
-        result = marginal_nll(op, volume, batch, grid, subsets, want_grad=False, cube=cube)
-        sampler.update(grid, rows, subsets, result)
-        rotations[rows] = grid.rotations[result.best_rot]
-        shifts[rows] = grid.shifts[result.best_shift]
-        nll[rows] = result.nll
-        if residuals is not None:
-            residuals.add(cube, batch, rotations[rows], shifts[rows],
-                          None if data.noise_group is None else data.noise_group[rows])
+        rotations[rows], shifts[rows], nll[rows] = chunk(rows, batch)
         null_nll[rows] = marginal_nll(op, empty, batch, grid, empty_map_subsets(grid, len(rows)),
                                       want_grad=False, cube=empty_cube).nll
         if done / len(chunks) >= next_report:
@@ -342,6 +333,29 @@ def final_poses(volume, objective: _Objective, iteration: int, log=print,
                 f"{time.perf_counter() - start_time:.1f} s")
             next_report += 0.1
     return Poses(rotations, shifts, nll, null_nll)
+
+
+def final_poses(volume, objective: _Objective, iteration: int, log=print,
+                start_time=None, residuals=None) -> Poses:
+    """The pose pass over every particle (:func:`pose_pass`) at the final ``volume``, with the
+    sampler's proposals at ``iteration`` (their posteriors are updated too); with
+    ``residuals`` (a :class:`cryoday.noise_refine.ResidualPower`) each image's residual at its
+    most probable pose is added to it."""
+    op, data, grid, sampler = objective.op, objective.data, objective.grid, objective.sampler
+    cube = op.prepare(volume)
+
+    def chunk(rows, batch):
+        subsets = sampler.subsets(grid, rows, iteration)
+        result = marginal_nll(op, volume, batch, grid, subsets, want_grad=False, cube=cube)
+        sampler.update(grid, rows, subsets, result)
+        rotations, shifts = grid.rotations[result.best_rot], grid.shifts[result.best_shift]
+        if residuals is not None:
+            residuals.add(cube, batch, rotations, shifts,
+                          None if data.noise_group is None else data.noise_group[rows])
+        return rotations, shifts, result.nll
+
+    return pose_pass(objective, f"of all {len(data)} particles at the stage's map", chunk, log,
+                     start_time)
 
 
 # ---------------------------------------------------------------------- the stage
@@ -438,7 +452,8 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         residuals at the final poses (:mod:`cryoday.noise_refine`) into ``result.noise``.
     reseeded : sequence of (class, twin)
         Classes whose start in ``volume0`` is a new one (:func:`cryoday.classes.find_duplicates`):
-        their particles pass to their twin and their pose posteriors are forgotten.
+        their particles pass to their twin, and their pose posteriors are replaced by a copy
+        of the twin's (:meth:`cryoday.classes.ClassSamplers.reseed`).
     """
     start_time = time.perf_counter()
     n_classes = config.classes
@@ -475,8 +490,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         checkpoint = Checkpoint(checkpoint_path, stage_fingerprint(
             config, images, ctf_params, sigma, pixel_size, resolution_A, train_rows,
             heldout_rows, volume0, sagd_state, scale_start, noise, noise_group), log)
-    each = ((lambda f, v: classes.per_class(f, v)) if n_classes > 1
-            else (lambda f, v: f(v)))
+    each = classes.per_class if n_classes > 1 else (lambda f, v: f(v))
     volume_start = each(lambda v: low_pass(v, radius), volume0)
     if config.symmetry != "C1":
         # The grid holds one asymmetric unit: the map must be symmetric from the start (a
@@ -543,6 +557,7 @@ __all__ = [
     "StageResult",
     "final_poses",
     "finite_or_raise",
+    "pose_pass",
     "resume_or_start",
     "run_stage",
     "scale_to_data",
