@@ -10,7 +10,7 @@ import pytest
 import starfile
 
 from cryoday import records
-from workflow_helpers import run_snakemake, write_config
+from workflow_helpers import run_workflow
 
 TWO = {
     "datasets": {
@@ -28,11 +28,7 @@ TWO = {
 
 @pytest.fixture(scope="module")
 def two_class_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("two_class_run")
-    write_config(workdir, TWO)
-    proc = run_snakemake(workdir, "--cores", "2", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return workdir
+    return run_workflow(tmp_path_factory.mktemp("two_class_run"), TWO)
 
 
 def _truth_kinds(workdir):

@@ -12,7 +12,7 @@ import pytest
 from cryoday import cryosparc, io
 from cryoday.geometry import euler_to_matrix
 from cryoday.simulate import simulate_dataset
-from workflow_helpers import run_snakemake, write_config
+from workflow_helpers import run_workflow
 
 SIMULATE = {
     "source": "synthetic", "box": 24, "pixel_size": 5.0, "n_particles": 300, "snr": 0.5,
@@ -41,12 +41,9 @@ def side_by_side(tmp_path_factory):
         "reconstruction": {"stages_A": [40], "seeds": [1], "minibatch_size": 60,
                            "max_iterations": 3},
     }
-    write_config(workdir, config)
     targets = [f"results/{d}/final/{name}" for d in "ab"
                for name in ("volume.mrc", "particles.star", "particles.cs")]
-    proc = run_snakemake(workdir, "--cores", "2", *targets, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return workdir
+    return run_workflow(workdir, config, *targets)
 
 
 @pytest.mark.slow

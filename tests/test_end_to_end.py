@@ -19,7 +19,7 @@ from scipy.spatial.transform import Rotation
 
 from cryoday.align import fsc_after_alignment
 from cryoday.fourier import rescale_volume
-from workflow_helpers import run_snakemake, write_config
+from workflow_helpers import run_workflow
 
 TINY = {
     "datasets": {
@@ -46,11 +46,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    write_config(workdir, TINY)
-    proc = run_snakemake(workdir, "--cores", "2", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return workdir
+    return run_workflow(tmp_path_factory.mktemp("tiny_run"), TINY)
 
 
 @pytest.mark.slow
@@ -177,9 +173,7 @@ def test_pure_noise_run_is_flagged_not_presented_as_a_success(tmp_path):
         "reconstruction": {"stages_A": [40, 25], "seeds": [1, 2], "minibatch_size": 60,
                            "max_iterations": 20, "heldout_every": 5},
     }
-    write_config(tmp_path, config)
-    proc = run_snakemake(tmp_path, "--cores", "2", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_workflow(tmp_path, config)
     metrics = json.loads((tmp_path / "results/noise/validation/metrics.json").read_text())
     assert metrics["status"] == "warning", metrics
     # The held-out likelihood-ratio test against empty density finds no signal (the FSC figures

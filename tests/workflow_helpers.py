@@ -25,3 +25,12 @@ def run_snakemake(directory: Path, *args: str, timeout: float = 600) -> subproce
         "--workflow-profile", "none", *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_workflow(directory: Path, config: dict, *targets: str, timeout: float = 900) -> Path:
+    """Write ``config`` and run the workflow to ``targets`` (default: the end) on 2 cores, as a
+    user would; fails the test with the ends of its output if the run fails."""
+    write_config(directory, config)
+    proc = run_snakemake(directory, "--cores", "2", *targets, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return directory
