@@ -15,6 +15,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from cryoday import tunables
+from cryoday._batch_kernels import hermitian_layout
 from cryoday.ctf import electron_wavelength, evaluate_ctf
 from cryoday.fourier import ft2
 from cryoday.projection import SliceOperator
@@ -94,10 +95,9 @@ def _padded_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
             - 1j * (flat @ (np.sin(angle_x) * scale).astype(np.float32))).astype(np.complex64)
     rows = rows.reshape(n_images, n, h + 1).transpose(1, 0, 2).reshape(n, n_images * (h + 1))
     dft_y = np.exp(-2j * np.pi * np.outer(np.arange(-h, h + 1), pos) / m).astype(np.complex64)
-    half = (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1).transpose(1, 0, 2)
+    half = (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1)
     out = np.empty((n_images, 2 * h + 1, 2 * h + 1), dtype=np.complex64)
-    out[:, :, h:] = half
-    out[:, :, :h] = np.conj(half[:, ::-1, h:0:-1])
+    hermitian_layout(half, out)
     return out
 
 
@@ -121,7 +121,7 @@ def ctf_parameter_table(ctf_params: dict, n: int) -> np.ndarray:
 
 
 def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_size: float,
-               sigma, noise=None, noise_group=None) -> ImageBatch:
+               sigma, noise=None, noise_group=None, padded: bool = True) -> ImageBatch:
     """Transform ``images`` and evaluate their CTFs at the operator's coefficients.
 
     Parameters
@@ -140,6 +140,9 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
         The relative radial noise power per group (:mod:`cryoday.noise`); None: white.
     noise_group : (B,) int array, optional
         Each image's group in ``noise`` (default: all the first).
+    padded : bool
+        Also the padded transforms the likelihood turns the images with; insertion at known
+        poses needs none (at a 128-px box they are nine times the image, and most of its cost).
 
     Returns
     -------
@@ -158,7 +161,7 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
         noise_group = (np.zeros(len(images), np.int64) if noise_group is None
                        else np.ascontiguousarray(noise_group, dtype=np.int64))
     return ImageBatch(data, np.ascontiguousarray(ctf), np.ascontiguousarray(sigma2),
-                      _padded_transforms(op, images), ctf_parameter_table(ctf_params, len(images)),
+                      _padded_transforms(op, images) if padded else None, ctf_parameter_table(ctf_params, len(images)),
                       scale, noise_weight, noise_group if noise is not None else None)
 
 

@@ -18,6 +18,7 @@ import ast
 
 import numpy as np
 
+from cryoday._sagd_kernels import weighted_sum
 from cryoday.records import read_npz, write_npz
 
 
@@ -104,7 +105,7 @@ class SAGD:
         self.weight[batch_id] = 1.0
         self.stored[batch_id] = grad
         w = self.weight / self.weight.sum()
-        average = np.tensordot(w, self.stored, axes=1).astype(np.float32)
+        average = weighted_sum(w, self.stored)
         step = self.eps / self.L
         new = np.maximum(volume - step * (average + prior_grad / n_train), 0).astype(np.float32)
         self.t += 1

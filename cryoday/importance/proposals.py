@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryoday.importance._draws import draw_points
 from cryoday.importance.average import DatasetAverage
 from cryoday.importance.geometry import GridKernels
 from cryoday.importance.store import normalised_logw
@@ -93,6 +94,20 @@ def capped_draw_counts(grid, q_dir, q_inp, q_shift, s0: float, coverage: float,
     return m_dir, m_inp, m_shift
 
 
+def multinomial_draws(q: np.ndarray, m: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """``m[b]`` independent draws from each row ``b`` of ``q`` ``(B, n)`` (rows summing to 1),
+    as the distinct points drawn and how often: ``(flat, count)``, ``flat = b * n + point``
+    in increasing order (:func:`cryoday.importance._draws.draw_points`)."""
+    n = q.shape[1]
+    m = np.asarray(m, np.int64)
+    points = draw_points(q, m, rng.random(int(m.sum())))
+    flat = np.repeat(np.arange(len(q)), m) * n + points
+    if len(flat) == 0:
+        return flat, flat
+    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
+    return flat[starts], np.diff(np.append(starts, len(flat)))
+
+
 def sample(q: np.ndarray, log_w: np.ndarray, m: np.ndarray, rng):
     """Per row of ``q`` ``(B, n)``, ``m[b]`` multinomial draws with unbiased weights
     ``W c / (M q)``, or every point where ``m[b] = 0``.
@@ -102,24 +117,30 @@ def sample(q: np.ndarray, log_w: np.ndarray, m: np.ndarray, rng):
     q : (B, n) proposals, rows summing to 1
     log_w : (n,) log quadrature weights ``W``
     m : (B,) or scalar, draws per row
-    rng : numpy Generator (one multinomial call for all rows)
+    rng : numpy Generator
 
     Returns
     -------
-    The picks, ragged: per row their number, then the points (in order) and their log weights,
-    all rows' one after another.
+    The picks, ragged: per row their number, then the points (in increasing order) and their
+    log weights, all rows' one after another.
     """
     q = np.atleast_2d(q)
-    m = np.broadcast_to(np.asarray(m, np.int64), (len(q),))
+    n_rows, n = q.shape
+    m = np.broadcast_to(np.asarray(m, np.int64), (n_rows,))
     whole = m <= 0
-    counts = rng.multinomial(np.where(whole, 0, m), q)
-    picked = (counts > 0) | whole[:, None]
-    row, point = np.nonzero(picked)
-    weights = np.asarray(log_w, np.float64)[point]
-    drawn = ~whole[row]
-    r, p = row[drawn], point[drawn]
-    weights[drawn] += np.log(counts[r, p]) - np.log(m[r]) - np.log(q[r, p])
-    return np.bincount(row, minlength=len(q)), point, weights
+    log_w = np.asarray(log_w, np.float64)
+    flat, count = multinomial_draws(q, np.where(whole, 0, m), rng)
+    row, point = flat // n, flat % n
+    weights = (log_w[point] + np.log(count) - np.log(m[row])
+               - np.log(q.reshape(-1)[flat]))
+    whole_rows = np.flatnonzero(whole)
+    if len(whole_rows):
+        row = np.concatenate([row, np.repeat(whole_rows, n)])
+        point = np.concatenate([point, np.tile(np.arange(n), len(whole_rows))])
+        weights = np.concatenate([weights, np.tile(log_w, len(whole_rows))])
+        order = np.argsort(row, kind="stable")
+        row, point, weights = row[order], point[order], weights[order]
+    return np.bincount(row, minlength=n_rows), point, weights
 
 
 def ragged_subsets(n_inp: int, parts) -> PoseSubsets:

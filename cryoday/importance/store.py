@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
+from cryoday.importance._select import top_k_rows
+
 K_STORED = 32
 DIMENSIONS = ("dir", "inp", "shift")
 # Per dimension: the attribute holding the coordinates and the one holding the log masses.
@@ -145,7 +147,7 @@ def top_points(p: np.ndarray):
     total = p.sum(axis=1)
     usable = (total > 0) & np.isfinite(total)
     n = p.shape[1]
-    top = (np.argpartition(p, -K_STORED, axis=1)[:, -K_STORED:] if n > K_STORED
+    top = (top_k_rows(p, K_STORED) if n > K_STORED
            else np.broadcast_to(np.arange(n), (len(p), n)))
     with np.errstate(divide="ignore", invalid="ignore"):
         logp = np.log(np.take_along_axis(p, top, axis=1) / total[:, None])
