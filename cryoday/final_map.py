@@ -64,6 +64,10 @@ MASK_EDGE_PX = 3.0
 # Points per dimension of the posterior-marginalised insertion (directions, in-plane, shifts):
 # 3 x 3 x 2 = 18 insertions per particle cover a sharp posterior's neighbouring grid points.
 POSTERIOR_TOP = (3, 3, 2)
+# Poses carrying less than this share of their particle's mass are not inserted. On a
+# 40,000-particle 10 A stage the 3 x 3 x 2 products held 13.5 poses per particle, of which 2.9
+# carry all but 0.03% of the mass (at most 0.5% of any particle's): 4.6 times fewer insertions.
+POSE_WEIGHT_FLOOR = 1e-3
 # Images per chunk of the insertion (memory is per chunk, not per data set).
 CHUNK_SIZE = 500
 
@@ -180,7 +184,8 @@ def sharpen(volume: np.ndarray, pixel_size: float, guinier_B_A2: float, freq: np
     return ift3(spectrum).astype(np.float32)
 
 
-def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP):
+def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
+                    min_weight: float = POSE_WEIGHT_FLOOR):
     """Each particle's top points of its stored pose marginals, as weighted poses.
 
     Parameters
@@ -191,6 +196,9 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP):
         A/px of the box the shifts are wanted in.
     top : (int, int, int)
         Points kept per dimension (directions, in-plane angles, shifts).
+    min_weight : float
+        Poses of less than this share of their particle's mass are dropped (and the rest
+        renormalised); 0 keeps every pose of positive mass.
 
     Returns
     -------
@@ -230,8 +238,11 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP):
     shifts = np.broadcast_to(store.shift_A[rows, si][:, None, None, :, :].astype(np.float64),
                              (*shape, 2)).reshape(-1, 2) / pixel_size
     image = np.repeat(np.arange(n), kd * ki * ks)
-    keep = w.ravel() > 0
-    return image[keep], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w.ravel()[keep]
+    # The rest of each particle's mass is renormalised over the poses kept.
+    w = w.ravel()
+    keep = (w > 0) & (w >= min_weight)
+    w = w[keep] / np.bincount(image[keep], weights=w[keep], minlength=n)[image[keep]]
+    return image[keep], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w
 
 
 def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,

@@ -15,16 +15,10 @@ import numba
 import numpy as np
 
 from cryoday import symmetry as point_groups
+from cryoday._insert_kernels import insert_pairs
 from cryoday.batch import make_batch
 from cryoday.fourier import fourier_crop_2d, ift3
-from cryoday.projection import SliceOperator, _scatter_trilinear
-
-
-def _insert(op, values, rotations, accumulators):
-    _scatter_trilinear(np.ascontiguousarray(values, dtype=np.complex128),
-                       np.ones(op.n_coef), float(op._half_cube),
-                       np.ascontiguousarray(rotations, dtype=np.float64), op._kx64, op._ky64,
-                       accumulators)
+from cryoday.projection import SliceOperator
 
 
 class Sums(NamedTuple):
@@ -60,7 +54,7 @@ def insert(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_param
     size = op._cube_size
     threads = numba.get_num_threads()
     num = np.zeros((threads, size, size, size), dtype=np.complex128)
-    den = np.zeros((threads, size, size, size), dtype=np.complex128)
+    den = np.zeros((threads, size, size, size), dtype=np.float64)
     for start in range(0, n, chunk_size):
         rows = np.arange(start, min(start + chunk_size, n))
         if image is None:
@@ -71,7 +65,7 @@ def insert(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_param
         if images.shape[-1] != box:
             images = fourier_crop_2d(images, box)
         ctf = {k: (np.asarray(v)[which] if np.ndim(v) else v) for k, v in ctf_params.items()}
-        batch = make_batch(op, images, ctf, pixel_size, 1.0)
+        batch = make_batch(op, images, ctf, pixel_size, 1.0, padded=False)
         t = np.asarray(shifts_px, dtype=np.float64)[rows]
         phase = np.exp(-2j * np.pi * (np.outer(t[:, 0], op.kx) + np.outer(t[:, 1], op.ky))
                        / op.box)
@@ -80,9 +74,11 @@ def insert(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_param
         if weights is not None:
             w = np.asarray(weights, dtype=np.float64)[rows, None]
             values, ctf2 = values * w, ctf2 * w
-        _insert(op, values, rotations[rows], num)
-        _insert(op, ctf2.astype(np.complex128), rotations[rows], den)
-    num, den = num.sum(axis=0), den.sum(axis=0).real
+        insert_pairs(np.ascontiguousarray(values, dtype=np.complex128),
+                     np.ascontiguousarray(ctf2, dtype=np.float64), float(op._half_cube),
+                     np.ascontiguousarray(rotations[rows], dtype=np.float64), op._kx64, op._ky64,
+                     num, den)
+    num, den = num.sum(axis=0), den.sum(axis=0)
     # Hermitian symmetry: the inserted half plane's mirror images at -q.
     num = num + np.conj(num[::-1, ::-1, ::-1])
     den = den + den[::-1, ::-1, ::-1]

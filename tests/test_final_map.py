@@ -105,7 +105,8 @@ def test_posterior_poses_weight_the_stored_marginals():
     store.inp_logp[:, :2] = log([[0.5, 0.5], [0.9, 0.1]])
     store.shift_logp[:, 0] = 0.0
     store.has[:] = True
-    image, rotations, shifts, weights = final_map.posterior_poses(store.state(), 2.0, (3, 3, 2))
+    image, rotations, shifts, weights = final_map.posterior_poses(store.state(), 2.0, (3, 3, 2),
+                                                                  min_weight=0.0)
     # Only finite masses become poses: 2 x 2 x 1 for each particle.
     assert np.bincount(image).tolist() == [4, 4]
     np.testing.assert_allclose(np.bincount(image, weights), 1.0)
@@ -119,6 +120,26 @@ def test_posterior_poses_weight_the_stored_marginals():
     assert p[0] % 360 == pytest.approx(np.degrees(0.5), abs=1e-3) or \
         p[0] % 360 == pytest.approx(np.degrees(1.0), abs=1e-3)
     assert K_STORED >= 3
+
+
+def test_posterior_poses_drop_negligible_poses_and_renormalise():
+    # Particle 0: directions 0.9995 / 0.0005; particle 1: 0.6 / 0.4 (one in-plane, one shift).
+    store = PosteriorStore(2)
+    rot = euler_to_matrix(np.array([10.0, 200.0]), np.array([30.0, 100.0]), 0.0)
+    store.dir_xyz[:, 0] = rot[:, 2]
+    store.dir_xyz[:, 1] = -rot[:, 2]
+    store.dir_logp[:, :2] = np.log([[0.9995, 0.0005], [0.6, 0.4]])
+    store.inp_logp[:, 0] = 0.0
+    store.shift_logp[:, 0] = 0.0
+    store.has[:] = True
+    every = final_map.posterior_poses(store.state(), 2.0, (3, 3, 2), min_weight=0.0)
+    assert np.bincount(every[0]).tolist() == [2, 2]
+    image, rotations, _, weights = final_map.posterior_poses(store.state(), 2.0, (3, 3, 2))
+    assert final_map.POSE_WEIGHT_FLOOR > 0.0005
+    assert np.bincount(image).tolist() == [1, 2]
+    np.testing.assert_allclose(np.bincount(image, weights), 1.0)
+    np.testing.assert_allclose(rotations[image == 0][0][2], rot[0, 2], atol=1e-6)
+    np.testing.assert_allclose(sorted(weights[image == 1]), [0.4, 0.6])
 
 
 def test_posterior_insertion_at_a_delta_posterior_is_the_best_pose_map(simulated):
