@@ -382,7 +382,7 @@ class MixtureObjective:
                 n_evaluated += part.n_evaluated
         if update:
             for sampler, sub, result in zip(self.sampler.samplers, subsets, results):
-                sampler.update(grid, rows, sub, result)
+                sampler.update(grid, rows, sub, result, measure=training)
             self.sampler.record(rows, posterior, training)
         return Evaluation(nll, posterior, results, subsets, grad, n_evaluated)
 

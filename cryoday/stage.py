@@ -158,7 +158,7 @@ class _Objective:
             subsets = self.sampler.subsets(self.grid, rows, self.iteration)
             result = marginal_nll(self.op, volume, self.data.batch(rows), self.grid, subsets,
                                   want_grad=False, cube=cube)
-            self.sampler.update(self.grid, rows, subsets, result)
+            self.sampler.update(self.grid, rows, subsets, result, measure=False)
             total += finite_or_raise(result.nll, rows).sum()
         return total / len(rows_all)
 
@@ -347,7 +347,7 @@ def final_poses(volume, objective: _Objective, iteration: int, log=print,
     def chunk(rows, batch):
         subsets = sampler.subsets(grid, rows, iteration)
         result = marginal_nll(op, volume, batch, grid, subsets, want_grad=False, cube=cube)
-        sampler.update(grid, rows, subsets, result)
+        sampler.update(grid, rows, subsets, result, measure=False)
         rotations, shifts = grid.rotations[result.best_rot], grid.shifts[result.best_shift]
         if residuals is not None:
             residuals.add(cube, batch, rotations, shifts,

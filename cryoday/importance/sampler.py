@@ -325,10 +325,11 @@ class ImportanceSampler:
 
     # ------------------------------------------------------------------ updates
 
-    def update(self, grid, rows, subsets: PoseSubsets, result) -> None:
+    def update(self, grid, rows, subsets: PoseSubsets, result, measure: bool = True) -> None:
         """Store each image's posterior marginals (top ``K`` per dimension, as coordinates),
         refresh the dataset average and measure the KL to the proposal and to the previous
-        visit.
+        visit (only with ``measure``: the history records them for training steps, and the
+        held-out and final pose passes, which nothing records, spent a tenth of a pass on them).
 
         Parameters
         ----------
@@ -351,15 +352,20 @@ class ImportanceSampler:
             r0, r1 = subsets.rot_offsets[lo], subsets.rot_offsets[hi]
             s0, s1 = subsets.shift_offsets[lo], subsets.shift_offsets[hi]
             p = marginals(self.grid, part, result.rot_post[r0:r1], result.shift_post[s0:s1])
-            kls.extend(self._kl_to_proposals(rows[lo:hi], p[0]))
+            if measure:
+                kls.extend(self._kl_to_proposals(rows[lo:hi], p[0]))
+            else:
+                for row in rows[lo:hi]:
+                    self._proposals.pop(row, None)
             for dim in range(3):
                 top, logp, usable = top_points(p[dim])
                 valid[lo:hi] &= usable
                 new_idx[dim][lo:hi, :top.shape[1]] = top
                 new_logp[dim][lo:hi, :top.shape[1]] = logp
-        self.last_kl = float(np.mean(kls)) if kls else float("nan")
-        self.last_kl_epochs, self.last_kl_epochs_parts = diagnostics.kl_between_visits(
-            self.kernels, rows, valid, new_idx, new_logp)
+        if measure:
+            self.last_kl = float(np.mean(kls)) if kls else float("nan")
+            self.last_kl_epochs, self.last_kl_epochs_parts = diagnostics.kl_between_visits(
+                self.kernels, rows, valid, new_idx, new_logp)
         store = self.store
         # A visit without a usable posterior leaves the image uninformed, not misinformed.
         self.average.deposit(rows[store.has[rows]], -1.0)
