@@ -1,0 +1,132 @@
+"""The per-step kernels against the numpy calls they replaced, at a paper-scale 10 A stage.
+
+Sizes are those of a 40,000-particle, 128-px set at its 10 A stage (60 px, 9,463 directions,
+1,145 coefficients, 100 stored gradients, minibatches of 200) and of its final map (128 px):
+
+- ``top_k``: the store's 32 heaviest points per row of 200 mostly-zero posterior rows
+  (``np.argpartition`` before, ``importance._select.top_k_rows`` now);
+- ``draws``: 300 multinomial draws per row from 200 proposals over the directions
+  (``Generator.multinomial`` before, ``proposals.multinomial_draws`` now);
+- ``sag_average``: SAGD's weighted average of 100 stored 60^3 gradients (``np.tensordot``
+  before, ``_sagd_kernels.weighted_sum`` now);
+- ``padded``: 200 images' padded transforms (the old strided layout, written out here, against
+  ``batch._padded_transforms``);
+- ``insertion``: 300 poses inserted at 128 px (the slice adjoint twice, as before, against
+  ``_insert_kernels.insert_pairs``).
+
+Nothing is asserted; it prints each pair's milliseconds and their ratio, then one JSON line.
+
+    python benchmarks/step_kernels.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numba
+import numpy as np
+
+from cryoday._insert_kernels import insert_pairs
+from cryoday._sagd_kernels import weighted_sum
+from cryoday.batch import _padded_transforms, image_padded_size
+from cryoday.geometry import euler_to_matrix
+from cryoday.importance import proposals
+from cryoday.importance._select import top_k_rows
+from cryoday.projection import SliceOperator, _scatter_trilinear
+
+
+def best_of(f, repeats=5) -> float:
+    f()  # compiled and warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def padded_before(op, images):
+    """``batch._padded_transforms`` as it was: numpy's two strided copies for the layout."""
+    n, n_images = op.box, len(images)
+    m = image_padded_size(n)
+    pos = np.arange(n) - n // 2
+    g = np.sinc(pos / m) ** 2
+    corrected = (np.asarray(images, np.float32) / (g[:, None] * g[None, :])).astype(np.float32)
+    pad = m / n
+    h = min(int(np.ceil(pad * op.radius)) + 2, m // 2 - 1)
+    angle_x = 2 * np.pi * np.outer(pos, np.arange(h + 1)) / m
+    scale = pad / m
+    flat = corrected.reshape(n_images * n, n)
+    rows = (flat @ (np.cos(angle_x) * scale).astype(np.float32)
+            - 1j * (flat @ (np.sin(angle_x) * scale).astype(np.float32))).astype(np.complex64)
+    rows = rows.reshape(n_images, n, h + 1).transpose(1, 0, 2).reshape(n, n_images * (h + 1))
+    dft_y = np.exp(-2j * np.pi * np.outer(np.arange(-h, h + 1), pos) / m).astype(np.complex64)
+    half = (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1).transpose(1, 0, 2)
+    out = np.empty((n_images, 2 * h + 1, 2 * h + 1), dtype=np.complex64)
+    out[:, :, h:] = half
+    out[:, :, :h] = np.conj(half[:, ::-1, h:0:-1])
+    return out
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    figures = {}
+
+    p = np.zeros((200, 9463))
+    for row in p:
+        row[rng.choice(9463, 300, replace=False)] = rng.random(300)
+    figures["top_k"] = (best_of(lambda: np.argpartition(p, -32, axis=1)[:, -32:]),
+                        best_of(lambda: top_k_rows(p, 32)))
+
+    q = rng.random((200, 9463)) ** 4 + 1e-4
+    q /= q.sum(axis=1, keepdims=True)
+    m = np.full(200, 300)
+    figures["draws"] = (best_of(lambda: rng.multinomial(m, q)),
+                        best_of(lambda: proposals.multinomial_draws(q, m, rng)))
+
+    stored = rng.standard_normal((100, 60, 60, 60)).astype(np.float32)
+    w = rng.random(100)
+    w /= w.sum()
+    figures["sag_average"] = (
+        best_of(lambda: np.tensordot(w, stored, axes=1).astype(np.float32)),
+        best_of(lambda: weighted_sum(w, stored)))
+
+    op = SliceOperator(60, 27.0)
+    images = rng.standard_normal((200, 60, 60)).astype(np.float32)
+    figures["padded"] = (best_of(lambda: padded_before(op, images)),
+                         best_of(lambda: _padded_transforms(op, images)))
+
+    big = SliceOperator(128, 63.0)
+    size, threads = big._cube_size, numba.get_num_threads()
+    n = 300
+    rotations = euler_to_matrix(rng.uniform(0, 360, n),
+                                np.degrees(np.arccos(rng.uniform(-1, 1, n))),
+                                rng.uniform(0, 360, n))
+    values = rng.standard_normal((n, big.n_coef)) + 1j * rng.standard_normal((n, big.n_coef))
+    ctf2 = rng.random((n, big.n_coef))
+    num = np.zeros((threads, size, size, size), np.complex128)
+    den_complex = np.zeros((threads, size, size, size), np.complex128)
+    den = np.zeros((threads, size, size, size), np.float64)
+    centre = float(big._half_cube)
+
+    def two_scatters():
+        ones = np.ones(big.n_coef)
+        _scatter_trilinear(values, ones, centre, rotations, big._kx64, big._ky64, num)
+        _scatter_trilinear(ctf2.astype(np.complex128), ones, centre, rotations, big._kx64,
+                           big._ky64, den_complex)
+
+    figures["insertion"] = (
+        best_of(two_scatters, 2),
+        best_of(lambda: insert_pairs(values, ctf2, centre, rotations, big._kx64, big._ky64,
+                                     num, den), 2))
+
+    for name, (before, after) in figures.items():
+        print(f"{name:12s} before {before:8.1f} ms   after {after:8.1f} ms   "
+              f"{before / after:5.1f}x")
+    print(json.dumps({name: {"before_ms": round(b, 2), "after_ms": round(a, 2),
+                             "ratio": round(b / a, 2)} for name, (b, a) in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
