@@ -68,6 +68,8 @@ POSTERIOR_TOP = (3, 3, 2)
 # 40,000-particle 10 A stage the 3 x 3 x 2 products held 13.5 poses per particle, of which 2.9
 # carry all but 0.03% of the mass (at most 0.5% of any particle's): 4.6 times fewer insertions.
 POSE_WEIGHT_FLOOR = 1e-3
+# Particles whose candidate poses are made at once.
+POSE_BLOCK = 50_000
 # Images per chunk of the insertion (memory is per chunk, not per data set).
 CHUNK_SIZE = 500
 
@@ -213,10 +215,21 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
     if not store.has.all():
         missing = int(np.flatnonzero(~store.has)[0])
         raise ValueError(f"stored posteriors: particle row {missing + 1} has none")
-    n = store.n
+    # In blocks of particles: each particle's 3 x 3 x 2 candidates take ~2 kB before the floor
+    # drops most of them (2 GB at 1,000,000 particles at once; 100 MB a block).
+    blocks = [_posterior_block(store, rows, pixel_size, top, min_weight)
+              for rows in np.array_split(np.arange(store.n), max(1, -(-store.n // POSE_BLOCK)))]
+    image, rotations, shifts, weights = (np.concatenate(parts) for parts in zip(*blocks))
+    return image, rotations, shifts, weights
+
+
+def _posterior_block(store, particles: np.ndarray, pixel_size: float, top, min_weight: float):
+    """:func:`posterior_poses` of the particle rows ``particles`` (consecutive)."""
+    n = len(particles)
+    first = int(particles[0]) if n else 0
     picks = []
     for dim, k in enumerate(top):
-        logp = store.log_masses(dim).astype(np.float64)
+        logp = store.log_masses(dim)[particles].astype(np.float64)
         order = np.argsort(-logp, axis=1)[:, :k]
         picks.append((order, np.take_along_axis(logp, order, axis=1)))
     (di, dl), (ii, il), (si, sl) = picks
@@ -227,7 +240,7 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
     logw = logw - logw.max(axis=1, keepdims=True)
     w = np.exp(logw)
     w /= w.sum(axis=1, keepdims=True)
-    rows = np.arange(n)[:, None]
+    rows = particles[:, None]
     directions = store.dir_xyz[rows, di].astype(np.float64)  # (n, kd, 3)
     rot, tilt = directions_to_euler(directions)
     psi = np.degrees(store.inp_angle[rows, ii].astype(np.float64))  # (n, ki)
@@ -237,11 +250,11 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
                                 np.broadcast_to(psi[:, None, :, None], shape).ravel())
     shifts = np.broadcast_to(store.shift_A[rows, si][:, None, None, :, :].astype(np.float64),
                              (*shape, 2)).reshape(-1, 2) / pixel_size
-    image = np.repeat(np.arange(n), kd * ki * ks)
+    image = np.repeat(np.arange(first, first + n), kd * ki * ks)
     # The rest of each particle's mass is renormalised over the poses kept.
     w = w.ravel()
     keep = (w > 0) & (w >= min_weight)
-    w = w[keep] / np.bincount(image[keep], weights=w[keep], minlength=n)[image[keep]]
+    w = w[keep] / np.bincount(image[keep], weights=w[keep], minlength=first + n)[image[keep]]
     return image[keep], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w
 
 

@@ -142,6 +142,25 @@ def test_posterior_poses_drop_negligible_poses_and_renormalise():
     np.testing.assert_allclose(sorted(weights[image == 1]), [0.4, 0.6])
 
 
+def test_posterior_poses_in_blocks_equal_one_block(monkeypatch):
+    rng = np.random.default_rng(3)
+    store = PosteriorStore(7)
+    for dim in range(3):
+        logp = np.log(rng.dirichlet(np.ones(K_STORED), size=7)).astype(np.float32)
+        store.log_masses(dim)[:] = logp
+    v = rng.standard_normal((7, K_STORED, 3))
+    store.dir_xyz[:] = v / np.linalg.norm(v, axis=2, keepdims=True)
+    store.inp_angle[:] = rng.uniform(0, 2 * np.pi, (7, K_STORED))
+    store.shift_A[:] = rng.normal(0, 3, (7, K_STORED, 2))
+    store.has[:] = True
+    whole = final_map.posterior_poses(store.state(), 1.5)
+    monkeypatch.setattr(final_map, "POSE_BLOCK", 3)  # blocks of 3, 3 and 1 particles
+    blocks = final_map.posterior_poses(store.state(), 1.5)
+    for a, b in zip(whole, blocks):
+        np.testing.assert_array_equal(a, b)
+    assert len(np.unique(whole[0])) == 7
+
+
 def test_posterior_insertion_at_a_delta_posterior_is_the_best_pose_map(simulated):
     _, images, rotations, shifts, ctf, _ = simulated
     n = 200
