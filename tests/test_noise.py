@@ -194,3 +194,36 @@ def test_a_white_spectrum_gives_exactly_the_white_numbers(problem, shared):
     assert np.array_equal(a.nll, b.nll)
     assert np.array_equal(a.grad, b.grad)
     assert np.array_equal(a.rot_post, b.rot_post)
+
+
+def test_sampled_rows_cap_large_groups_and_keep_small_ones_whole():
+    group = np.r_[np.zeros(1000, np.int64), np.ones(30, np.int64), np.full(500, 2)]
+    rows = noise.sampled_rows(group, 3, max_per_group=100)
+    assert np.all(np.diff(rows) > 0)
+    assert np.bincount(group[rows]).tolist() == [100, 30, 100]
+    first = rows[group[rows] == 0]
+    assert first[0] == 0 and first[-1] == 999  # spread over the whole group
+    assert np.array_equal(noise.sampled_rows(group, 3, 10_000), np.arange(len(group)))
+
+
+def test_a_capped_estimate_reads_fewer_images_and_agrees_with_the_full_one():
+    box, psize = 48, 4.0
+    images = coloured_noise(2000, box, psize, seed=5).astype(np.float32)
+    background, sigma = preprocess.estimate_noise(images, preprocess.outer_mask(box, 22.8))
+    normalised = preprocess.normalise(images, background, sigma)
+    read_count = []
+
+    def read(rows):
+        read_count.append(len(rows))
+        return normalised[rows]
+
+    group = np.zeros(2000, np.int64)
+    full = noise.estimate_spectra(read, 2000, box, psize, group, ["optics 1"], [0], 22.8,
+                                  max_per_group=10_000)
+    assert sum(read_count) == 2000
+    read_count.clear()
+    capped = noise.estimate_spectra(read, 2000, box, psize, group, ["optics 1"], [0], 22.8,
+                                    max_per_group=500)
+    assert sum(read_count) == 500
+    inside = slice(2, box // 2)
+    np.testing.assert_allclose(capped.power[0][inside], full.power[0][inside], rtol=0.08)
