@@ -433,10 +433,12 @@ def preprocess_particles(star, stack_out, star_out, info_out, references=(),
                                               mask_radius=mask_radius)
         written.append(Path(stack_out))
         if noise_model == "radial":
-            # From the normalised stack: unit noise, zero background, a radial shape only.
+            # From the normalised stack: unit noise, zero background, a radial shape only. Read
+            # through read_rows, which lets go of the mapped pages: slicing the map kept them, and
+            # a 200,000-particle job's resident memory grew to 10 GB.
             stack = io.open_stack(stack_out)
             spectrum = noise.estimate_spectra(
-                lambda rows: np.asarray(stack[rows[0]:rows[-1] + 1]), n, box, psize, groups,
+                lambda rows: io.read_rows(stack, rows), n, box, psize, groups,
                 labels, parent, mask_radius, chunk_size, noise_micrograph_min_particles)
             del stack
             log.info("noise spectrum: %s", noise.summary(spectrum))
