@@ -439,7 +439,8 @@ def preprocess_particles(star, stack_out, star_out, info_out, references=(),
             stack = io.open_stack(stack_out)
             spectrum = noise.estimate_spectra(
                 lambda rows: io.read_rows(stack, rows), n, box, psize, groups,
-                labels, parent, mask_radius, chunk_size, noise_micrograph_min_particles)
+                labels, parent, mask_radius, chunk_size, noise_micrograph_min_particles,
+                max_per_group=noise.SAMPLE_PER_GROUP)
             del stack
             log.info("noise spectrum: %s", noise.summary(spectrum))
         else:

@@ -170,3 +170,39 @@ def test_the_preprocessing_step_is_the_streaming_functions_composed(shared_data,
             tmp_path / "particles.star", tmp_path / "o2/p.mrcs", tmp_path / "o2/p.star",
             tmp_path / "o2/info.json", contrast="flip")
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+
+
+def test_the_preprocessing_step_estimates_the_spectrum_from_its_sample(shared_data, tmp_path,
+                                                                         monkeypatch):
+    """With more particles in a group than the spectrum's sample, the step reads the sampled
+    rows of the normalised stack (not the range between the first and the last), and the
+    spectrum agrees with one from every particle."""
+    import shutil
+
+    from cryoday import io, noise
+
+    shutil.copy(shared_data / "cryojax/trpv1_small_stack.mrcs", tmp_path / "batch_0_restacked.mrc")
+    shutil.copy(shared_data / "cryojax/trpv1_small_stack.star", tmp_path / "particles.star")
+    spectra = {}
+    for name, cap in (("all", 10_000), ("sample", 4)):
+        monkeypatch.setattr(noise, "SAMPLE_PER_GROUP", cap)
+        out = tmp_path / name
+        preprocess.preprocess_particles(
+            tmp_path / "particles.star", out / "p.mrcs", out / "p.star", out / "info.json",
+            n_heldout=3, contrast="invert", chunk_size=4, noise_out=out / "noise.tsv")
+        spectra[name] = noise.NoiseSpectrum.load(out / "noise.tsv").power[0]
+    assert not np.array_equal(spectra["sample"], spectra["all"])  # it did read fewer images
+    # The same estimate from the sampled rows of the normalised stack, read one by one.
+    stack = io.open_stack(tmp_path / "sample" / "p.mrcs")
+    rows = noise.sampled_rows(np.zeros(10, np.int64), 1, 4)
+    assert len(rows) == 4 and rows[-1] == 9
+    expected = noise.estimate_spectra(lambda r: np.stack([stack[i] for i in r]), 10, 48,
+                                      stack_pixel_size(tmp_path), np.zeros(10, np.int64),
+                                      ("optics 1",), [0], 0.95 * 24, max_per_group=4)
+    np.testing.assert_allclose(spectra["sample"], expected.power[0], rtol=1e-4)
+
+
+def stack_pixel_size(folder):
+    from cryoday import io
+
+    return io.read_particles(folder / "particles.star").pixel_size
