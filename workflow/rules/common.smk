@@ -388,14 +388,17 @@ def final_map_symmetry(wildcards):
 
 
 def final_map_mem_mb(wildcards, input, attempt):
-    """Memory (MB) of the final map: per thread two complex128 accumulator cubes of twice the
-    box (the insertion's), a few full-box maps, a chunk of images, and the posterior's poses
-    (18 per particle, ~100 bytes each, ~3 copies while they are built); doubled on each retry.
-    A 2 GB placeholder before the preprocessed set exists."""
+    """Memory (MB) of the final map: per thread (2) a complex128 numerator and a float64
+    denominator cube of twice the box (the insertion's), a few full-box maps, a chunk of
+    images, and the posterior's poses: the candidates of one block of 50,000 particles (18
+    each, ~300 bytes while they are built) and those kept (at most 18 per particle, ~110 bytes
+    each; 2.9 on average at a sharp last stage); doubled on each retry. A 2 GB placeholder
+    before the preprocessed set exists."""
     info = Path(input.info)
     if not info.exists():
         return 2000 * attempt
     meta = json.loads(info.read_text())
     box, n = int(meta["box"]), int(meta["n_particles"])
-    cubes = 2 * 2 * (2 * box + 3) ** 3 * 16 + 12 * box**3 * 8
-    return int(1000 + (cubes + n * 18 * 300) / 1e6) * attempt
+    cubes = 2 * (2 * box + 3) ** 3 * (16 + 8) + 12 * box**3 * 8
+    poses = min(n, 50_000) * 18 * 300 + n * 18 * 110
+    return int(1000 + (cubes + poses) / 1e6) * attempt
