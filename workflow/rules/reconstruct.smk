@@ -43,6 +43,8 @@ rule finalize:
         choice="results/{dataset}/final/seed_choice.json",
     log:
         "logs/finalize/{dataset}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/finalize.tsv"
     localrule: True
     conda:
         ENV

@@ -20,6 +20,8 @@ rule make_report:
         ),
     log:
         "logs/make_report/{dataset}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/make_report.tsv"
     localrule: True
     conda:
         ENV
