@@ -949,10 +949,27 @@ def _drop_mapped_pages(array: np.ndarray) -> None:
         base.madvise(mmap.MADV_DONTNEED)
 
 
+# Bytes of a stack read_rows reads before letting go of the mapped pages it touched.
+READ_CHUNK_BYTES = 64 << 20
+
+
 def read_rows(stack: np.ndarray, rows) -> np.ndarray:
-    """``stack[rows]`` as float32, a copy, from a memory map without keeping its pages."""
-    out = np.array(stack[rows], dtype=np.float32)
-    _drop_mapped_pages(stack)
+    """``stack[rows]`` as float32, a copy, from a memory map without keeping its pages.
+
+    Read ``READ_CHUNK_BYTES`` at a time into the one output array: ``np.array(stack[rows])``
+    of a whole stage's images (a stage keeps them in memory when they fit) held the mapped
+    pages, the fancy-indexed copy and its float32 copy at once, three times the images (a
+    200,000-particle 20 A stage peaked at 2.6 GB for 0.8 GB of images).
+    """
+    if isinstance(rows, slice):
+        rows = np.arange(len(stack))[rows]
+    rows = np.asarray(rows)
+    out = np.empty((len(rows),) + tuple(stack.shape[1:]), dtype=np.float32)
+    per_row = max(1, int(np.prod(stack.shape[1:])) * stack.dtype.itemsize)
+    step = max(1, READ_CHUNK_BYTES // per_row)
+    for lo in range(0, len(rows), step):
+        out[lo:lo + step] = stack[rows[lo:lo + step]]
+        _drop_mapped_pages(stack)
     return out
 
 

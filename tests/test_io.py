@@ -431,3 +431,24 @@ def test_a_pixel_size_given_in_nm_by_the_config_is_refused(tmp_path):
         mrc.voxel_size = 0.0
     with pytest.raises(InputError, match="pixel size 0.15 A/px \\(from the pixel size given"):
         io.read_particles(star, pixel_size=0.15)
+
+
+def test_read_rows_in_chunks_equals_indexing(tmp_path, monkeypatch):
+    """read_rows reads a few rows at a time into one float32 array: the same images as plain
+    indexing, in the order asked for (unsorted, repeated, a slice)."""
+    from cryoday import io as cio
+
+    stack_path = tmp_path / "s.mrcs"
+    data = np.random.default_rng(2).standard_normal((23, 6, 6)).astype(np.float32)
+    with cio.StackWriter(stack_path, 23, 6, 2.0) as writer:
+        writer.data[:] = data
+    stack = cio.open_stack(stack_path)
+    monkeypatch.setattr(cio, "READ_CHUNK_BYTES", 5 * 6 * 6 * 4)  # five images a chunk
+    rows = np.array([22, 0, 7, 7, 13, 1, 2, 3, 4, 5, 6, 19])
+    got = cio.read_rows(stack, rows)
+    assert got.dtype == np.float32 and got.shape == (12, 6, 6)
+    np.testing.assert_array_equal(got, data[rows])
+    np.testing.assert_array_equal(cio.read_rows(stack, slice(3, 20, 4)), data[3:20:4])
+    assert cio.read_rows(stack, np.zeros(0, np.int64)).shape == (0, 6, 6)
+    got[:] = 0  # a copy, not a view of the file
+    np.testing.assert_array_equal(cio.open_stack(stack_path), data)
