@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from cryoday import jit
-from cryoday.projection import _trilinear_weights
+from cryoday.projection import _add_at_corners, _scatter_corners, _trilinear_weights
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
@@ -38,40 +38,11 @@ def insert_pairs(values, weights, centre, rotations, kx, ky, num, den):
         fzs = np.empty(n_coef, dtype=np.float64)
         for r in range(t * chunk, min(n_rot, (t + 1) * chunk)):
             a = rotations[r]
-            for k in range(n_coef):
-                qx = 2.0 * (a[0, 0] * kx[k] + a[1, 0] * ky[k]) + centre
-                qy = 2.0 * (a[0, 1] * kx[k] + a[1, 1] * ky[k]) + centre
-                qz = 2.0 * (a[0, 2] * kx[k] + a[1, 2] * ky[k]) + centre
-                x0 = np.floor(qx)
-                y0 = np.floor(qy)
-                z0 = np.floor(qz)
-                fxs[k] = qx - x0
-                fys[k] = qy - y0
-                fzs[k] = qz - z0
-                inside = (0 <= x0 and x0 + 1 < m and 0 <= y0 and y0 + 1 < m
-                          and 0 <= z0 and z0 + 1 < m)
-                base[k] = (np.int64(z0) * m + np.int64(y0)) * m + np.int64(x0) if inside else -1
+            _scatter_corners(a, kx, ky, centre, m, base, fxs, fys, fzs)
             for k in range(n_coef):
                 if base[k] < 0:
                     continue
                 b = np.uint64(base[k])
-                v = values[r, k]
-                c = weights[r, k]
-                w000, w001, w010, w011, w100, w101, w110, w111 = _trilinear_weights(
-                    fxs[k], fys[k], fzs[k])
-                acc[b] += w000 * v
-                acc[b + 1] += w001 * v
-                acc[b + sy] += w010 * v
-                acc[b + sy + 1] += w011 * v
-                acc[b + sz] += w100 * v
-                acc[b + sz + 1] += w101 * v
-                acc[b + sz + sy] += w110 * v
-                acc[b + sz + sy + 1] += w111 * v
-                acc_den[b] += w000 * c
-                acc_den[b + 1] += w001 * c
-                acc_den[b + sy] += w010 * c
-                acc_den[b + sy + 1] += w011 * c
-                acc_den[b + sz] += w100 * c
-                acc_den[b + sz + 1] += w101 * c
-                acc_den[b + sz + sy] += w110 * c
-                acc_den[b + sz + sy + 1] += w111 * c
+                weights_k = _trilinear_weights(fxs[k], fys[k], fzs[k])
+                _add_at_corners(acc, b, sy, sz, weights_k, values[r, k])
+                _add_at_corners(acc_den, b, sy, sz, weights_k, weights[r, k])

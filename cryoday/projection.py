@@ -102,6 +102,42 @@ def _slice_trilinear(flat, m, centre, rotations, kx, ky, scale, out):
             row[np.uint64(n_coef) + k] = (im0 + fz * (im1 - im0)) * scale
 
 
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH, inline="always")
+def _scatter_corners(a, kx, ky, centre, m, base, fxs, fys, fzs):
+    """For rotation ``a``, each coefficient's point ``2 a^T (kx, ky, 0) + centre`` in an
+    ``(m, m, m)`` cube: the flat index of its lower corner in ``base`` (-1 when a corner falls
+    outside) and its fractions in ``fxs``, ``fys``, ``fzs``. Shared by the scatters (the slice
+    adjoint and known-pose insertion)."""
+    for k in range(kx.shape[0]):
+        qx = 2.0 * (a[0, 0] * kx[k] + a[1, 0] * ky[k]) + centre
+        qy = 2.0 * (a[0, 1] * kx[k] + a[1, 1] * ky[k]) + centre
+        qz = 2.0 * (a[0, 2] * kx[k] + a[1, 2] * ky[k]) + centre
+        x0 = np.floor(qx)
+        y0 = np.floor(qy)
+        z0 = np.floor(qz)
+        fxs[k] = qx - x0
+        fys[k] = qy - y0
+        fzs[k] = qz - z0
+        inside = (0 <= x0 and x0 + 1 < m and 0 <= y0 and y0 + 1 < m
+                  and 0 <= z0 and z0 + 1 < m)
+        base[k] = (np.int64(z0) * m + np.int64(y0)) * m + np.int64(x0) if inside else -1
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH, inline="always")
+def _add_at_corners(acc, b, sy, sz, weights, v):
+    """``acc`` (a flat cube, strides 1, ``sy``, ``sz``) gets ``weights`` (the eight corner weights
+    of :func:`_trilinear_weights`) times ``v`` at the cell whose lower corner is ``b``."""
+    w000, w001, w010, w011, w100, w101, w110, w111 = weights
+    acc[b] += w000 * v
+    acc[b + 1] += w001 * v
+    acc[b + sy] += w010 * v
+    acc[b + sy + 1] += w011 * v
+    acc[b + sz] += w100 * v
+    acc[b + sz + 1] += w101 * v
+    acc[b + sz + sy] += w110 * v
+    acc[b + sz + sy + 1] += w111 * v
+
+
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
 def _scatter_trilinear(values, factor, centre, rotations, kx, ky, accumulators):
     """Adjoint of :func:`_slice_trilinear`: scatter ``factor * values`` into per-thread cubes.
@@ -127,34 +163,13 @@ def _scatter_trilinear(values, factor, centre, rotations, kx, ky, accumulators):
         fzs = np.empty(n_coef, dtype=np.float64)
         for r in range(t * chunk, min(n_rot, (t + 1) * chunk)):
             a = rotations[r]
-            for k in range(n_coef):
-                qx = 2.0 * (a[0, 0] * kx[k] + a[1, 0] * ky[k]) + centre
-                qy = 2.0 * (a[0, 1] * kx[k] + a[1, 1] * ky[k]) + centre
-                qz = 2.0 * (a[0, 2] * kx[k] + a[1, 2] * ky[k]) + centre
-                x0 = np.floor(qx)
-                y0 = np.floor(qy)
-                z0 = np.floor(qz)
-                fxs[k] = qx - x0
-                fys[k] = qy - y0
-                fzs[k] = qz - z0
-                inside = (0 <= x0 and x0 + 1 < m and 0 <= y0 and y0 + 1 < m
-                          and 0 <= z0 and z0 + 1 < m)
-                base[k] = (np.int64(z0) * m + np.int64(y0)) * m + np.int64(x0) if inside else -1
+            _scatter_corners(a, kx, ky, centre, m, base, fxs, fys, fzs)
             for k in range(n_coef):
                 if base[k] < 0:
                     continue
                 b = np.uint64(base[k])
-                v = values[r, k] * factor[k]
-                w000, w001, w010, w011, w100, w101, w110, w111 = _trilinear_weights(
-                    fxs[k], fys[k], fzs[k])
-                acc[b] += w000 * v
-                acc[b + 1] += w001 * v
-                acc[b + sy] += w010 * v
-                acc[b + sy + 1] += w011 * v
-                acc[b + sz] += w100 * v
-                acc[b + sz + 1] += w101 * v
-                acc[b + sz + sy] += w110 * v
-                acc[b + sz + sy + 1] += w111 * v
+                _add_at_corners(acc, b, sy, sz, _trilinear_weights(fxs[k], fys[k], fzs[k]),
+                                values[r, k] * factor[k])
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
