@@ -29,7 +29,7 @@ import numpy as np
 
 from cryoday._insert_kernels import insert_pairs
 from cryoday._sagd_kernels import weighted_sum
-from cryoday.batch import _padded_transforms, image_padded_size
+from cryoday.batch import _padded_transforms, padded_half_transforms
 from cryoday.geometry import euler_to_matrix
 from cryoday.importance import proposals
 from cryoday.importance._select import top_k_rows
@@ -47,23 +47,11 @@ def best_of(f, repeats=5) -> float:
 
 
 def padded_before(op, images):
-    """``batch._padded_transforms`` as it was: numpy's two strided copies for the layout."""
-    n, n_images = op.box, len(images)
-    m = image_padded_size(n)
-    pos = np.arange(n) - n // 2
-    g = np.sinc(pos / m) ** 2
-    corrected = (np.asarray(images, np.float32) / (g[:, None] * g[None, :])).astype(np.float32)
-    pad = m / n
-    h = min(int(np.ceil(pad * op.radius)) + 2, m // 2 - 1)
-    angle_x = 2 * np.pi * np.outer(pos, np.arange(h + 1)) / m
-    scale = pad / m
-    flat = corrected.reshape(n_images * n, n)
-    rows = (flat @ (np.cos(angle_x) * scale).astype(np.float32)
-            - 1j * (flat @ (np.sin(angle_x) * scale).astype(np.float32))).astype(np.complex64)
-    rows = rows.reshape(n_images, n, h + 1).transpose(1, 0, 2).reshape(n, n_images * (h + 1))
-    dft_y = np.exp(-2j * np.pi * np.outer(np.arange(-h, h + 1), pos) / m).astype(np.complex64)
-    half = (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1).transpose(1, 0, 2)
-    out = np.empty((n_images, 2 * h + 1, 2 * h + 1), dtype=np.complex64)
+    """``batch._padded_transforms`` as it was: its DFTs, then numpy's two strided copies for
+    the layout."""
+    half = padded_half_transforms(op, images).transpose(1, 0, 2)
+    h = half.shape[-1] - 1
+    out = np.empty((len(images), 2 * h + 1, 2 * h + 1), dtype=np.complex64)
     out[:, :, h:] = half
     out[:, :, :h] = np.conj(half[:, ::-1, h:0:-1])
     return out

@@ -70,14 +70,15 @@ def image_padded_size(box: int) -> int:
     return int(sfft.next_fast_len(int(np.ceil(tunables.IMAGE_PADDING * box)), real=True))
 
 
-def _padded_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
-    """Each image's zero-padded transform near the origin, ready for bilinear turning.
+def padded_half_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
+    """The ``kx >= 0`` half of each image's zero-padded transform near the origin, laid out
+    ``(ky = -h..h, image, kx = 0..h)`` as the last DFT leaves it.
 
     The window ``|kx|, |ky| <= h`` of :func:`~cryoday.fourier.ft2` of the gridding-corrected
     image centred in an ``m x m`` array of zeros. Only the image's ``n x n`` pixels enter, so the
     window is two small DFTs as matrix products, over x for every row of every image, then over
     y for all images at once, rather than an FFT of the nine-times larger padded array (about
-    twice as fast); ``kx < 0`` is the conjugate of ``-k``.
+    twice as fast).
     """
     n, n_images = op.box, len(images)
     m = image_padded_size(n)
@@ -95,8 +96,17 @@ def _padded_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
             - 1j * (flat @ (np.sin(angle_x) * scale).astype(np.float32))).astype(np.complex64)
     rows = rows.reshape(n_images, n, h + 1).transpose(1, 0, 2).reshape(n, n_images * (h + 1))
     dft_y = np.exp(-2j * np.pi * np.outer(np.arange(-h, h + 1), pos) / m).astype(np.complex64)
-    half = (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1)
-    out = np.empty((n_images, 2 * h + 1, 2 * h + 1), dtype=np.complex64)
+    return (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1)
+
+
+def _padded_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
+    """Each image's zero-padded transform near the origin, ready for bilinear turning:
+    ``(n_images, 2h + 1, 2h + 1)``, the ``kx >= 0`` half of :func:`padded_half_transforms`
+    with the ``kx < 0`` half filled by Hermitian symmetry (``kx < 0`` is the conjugate of
+    ``-k``)."""
+    half = padded_half_transforms(op, images)
+    h = half.shape[-1] - 1
+    out = np.empty((len(images), 2 * h + 1, 2 * h + 1), dtype=np.complex64)
     hermitian_layout(half, out)
     return out
 
