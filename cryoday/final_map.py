@@ -224,9 +224,8 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
 
 
 def _posterior_block(store, particles: np.ndarray, pixel_size: float, top, min_weight: float):
-    """:func:`posterior_poses` of the particle rows ``particles`` (consecutive)."""
+    """:func:`posterior_poses` of the particle rows ``particles``."""
     n = len(particles)
-    first = int(particles[0]) if n else 0
     picks = []
     for dim, k in enumerate(top):
         logp = store.log_masses(dim)[particles].astype(np.float64)
@@ -250,12 +249,13 @@ def _posterior_block(store, particles: np.ndarray, pixel_size: float, top, min_w
                                 np.broadcast_to(psi[:, None, :, None], shape).ravel())
     shifts = np.broadcast_to(store.shift_A[rows, si][:, None, None, :, :].astype(np.float64),
                              (*shape, 2)).reshape(-1, 2) / pixel_size
-    image = np.repeat(np.arange(first, first + n), kd * ki * ks)
+    local = np.repeat(np.arange(n), kd * ki * ks)  # each pose's particle within the block
     # The rest of each particle's mass is renormalised over the poses kept.
     w = w.ravel()
     keep = (w > 0) & (w >= min_weight)
-    w = w[keep] / np.bincount(image[keep], weights=w[keep], minlength=first + n)[image[keep]]
-    return image[keep], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w
+    local = local[keep]
+    w = w[keep] / np.bincount(local, weights=w[keep], minlength=n)[local]
+    return particles[local], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w
 
 
 def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,
