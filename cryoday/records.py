@@ -8,7 +8,8 @@ A stage directory holds
 ``poses.npz``
     every particle's most probable pose at the stage's final map: ``rotations`` (n, 3, 3),
     ``shifts_A`` (n, 2) in A, ``nll`` and ``null_nll`` (n,) in nats (the negative log-likelihood
-    under the map and under empty density) and ``heldout_rows`` (int64);
+    under the map and under empty density; ``null_nll`` is NaN but for the held-out images,
+    the only ones validation compares) and ``heldout_rows`` (int64);
 ``state.npz``
     what the next stage starts from: the SAGD optimiser's state and the importance sampler's
     per-particle posteriors (see ``cryoday.sagd.SAGD.save``);
