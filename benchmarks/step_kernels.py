@@ -9,8 +9,8 @@ Sizes are those of a 40,000-particle, 128-px set at its 10 A stage (60 px, 9,463
   (``Generator.multinomial`` before, ``proposals.multinomial_draws`` now);
 - ``sag_average``: SAGD's weighted average of 100 stored 60^3 gradients (``np.tensordot``
   before, ``_sagd_kernels.weighted_sum`` now);
-- ``padded``: 200 images' padded transforms (the old strided layout, written out here, against
-  ``batch._padded_transforms``);
+- ``padded``: 200 images' padded transforms (the old full layout, written out here, against
+  ``batch.padded_half_transforms``, the ``kx >= 0`` half the likelihood now reads);
 - ``insertion``: 300 poses inserted at 128 px (the slice adjoint twice, as before, against
   ``_insert_kernels.insert_pairs``).
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from cryoday._insert_kernels import insert_pairs
 from cryoday._sagd_kernels import weighted_sum
-from cryoday.batch import _padded_transforms, padded_half_transforms
+from cryoday.batch import image_padded_size, padded_half_transforms
 from cryoday.geometry import euler_to_matrix
 from cryoday.importance import proposals
 from cryoday.importance._select import top_k_rows
@@ -47,11 +47,24 @@ def best_of(f, repeats=5) -> float:
 
 
 def padded_before(op, images):
-    """``batch._padded_transforms`` as it was: its DFTs, then numpy's two strided copies for
-    the layout."""
-    half = padded_half_transforms(op, images).transpose(1, 0, 2)
-    h = half.shape[-1] - 1
-    out = np.empty((len(images), 2 * h + 1, 2 * h + 1), dtype=np.complex64)
+    """The padded transforms as they were: the y DFT as one product over every image, which
+    leaves them ``(ky, image, kx >= 0)``, then numpy's two strided copies to ``(image, ky, kx)``
+    with the ``kx < 0`` half filled by Hermitian symmetry."""
+    n, n_images = op.box, len(images)
+    m = image_padded_size(n)
+    pos = np.arange(n) - n // 2
+    g = np.sinc(pos / m) ** 2
+    corrected = (np.asarray(images, np.float32) / (g[:, None] * g[None, :])).astype(np.float32)
+    pad = m / n
+    h = min(int(np.ceil(pad * op.radius)) + 2, m // 2 - 1)
+    angle_x = 2 * np.pi * np.outer(pos, np.arange(h + 1)) / m
+    flat = corrected.reshape(n_images * n, n)
+    rows = (flat @ (np.cos(angle_x) * pad / m).astype(np.float32)
+            - 1j * (flat @ (np.sin(angle_x) * pad / m).astype(np.float32))).astype(np.complex64)
+    rows = rows.reshape(n_images, n, h + 1).transpose(1, 0, 2).reshape(n, n_images * (h + 1))
+    dft_y = np.exp(-2j * np.pi * np.outer(np.arange(-h, h + 1), pos) / m).astype(np.complex64)
+    half = (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1).transpose(1, 0, 2)
+    out = np.empty((n_images, 2 * h + 1, 2 * h + 1), dtype=np.complex64)
     out[:, :, h:] = half
     out[:, :, :h] = np.conj(half[:, ::-1, h:0:-1])
     return out
@@ -83,7 +96,7 @@ def main() -> None:
     op = SliceOperator(60, 27.0)
     images = rng.standard_normal((200, 60, 60)).astype(np.float32)
     figures["padded"] = (best_of(lambda: padded_before(op, images)),
-                         best_of(lambda: _padded_transforms(op, images)))
+                         best_of(lambda: padded_half_transforms(op, images)))
 
     big = SliceOperator(128, 63.0)
     size, threads = big._cube_size, numba.get_num_threads()

@@ -79,12 +79,13 @@ class Images(NamedTuple):
     ----------
     data : (B, K) complex64
         The images' coefficients.
-    padded : (B, M, M) complex64
-        The padded transforms turned coefficients are read from (centre :attr:`centre`).
+    padded : (B, 2h + 1, h + 1) complex64
+        The ``kx >= 0`` halves of the padded transforms turned coefficients are read from
+        (``cryoday.batch.padded_half_transforms``; zero frequency at row :attr:`centre`).
     pad : float
         The padding factor: the padded transform at ``pad * k`` stands for ``d(k)``.
     centre : float
-        Index of the zero frequency in :attr:`padded`.
+        Row of the zero frequency in :attr:`padded` (its column is 0).
     ctf_params : (B, 8) float64
         CTF parameters per image (``cryoday.batch.ctf_parameter_table``).
     freq_scale : float
@@ -239,26 +240,55 @@ def ctf_constants(p, freq_scale):
         -bf * f2 / 4.0
 
 
-@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def turn_image(flat, m, pad, centre, chi0, astigmatism, p2, kx, ky, weights, envelope, offset,
-               fxs, fys, b_re, b_im, c2, wc2):
-    """One in-plane turn of an image: the factors of its columns at ``P k'``.
-
-    ``B = w c conj(d)``, ``c^2`` and ``w c^2`` at the turned frequencies, with ``d`` read
-    bilinearly from the image's padded transform (zero outside it) and the CTF
-    ``c = sin(chi) envelope`` exact. A turn leaves ``|k|`` and so ``chi0`` (defocus, Cs, phase)
-    and ``envelope`` (B-factor) unchanged; only the astigmatic term turns. A first loop, free of
-    library calls and gathers, vectorises; a second does the gathers, and interpolates as two
-    lerps along x, then one along y (fewer multiplies than four corner weights).
+@numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
+def ctf_values(ctf_params, freq_scale, kx, ky, out):
+    """``out[i, k]``: image ``i``'s CTF at coefficient ``(kx[k], ky[k])``, unturned: the
+    :func:`turn_image` CTF at the identity (``cryoday.ctf.evaluate_ctf``'s values, without its
+    float64 temporaries of every image times every coefficient).
 
     Parameters
     ----------
-    flat : (2 m^2,) float32
-        The image's ``m x m`` padded transform as interleaved real and imaginary parts.
-    m : int
-        Size of the padded transform.
+    ctf_params : (B, 8) float64
+        ``cryoday.batch.ctf_parameter_table``.
+    freq_scale : float
+        Fourier index to 1/A.
+    kx, ky : (K,) float64
+    out : (B, K) float32
+    """
+    for i in numba.prange(ctf_params.shape[0]):
+        a, bc, bs, cc, phase, b_factor = ctf_constants(ctf_params[i], freq_scale)
+        for k in range(kx.shape[0]):
+            x = kx[k]
+            y = ky[k]
+            s2 = x * x + y * y
+            chi = (a + cc * s2) * s2 + phase + bc * (x * x - y * y) + bs * x * y
+            out[i, k] = sine(chi) * np.exp(b_factor * s2)
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def turn_image(flat, n_y, n_x, pad, centre, chi0, astigmatism, p2, kx, ky, weights, envelope,
+               offset, fxs, fys, signs, b_re, b_im, c2, wc2):
+    """One in-plane turn of an image: the factors of its columns at ``P k'``.
+
+    ``B = w c conj(d)``, ``c^2`` and ``w c^2`` at the turned frequencies, with ``d`` read
+    bilinearly from the ``kx >= 0`` half of the image's padded transform (zero outside it;
+    at ``kx < 0`` as the conjugate of the value at ``-k``, whose four corners are the mirrors of
+    ``k``'s, so the interpolation is the full transform's) and the CTF ``c = sin(chi) envelope``
+    exact. A turn leaves ``|k|`` and so ``chi0`` (defocus, Cs, phase) and ``envelope``
+    (B-factor) unchanged; only the astigmatic term turns. A first loop, free of library calls
+    and gathers, vectorises (the half is chosen by a sign, not a branch); a second does the
+    gathers, and interpolates as two lerps along x, then one along y (fewer multiplies than four
+    corner weights).
+
+    Parameters
+    ----------
+    flat : (2 n_y n_x,) float32
+        The image's ``n_y x n_x`` half transform (:func:`cryoday.batch.padded_half_transforms`)
+        as interleaved real and imaginary parts.
+    n_y, n_x : int
+        Its rows (``ky``) and columns (``kx >= 0``).
     pad, centre : float
-        The padding factor and the index of the zero frequency.
+        The padding factor and the row of the zero frequency.
     chi0, envelope : (K,) float64
         The CTF's phase without the astigmatic term, and its B-factor envelope.
     astigmatism : (3,) tuple of float
@@ -268,7 +298,7 @@ def turn_image(flat, m, pad, centre, chi0, astigmatism, p2, kx, ky, weights, env
         The in-plane rotation ``P``.
     kx, ky, weights : (K,)
         The coefficients and the likelihood's weights.
-    offset, fxs, fys : (K,) uint32, float32, float32
+    offset, fxs, fys, signs : (K,) uint32, float32, float32, float32
         Scratch.
     b_re, b_im, c2, wc2 : (K,) float32
         Out: ``Re B``, ``Im B``, ``c^2``, ``w c^2``.
@@ -279,20 +309,23 @@ def turn_image(flat, m, pad, centre, chi0, astigmatism, p2, kx, ky, weights, env
         y = p2[1, 0] * kx[k] + p2[1, 1] * ky[k]
         chi = chi0[k] + (qa * kx[k] + qb * ky[k]) * kx[k] + qc * ky[k] * ky[k]
         ctf = sine(chi) * envelope[k]
-        qx = pad * x + centre
-        qy = pad * y + centre
-        x0 = min(max(np.floor(qx), 0.0), m - 2.0)
-        y0 = min(max(np.floor(qy), 0.0), m - 2.0)
+        # d(k) = conj(d(-k)): at kx < 0 read -k, and conjugate below.
+        sign = 1.0 - 2.0 * np.float64(x < 0.0)
+        qx = pad * sign * x
+        qy = pad * sign * y + centre
+        x0 = min(max(np.floor(qx), 0.0), n_x - 2.0)
+        y0 = min(max(np.floor(qy), 0.0), n_y - 2.0)
         fx = qx - x0
         fy = qy - y0
         inside = np.float64((fx >= 0.0) & (fx <= 1.0) & (fy >= 0.0) & (fy <= 1.0))
         fxs[k] = fx
         fys[k] = fy
-        offset[k] = np.uint32(2.0 * (y0 * m + x0))
+        signs[k] = sign
+        offset[k] = np.uint32(2.0 * (y0 * n_x + x0))
         b_re[k] = weights[k] * ctf * inside  # w c, times d below
         c2[k] = ctf * ctf
         wc2[k] = weights[k] * ctf * ctf
-    row = np.uint64(2 * m)
+    row = np.uint64(2 * n_x)
     for k in range(np.uint64(kx.shape[0])):
         o = np.uint64(offset[k])
         fx = fxs[k]
@@ -303,7 +336,7 @@ def turn_image(flat, m, pad, centre, chi0, astigmatism, p2, kx, ky, weights, env
         hi_im = flat[o + row + 1] + fx * (flat[o + row + 3] - flat[o + row + 1])
         wc = b_re[k]
         b_re[k] = wc * (lo_re + fy * (hi_re - lo_re))
-        b_im[k] = -wc * (lo_im + fy * (hi_im - lo_im))
+        b_im[k] = -wc * signs[k] * (lo_im + fy * (hi_im - lo_im))
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
@@ -428,6 +461,7 @@ def prepare_image(images, i, inp_idx_i, inplane, coef, b_re, b_im, c2, wc2):
     offset = np.empty(n_k, dtype=np.uint32)
     fxs = np.empty(n_k, dtype=np.float32)
     fys = np.empty(n_k, dtype=np.float32)
+    signs = np.empty(n_k, dtype=np.float32)
     flat = padded_i.ravel().view(np.float32)  # interleaved real and imaginary parts
     for p in range(inp_idx_i.shape[0]):
         r = inplane[inp_idx_i[p]]
@@ -436,8 +470,9 @@ def prepare_image(images, i, inp_idx_i, inplane, coef, b_re, b_im, c2, wc2):
                        2.0 * bc * (r[0, 0] * r[0, 1] - r[1, 0] * r[1, 1])
                        + bs * (r[0, 0] * r[1, 1] + r[0, 1] * r[1, 0]),
                        bc * (r[0, 1] ** 2 - r[1, 1] ** 2) + bs * r[0, 1] * r[1, 1])
-        turn_image(flat, padded_i.shape[0], images.pad, images.centre, chi0, astigmatism, r, kx,
-                   ky, weights, envelope, offset, fxs, fys, b_re[p], b_im[p], c2[p], wc2[p])
+        turn_image(flat, padded_i.shape[0], padded_i.shape[1], images.pad, images.centre, chi0,
+                   astigmatism, r, kx, ky, weights, envelope, offset, fxs, fys, signs, b_re[p],
+                   b_im[p], c2[p], wc2[p])
         if coloured:
             c2_p = c2[p]
             for k in range(n_k):

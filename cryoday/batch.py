@@ -15,8 +15,8 @@ import numpy as np
 import scipy.fft as sfft
 
 from cryoday import tunables
-from cryoday._batch_kernels import hermitian_layout
-from cryoday.ctf import electron_wavelength, evaluate_ctf
+from cryoday._likelihood_kernels import ctf_values
+from cryoday.ctf import electron_wavelength
 from cryoday.fourier import ft2
 from cryoday.projection import SliceOperator
 
@@ -33,9 +33,10 @@ class ImageBatch:
     data : (B, n_coef) complex64, centred unitary transforms of the images at the stage box
     ctf : (B, n_coef) float32
     sigma2 : (B,) float32, noise variance per pixel (= per unitary Fourier coefficient)
-    padded : (B, M, M) complex64, the part of each image's zero-padded (``image_padded_size``),
-        gridding-corrected transform that turned coefficients reach (centre ``M // 2``), scaled
-        so that its value at ``p k`` (``p`` the padding factor) stands for ``d(k)``
+    padded : (B, 2h + 1, h + 1) complex64, the ``kx >= 0`` half of the part of each image's
+        zero-padded (``image_padded_size``), gridding-corrected transform that turned
+        coefficients reach (:func:`padded_half_transforms`; ``ky = 0`` at row ``h``), scaled so
+        that its value at ``p k`` (``p`` the padding factor) stands for ``d(k)``
     ctf_params : (B, 8) float64, per image: defocus U, V (A), astigmatism angle (rad),
         wavelength (A), Cs (A), amplitude contrast, B-factor (A^2), phase shift (rad)
     freq_scale : float, 1 / (box * pixel size): Fourier index to 1/A
@@ -71,14 +72,16 @@ def image_padded_size(box: int) -> int:
 
 
 def padded_half_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
-    """The ``kx >= 0`` half of each image's zero-padded transform near the origin, laid out
-    ``(ky = -h..h, image, kx = 0..h)`` as the last DFT leaves it.
+    """The ``kx >= 0`` half of each image's zero-padded transform near the origin:
+    ``(n_images, 2h + 1, h + 1)``, rows ``ky = -h..h`` (the zero frequency at row ``h``),
+    columns ``kx = 0..h``.
 
     The window ``|kx|, |ky| <= h`` of :func:`~cryoday.fourier.ft2` of the gridding-corrected
     image centred in an ``m x m`` array of zeros. Only the image's ``n x n`` pixels enter, so the
     window is two small DFTs as matrix products, over x for every row of every image, then over
-    y for all images at once, rather than an FFT of the nine-times larger padded array (about
-    twice as fast).
+    y image by image (a stacked product, which leaves the images outermost), rather than an FFT
+    of the nine-times larger padded array. The ``kx < 0`` half is the conjugate of ``-k``: the
+    likelihood's turning reads it there, so it is neither computed nor stored.
     """
     n, n_images = op.box, len(images)
     m = image_padded_size(n)
@@ -94,21 +97,8 @@ def padded_half_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
     flat = corrected.reshape(n_images * n, n)
     rows = (flat @ (np.cos(angle_x) * scale).astype(np.float32)
             - 1j * (flat @ (np.sin(angle_x) * scale).astype(np.float32))).astype(np.complex64)
-    rows = rows.reshape(n_images, n, h + 1).transpose(1, 0, 2).reshape(n, n_images * (h + 1))
     dft_y = np.exp(-2j * np.pi * np.outer(np.arange(-h, h + 1), pos) / m).astype(np.complex64)
-    return (dft_y @ rows).reshape(2 * h + 1, n_images, h + 1)
-
-
-def _padded_transforms(op: SliceOperator, images: np.ndarray) -> np.ndarray:
-    """Each image's zero-padded transform near the origin, ready for bilinear turning:
-    ``(n_images, 2h + 1, 2h + 1)``, the ``kx >= 0`` half of :func:`padded_half_transforms`
-    with the ``kx < 0`` half filled by Hermitian symmetry (``kx < 0`` is the conjugate of
-    ``-k``)."""
-    half = padded_half_transforms(op, images)
-    h = half.shape[-1] - 1
-    out = np.empty((len(images), 2 * h + 1, 2 * h + 1), dtype=np.complex64)
-    hermitian_layout(half, out)
-    return out
+    return np.matmul(dft_y, rows.reshape(n_images, n, h + 1))
 
 
 def ctf_parameter_table(ctf_params: dict, n: int) -> np.ndarray:
@@ -161,8 +151,9 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
     images = np.asarray(images, dtype=np.float32)
     data = op.extract(ft2(images))
     scale = 1.0 / (op.box * pixel_size)
-    ctf = evaluate_ctf(op.kx * scale, op.ky * scale, **ctf_params)
-    ctf = np.broadcast_to(ctf, data.shape).astype(np.float32)
+    ctf_table = ctf_parameter_table(ctf_params, len(images))
+    ctf = np.empty(data.shape, np.float32)
+    ctf_values(ctf_table, scale, op.kx.astype(np.float64), op.ky.astype(np.float64), ctf)
     sigma2 = np.broadcast_to(np.asarray(sigma, dtype=np.float32) ** 2, (len(images),))
     noise_weight = None
     if noise is not None:
@@ -170,8 +161,8 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
         noise_weight = np.ascontiguousarray(noise.weights(np.hypot(op.kx, op.ky) * scale))
         noise_group = (np.zeros(len(images), np.int64) if noise_group is None
                        else np.ascontiguousarray(noise_group, dtype=np.int64))
-    return ImageBatch(data, np.ascontiguousarray(ctf), np.ascontiguousarray(sigma2),
-                      _padded_transforms(op, images) if padded else None, ctf_parameter_table(ctf_params, len(images)),
+    return ImageBatch(data, ctf, np.ascontiguousarray(sigma2),
+                      padded_half_transforms(op, images) if padded else None, ctf_table,
                       scale, noise_weight, noise_group if noise is not None else None)
 
 

@@ -372,8 +372,9 @@ def test_turned_ctf_matches_relion_ctf_with_astigmatism():
     table = ctf_parameter_table(params, 1)[0]
     psize = 2.5
     p2 = inplane_matrices(np.array([0.7]))
-    # A constant "image transform" of 1 + 0i, so that B = w c conj(d) is w c.
-    padded = np.ones((40, 40), np.complex64)
+    # A constant "image transform" of 1 + 0i, so that B = w c conj(d) is w c (its kx >= 0
+    # half: rows ky = -20..20, columns kx = 0..20).
+    padded = np.ones((41, 21), np.complex64)
     b_re, b_im, c2, wc2 = (np.empty((1, op.n_coef), np.float32) for _ in range(4))
     kx, ky = op.kx.astype(np.float64), op.ky.astype(np.float64)
     weights = op.weights
@@ -464,7 +465,7 @@ def test_a_nan_in_an_image_makes_its_nll_nan(problem, monkeypatch, grouped):
     clean = marginal_nll(op, volume, batch, grid, subsets, want_grad=False).nll
     c = batch.padded.shape[1] // 2
     padded = batch.padded.copy()
-    padded[1, c + 1, c] = np.nan  # read by the turned image near the origin
+    padded[1, c + 1, 0] = np.nan  # read by the turned image near the origin (kx = 0)
     bad = marginal_nll(op, volume, dataclasses.replace(batch, padded=padded), grid, subsets,
                        want_grad=False).nll
     assert np.isnan(bad[1])

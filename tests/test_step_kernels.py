@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from cryoday._sagd_kernels import weighted_sum
-from cryoday.batch import _padded_transforms, image_padded_size
+from cryoday.batch import image_padded_size, padded_half_transforms
 from cryoday.importance import proposals
 from cryoday.importance._select import top_k_rows
 from cryoday.importance.store import top_points
@@ -112,18 +112,39 @@ def test_weighted_sum_equals_tensordot(rng):
 
 @pytest.mark.parametrize("box, radius", [(24, 9.6), (31, 12.0)])
 def test_padded_transforms_are_the_padded_fft_near_the_origin(rng, box, radius):
+    """The kx >= 0 half of the window |kx|, |ky| <= h of the padded array's FFT."""
     op = SliceOperator(box, radius)
     images = rng.standard_normal((3, box, box)).astype(np.float32)
-    out = _padded_transforms(op, images)
+    out = padded_half_transforms(op, images)
     m = image_padded_size(box)
-    h = out.shape[-1] // 2
+    h = out.shape[-1] - 1
+    assert out.shape == (3, 2 * h + 1, h + 1)
     pos = np.arange(box) - box // 2
     g = np.sinc(pos / m) ** 2
     for image, got in zip(images, out):
         big = np.zeros((m, m))
         lo = m // 2 - box // 2
         big[lo:lo + box, lo:lo + box] = image / np.outer(g, g)
-        # Unitary on the padded array and m / box times larger (see _padded_transforms).
+        # Unitary on the padded array and m / box times larger (see padded_half_transforms).
         spectrum = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(big))) / m * (m / box)
-        window = spectrum[m // 2 - h:m // 2 + h + 1, m // 2 - h:m // 2 + h + 1]
+        window = spectrum[m // 2 - h:m // 2 + h + 1, m // 2:m // 2 + h + 1]
         np.testing.assert_allclose(got, window, atol=2e-5 * np.abs(window).max())
+
+
+def test_batch_ctf_equals_evaluate_ctf(rng):
+    """make_batch's CTF kernel against ``ctf.evaluate_ctf`` (numpy), per image: a defocus each,
+    astigmatism, B-factor and phase shift."""
+    from cryoday.batch import make_batch
+    from cryoday.ctf import evaluate_ctf
+
+    op, n, psize = SliceOperator(40, 18.0), 5, 2.3
+    params = {"defocus_u": rng.uniform(5e3, 3e4, n), "defocus_v": rng.uniform(5e3, 3e4, n),
+              "defocus_angle": rng.uniform(0, 180, n), "voltage": 300.0, "cs": 2.7,
+              "amplitude_contrast": 0.07, "bfactor": rng.uniform(0, 150, n),
+              "phase_shift": rng.uniform(0, 90, n)}
+    batch = make_batch(op, rng.standard_normal((n, 40, 40)).astype(np.float32), params, psize,
+                       1.0, padded=False)
+    scale = 1.0 / (40 * psize)
+    expected = evaluate_ctf(op.kx * scale, op.ky * scale, **params)
+    assert batch.ctf.shape == (n, op.n_coef) and batch.ctf.dtype == np.float32
+    np.testing.assert_allclose(batch.ctf, expected, atol=1e-5)  # float32 phases of ~30 rad
