@@ -154,14 +154,16 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
     ctf_table = ctf_parameter_table(ctf_params, len(images))
     ctf = np.empty(data.shape, np.float32)
     ctf_values(ctf_table, scale, op.kx.astype(np.float64), op.ky.astype(np.float64), ctf)
-    sigma2 = np.broadcast_to(np.asarray(sigma, dtype=np.float32) ** 2, (len(images),))
+    # A writable copy: a read-only view (broadcast_to's) is another Numba type than the rows
+    # a batch's take() copies, and would compile every kernel twice.
+    sigma2 = np.broadcast_to(np.asarray(sigma, dtype=np.float32) ** 2, (len(images),)).copy()
     noise_weight = None
     if noise is not None:
         # Radial, so the same at the turned frequencies: a factor on the likelihood's weights.
         noise_weight = np.ascontiguousarray(noise.weights(np.hypot(op.kx, op.ky) * scale))
         noise_group = (np.zeros(len(images), np.int64) if noise_group is None
                        else np.ascontiguousarray(noise_group, dtype=np.int64))
-    return ImageBatch(data, ctf, np.ascontiguousarray(sigma2),
+    return ImageBatch(data, ctf, sigma2,
                       padded_half_transforms(op, images) if padded else None, ctf_table,
                       scale, noise_weight, noise_group if noise is not None else None)
 
