@@ -240,6 +240,15 @@ def test_another_seed_or_stage_plans_only_the_new_jobs(tmp_path):
     proc = run_snakemake(tmp_path, "--cores", "2", "results/t/final/volume.mrc")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    # The kernels' warm-up marker lost: finished stages need nothing run again, and the
+    # warm-up run again (it is ancient() to them) makes none of them rerun (below).
+    (tmp_path / "results" / "kernels" / "warmup.json").unlink()
+    proc = run_snakemake(tmp_path, "-n", "--cores", "2", "results/t/final/volume.mrc")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert planned(proc.stdout) == []
+    proc = run_snakemake(tmp_path, "--cores", "2", "results/kernels/warmup.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
     _set(tmp_path, config, seeds=[1, 2])
     proc = run_snakemake(tmp_path, "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,8 +12,8 @@ import yaml
 
 from workflow_helpers import REPO, run_snakemake, write_config
 
-RULES = {"simulate", "preprocess", "stage_stacks", "reconstruct_stage", "finalize", "final_map",
-         "validate", "make_report", "all"}
+RULES = {"simulate", "preprocess", "compile_kernels", "stage_stacks", "reconstruct_stage",
+         "finalize", "final_map", "validate", "make_report", "all"}
 
 
 def planned_jobs(stdout: str) -> dict[str, int]:
@@ -49,6 +49,7 @@ def test_default_config_plans_the_whole_pipeline(tmp_path):
     assert set(jobs) == RULES
     n_stages, n_seeds = 6, 2
     assert jobs["reconstruct_stage"] == n_stages * n_seeds and jobs["stage_stacks"] == 1
+    assert jobs["compile_kernels"] == 1  # once, whatever the datasets and seeds
 
 
 def test_several_datasets_and_seeds_side_by_side(tmp_path, shared_data):

@@ -13,7 +13,8 @@ rule preprocess:
         "results/{dataset}/benchmarks/preprocess.tsv"
     conda:
         ENV
-    threads: 2
+    # Reading and writing the stack, on one core: the other compiles the kernels meanwhile.
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=120,
@@ -50,7 +51,8 @@ for _rule_name, (_n_stages, _names) in stage_stack_groups().items():
             dataset="|".join(_names),
         conda:
             ENV
-        threads: 2
+        # One core, as preprocess.
+        threads: 1
         resources:
             mem_mb=2000,
             runtime=120,

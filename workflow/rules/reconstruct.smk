@@ -5,6 +5,7 @@ rule reconstruct_stage:
         particles="results/{dataset}/preprocess/particles.star",
         noise=stage_noise,
         previous=previous_stage,
+        kernels=ancient("results/kernels/warmup.json"),
     output:
         initial="results/{dataset}/abinitio/seed{seed}/stage{stage}/initial.mrc",
         volume="results/{dataset}/abinitio/seed{seed}/stage{stage}/volume.mrc",

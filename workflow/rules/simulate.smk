@@ -7,6 +7,8 @@ rule simulate:
         "logs/simulate/{dataset}.log",
     benchmark:
         "results/{dataset}/benchmarks/simulate.tsv"
+    # Before compile_kernels, which would otherwise hold one of two cores and make it wait.
+    priority: 1
     conda:
         ENV
     threads: 2
