@@ -187,7 +187,7 @@ def sharpen(volume: np.ndarray, pixel_size: float, guinier_B_A2: float, freq: np
 
 
 def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
-                    min_weight: float = POSE_WEIGHT_FLOOR):
+                    min_weight: float = POSE_WEIGHT_FLOOR, particles=None):
     """Each particle's top points of its stored pose marginals, as weighted poses.
 
     Parameters
@@ -201,6 +201,8 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
     min_weight : float
         Poses of less than this share of their particle's mass are dropped (and the rest
         renormalised); 0 keeps every pose of positive mass.
+    particles : (p,) int array, optional
+        Only these particle rows (a shard's); default every particle.
 
     Returns
     -------
@@ -212,13 +214,14 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
     from cryoday.importance.store import PosteriorStore
 
     store = PosteriorStore.from_state(state)
-    if not store.has.all():
-        missing = int(np.flatnonzero(~store.has)[0])
+    particles = np.arange(store.n) if particles is None else np.asarray(particles, np.int64)
+    if not store.has[particles].all():
+        missing = int(particles[np.flatnonzero(~store.has[particles])[0]])
         raise ValueError(f"stored posteriors: particle row {missing + 1} has none")
     # In blocks of particles: each particle's 3 x 3 x 2 candidates take ~2 kB before the floor
     # drops most of them (2 GB at 1,000,000 particles at once; 100 MB a block).
-    blocks = [_posterior_block(store, rows, pixel_size, top, min_weight)
-              for rows in np.array_split(np.arange(store.n), max(1, -(-store.n // POSE_BLOCK)))]
+    blocks = [_posterior_block(store, rows, pixel_size, top, min_weight) for rows in
+              np.array_split(particles, max(1, -(-len(particles) // POSE_BLOCK)))]
     image, rotations, shifts, weights = (np.concatenate(parts) for parts in zip(*blocks))
     return image, rotations, shifts, weights
 
@@ -264,7 +267,7 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
                          chunk_size: int = CHUNK_SIZE, symmetry: str = "C1",
                          log=print) -> FinalMap:
     """Gold-standard half maps at the full box up to Nyquist, their FSC, the full map and the
-    sharpened map.
+    sharpened map: :func:`half_sums` of every particle, then :func:`from_half_sums`.
 
     Parameters
     ----------
@@ -280,6 +283,58 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     symmetry : point group (RELION's names): each pose is inserted at its ``|G|`` equivalents
         (:func:`cryoday.reconstruct.insert_symmetric`); ``"C1"``, the default, inserts each pose once
     """
+    sums = half_sums(read, n, rotations, shifts_px, ctf_params, pixel_size, box, image=image,
+                     weights=weights, seed=seed, chunk_size=chunk_size, symmetry=symmetry,
+                     log=log)
+    return from_half_sums(sums, n, pixel_size, seed=seed, wiener=wiener, log=log)
+
+
+@dataclass
+class HalfSums:
+    """The two halves' insertion sums of some particles (all, or one shard's), and what
+    :func:`from_half_sums` reports of them."""
+
+    sums: list  # two cryoday.reconstruct.Sums
+    n_insertions: int  # poses inserted (|G| per pose with a point group)
+    poses: str  # "best" or "posterior"
+    symmetry: str
+
+    def __add__(self, other: HalfSums) -> HalfSums:
+        if (self.poses, self.symmetry) != (other.poses, other.symmetry):
+            raise ValueError(f"sums of {self.poses} poses in {self.symmetry} and of "
+                             f"{other.poses} poses in {other.symmetry} do not add up")
+        added = [Sums(a.op, a.num + b.num, a.den + b.den, a.radius)
+                 for a, b in zip(self.sums, other.sums)]
+        return HalfSums(added, self.n_insertions + other.n_insertions, self.poses, self.symmetry)
+
+    def save(self, path) -> None:
+        """One shard's sums, atomically; single precision (each voxel's sum was accumulated in
+        double precision), as the halves' maps are written."""
+        arrays = {f"{name}{half + 1}": getattr(s, name).astype(
+            np.complex64 if name == "num" else np.float32) for half, s in enumerate(self.sums)
+            for name in ("num", "den")}
+        with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays, box=self.sums[0].op.box, radius=self.sums[0].radius,
+                     n_insertions=self.n_insertions, poses=self.poses, symmetry=self.symmetry)
+
+    @classmethod
+    def load(cls, path) -> HalfSums:
+        from cryoday.projection import SliceOperator
+
+        with np.load(path) as f:
+            op = SliceOperator(int(f["box"]), float(f["radius"]))
+            sums = [Sums(op, f[f"num{h}"].astype(np.complex128), f[f"den{h}"].astype(np.float64),
+                         float(f["radius"])) for h in (1, 2)]
+            return cls(sums, int(f["n_insertions"]), str(f["poses"]), str(f["symmetry"]))
+
+
+def half_sums(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
+              pixel_size: float, box: int, *, image=None, weights=None, seed: int = 0,
+              chunk_size: int = CHUNK_SIZE, symmetry: str = "C1", particles=None,
+              log=print) -> HalfSums:
+    """Each gold-standard half's insertion sums (the arguments as :func:`final_reconstruction`'s),
+    of every particle, or with ``particles`` (rows) of those only: a shard's, whose sums add up
+    with the other shards' to every particle's."""
     group = point_groups.canonical_name(symmetry)
     size = point_groups.order(group)
     image = np.arange(n) if image is None else np.asarray(image, np.int64)
@@ -288,10 +343,12 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
         raise ValueError(f"{len(image)} pose rows, {len(rotations)} rotations, "
                          f"{len(shifts_px)} shifts and {len(weights)} weights")
     sums = []
-    for particles in half_sets(n, seed):
+    for half in half_sets(n, seed):
+        if particles is not None:
+            half = np.intersect1d(half, particles)
         # The poses of this half's particles, grouped by particle: each chunk of poses reads
         # and transforms its images once.
-        rows = np.flatnonzero(np.isin(image, particles))
+        rows = np.flatnonzero(np.isin(image, half))
         if size == 1:
             sums.append(insert(read, len(rows), rotations[rows], shifts_px[rows], ctf_params,
                                pixel_size, box, chunk_size=chunk_size, weights=weights[rows],
@@ -302,8 +359,18 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
                                          chunk_size=chunk_size, weights=weights[rows],
                                          image=image[rows]))
         expanded = "" if size == 1 else f" x {size} equivalents ({group})"
-        log(f"half map {len(sums)}: {len(particles)} particles, {len(rows)} poses{expanded} "
+        log(f"half map {len(sums)}: {len(half)} particles, {len(rows)} poses{expanded} "
             "inserted")
+    kind = "best" if len(image) == n and np.all(weights == 1) else "posterior"
+    return HalfSums(sums, len(image) * size, kind, group)
+
+
+def from_half_sums(halves: HalfSums, n: int, pixel_size: float, *, seed: int = 0,
+                   wiener: float = 1e-3, log=print) -> FinalMap:
+    """The half maps, their FSC, the full and the sharpened map from every particle's
+    :class:`HalfSums` (of one job, or added up over the shards)."""
+    sums = halves.sums
+    box = sums[0].op.box
     # The half maps as RELION writes them: least squares with a small constant floor, no
     # filter, so that their FSC measures the data and nothing of a prior.
     half1, half2 = (solve(s, wiener) for s in sums)
@@ -324,8 +391,8 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     log(f"final map: half-map FSC 0.143 {resolution:.2f} A masked, {resolution_unmasked:.2f} A "
         f"unmasked; Guinier B {b:.0f} A^2 ({GUINIER_LOW_A:g} A to {resolution:.2f} A)")
     return FinalMap(half1, half2, full, sharpened, float(pixel_size), freq, unmasked, masked,
-                    resolution, resolution_unmasked, b, int(n), len(image) * size,
-                    "best" if len(image) == n and np.all(weights == 1) else "posterior", group)
+                    resolution, resolution_unmasked, b, int(n), halves.n_insertions,
+                    halves.poses, halves.symmetry)
 
 
 def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures, fsc_table,
@@ -348,9 +415,80 @@ def write_final_map(result: FinalMap, *, full, half1, half2, sharpened, figures,
     return out
 
 
+def _weighted_poses(particles, final_star, state, top, class_weights, main_class, subset,
+                    log):
+    """The poses to insert, ``(image, rotations, shifts_px, weights)`` (see :func:`run`), of
+    every particle or of the rows ``subset``; ``image`` and ``weights`` are None for one
+    unweighted pose per particle."""
+    n, pixel_size = len(particles), float(particles.pixel_size)
+    count = n if subset is None else len(subset)
+    if state is not None:
+        image, rotations, shifts, weights = posterior_poses(dict(np.load(state)), pixel_size,
+                                                            top, particles=subset)
+        if image.max(initial=-1) >= n:
+            raise ValueError(f"{state}: posteriors of {image.max() + 1} particles, "
+                             f"{particles.star_path} has {n}")
+        log(f"posterior-marginalised insertion: {len(image) / max(count, 1):.1f} poses per "
+            f"particle (top {top} of the stored marginals)")
+    else:
+        final = io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False)
+        if len(final) != n:
+            raise ValueError(f"{final_star} has {len(final)} particles, "
+                             f"{particles.star_path} {n}")
+        pose = io.poses(final)
+        rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])
+        shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1) / pixel_size
+        image = weights = None
+    if class_weights is not None:
+        class_weights = np.asarray(class_weights, np.float64).reshape(-1)
+        if len(class_weights) != n:
+            raise ValueError(f"{len(class_weights)} class weights, {particles.star_path} has "
+                             f"{n} particles")
+        if image is None:
+            image, weights = np.arange(n), class_weights.copy()
+        else:
+            weights = weights * class_weights[image]
+        log(f"class {main_class}: particles weighted by their posterior for it "
+            f"({class_weights.sum():.1f} of {n} particles' worth)")
+    return image, rotations, shifts, weights
+
+
+def shard_rows(n: int, shard: int, n_shards: int) -> np.ndarray:
+    """The particle rows of shard ``shard`` (0-based) of ``n_shards``: consecutive, so that a
+    shard reads one stretch of the stack."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} of {n_shards}")
+    return np.array_split(np.arange(n), n_shards)[shard]
+
+
+def run_shard(*, preprocessed_star, final_star, shard: int, n_shards: int, out, state=None,
+              top=POSTERIOR_TOP, seed: int = 0, symmetry: str = "C1", class_weights=None,
+              main_class: int | None = None, log=print) -> HalfSums:
+    """One shard's half sums (rule ``final_map_shard``), written to ``out``
+    (:meth:`HalfSums.save`); the arguments as :func:`run`'s, and ``shard`` of ``n_shards``
+    (:func:`shard_rows`)."""
+    particles = io.read_particles(preprocessed_star)
+    box, pixel_size, n = int(particles.box), float(particles.pixel_size), len(particles)
+    rows = shard_rows(n, shard, n_shards)
+    log(f"shard {shard + 1} of {n_shards}: particles {rows[0] + 1}-{rows[-1] + 1} of {n}"
+        if len(rows) else f"shard {shard + 1} of {n_shards}: no particles")
+    image, rotations, shifts, weights = _weighted_poses(
+        particles, final_star, state, top, class_weights, main_class, rows, log)
+    if image is None:  # one pose per particle: this shard's rows
+        image, rotations, shifts = rows, rotations[rows], shifts[rows]
+    with io.ImageSource(particles) as source:
+        halves = half_sums(source.read, n, rotations, shifts, io.ctf_params(particles),
+                           pixel_size, box, image=image, weights=weights, seed=seed,
+                           symmetry=symmetry, particles=rows, log=log)
+    if state is None and class_weights is None:
+        halves.poses = "best"  # a shard's poses are a part of every particle's best poses
+    halves.save(out)
+    return halves
+
+
 def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERIOR_TOP,
         seed: int = 0, symmetry: str = "C1", class_weights=None, main_class: int | None = None,
-        log=print) -> dict:
+        shard_sums=(), log=print) -> dict:
     """The final map of a run from its files (rule ``final_map``).
 
     Parameters
@@ -373,42 +511,31 @@ def run(*, preprocessed_star, final_star, state=None, outputs: dict, top=POSTERI
         ``class_weight_sum`` (the particles' effective number).
     main_class : int, optional
         The main class, 1-based (for the figures).
+    shard_sums : paths, optional
+        Every shard's :func:`run_shard` sums (``shards`` > 1): added up, they replace the
+        insertion here.
     """
     particles = io.read_particles(preprocessed_star)
     box, pixel_size = int(particles.box), float(particles.pixel_size)
     n = len(particles)
-    ctf = io.ctf_params(particles)
-    if state is not None:
-        image, rotations, shifts, weights = posterior_poses(dict(np.load(state)), pixel_size,
-                                                            top)
-        if image.max(initial=-1) >= n:
-            raise ValueError(f"{state}: posteriors of {image.max() + 1} particles, "
-                             f"{preprocessed_star} has {n}")
-        log(f"posterior-marginalised insertion: {len(image) / n:.1f} poses per particle "
-            f"(top {top} of the stored marginals)")
+    if shard_sums:
+        halves = HalfSums.load(shard_sums[0])
+        for path in shard_sums[1:]:
+            halves = halves + HalfSums.load(path)
+        if halves.sums[0].op.box != box:
+            raise ValueError(f"{shard_sums[0]}: sums of a {halves.sums[0].op.box}-px box, "
+                             f"{preprocessed_star} has {box} px")
+        log(f"the insertion sums of {len(shard_sums)} shards added up: "
+            f"{halves.n_insertions} poses inserted")
+        result = from_half_sums(halves, n, pixel_size, seed=seed, log=log)
     else:
-        final = io.read_particles(final_star, pixel_size=pixel_size, check_stacks=False)
-        if len(final) != n:
-            raise ValueError(f"{final_star} has {len(final)} particles, {preprocessed_star} {n}")
-        pose = io.poses(final)
-        rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])
-        shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1) / pixel_size
-        image = weights = None
-    if class_weights is not None:
-        class_weights = np.asarray(class_weights, np.float64).reshape(-1)
-        if len(class_weights) != n:
-            raise ValueError(f"{len(class_weights)} class weights, {preprocessed_star} has {n} "
-                             "particles")
-        if image is None:
-            image, weights = np.arange(n), class_weights.copy()
-        else:
-            weights = weights * class_weights[image]
-        log(f"class {main_class}: particles weighted by their posterior for it "
-            f"({class_weights.sum():.1f} of {n} particles' worth)")
-    with io.ImageSource(particles) as source:
-        result = final_reconstruction(source.read, n, rotations, shifts, ctf, pixel_size, box,
-                                      image=image, weights=weights, seed=seed,
-                                      symmetry=symmetry, log=log)
+        image, rotations, shifts, weights = _weighted_poses(
+            particles, final_star, state, top, class_weights, main_class, None, log)
+        with io.ImageSource(particles) as source:
+            result = final_reconstruction(source.read, n, rotations, shifts,
+                                          io.ctf_params(particles), pixel_size, box,
+                                          image=image, weights=weights, seed=seed,
+                                          symmetry=symmetry, log=log)
     extra = None
     if class_weights is not None:
         # The class weights are not pose posteriors: best poses stay "best".

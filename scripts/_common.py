@@ -131,3 +131,23 @@ def mock_snakemake(rule_name: str, configfile=None, **wildcards):
     for path in [*snakemake.output, *snakemake.log]:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     return snakemake
+
+
+def final_map_inputs(snakemake):
+    """What the final map (and each of its shards) takes from the run: the chosen start's last
+    ``state.npz`` (None without posteriors), and with K > 1 classes its main class's posterior
+    weights per particle and the class (1-based; None, None for one class); then the seed."""
+    import json
+
+    from cryoday import records
+
+    seeds = [int(s) for s in snakemake.params.seeds]
+    chosen = int(json.loads(Path(snakemake.input.choice).read_text())["chosen_seed"])
+    # The chosen start's last pose posteriors (common.smk lists every seed's, in config order).
+    state = snakemake.input.states[seeds.index(chosen)] if snakemake.input.states else None
+    class_weights = main_class = None
+    if getattr(snakemake.input, "class_maps", None):
+        main = records.read_classes(snakemake.input.class_maps[seeds.index(chosen)])["main"]
+        poses = records.read_poses(snakemake.input.class_poses[seeds.index(chosen)])
+        class_weights, main_class = records.class_posterior(poses)[:, main], main + 1
+    return state, class_weights, main_class, chosen

@@ -208,3 +208,77 @@ def test_run_writes_every_output_atomically(tmp_path, simulated):
     fsc_rows = pd.read_csv(outputs["fsc_table"], sep="\t")
     assert list(fsc_rows.columns) == ["freq_invA", "resolution_A", "fsc_unmasked", "fsc_masked"]
     assert len(fsc_rows) == BOX // 2 + 1
+
+
+def _written_set(directory, simulated):
+    """The simulated set as a STAR file and stack in ``directory``."""
+    images, table = simulated[1], simulated[5]
+    with io.StackWriter(directory / "p.mrcs", N, BOX, PSIZE) as writer:
+        writer.data[:] = images
+    table = table.copy()
+    table["rlnImageName"] = [f"{i + 1:06d}@p.mrcs" for i in range(N)]
+    io.write_particles(directory / "p.star", table, simulate.optics_table(PSIZE, BOX, 300.0, 2.7,
+                                                                          0.1))
+    return directory / "p.star"
+
+
+def _outputs(directory):
+    directory.mkdir()
+    return {name: directory / file for name, file in (
+        ("full", "map_full.mrc"), ("half1", "half1.mrc"), ("half2", "half2.mrc"),
+        ("sharpened", "map_sharpened.mrc"), ("figures", "final_map.json"),
+        ("fsc_table", "final_map_fsc.tsv"))}
+
+
+@pytest.mark.parametrize("posterior", [False, True], ids=["best poses", "posterior poses"])
+def test_shards_add_up_to_the_one_job_map(tmp_path, simulated, posterior):
+    """Three shards' half sums (rule final_map_shard), added up by the final map, give the map
+    one job makes, to single precision (the shards' sums are stored in it)."""
+    star = _written_set(tmp_path, simulated)
+    state = None
+    if posterior:
+        # Each particle's stored marginals: its true direction and a neighbour, two in-plane
+        # angles, one shift.
+        rotations, shifts_px = simulated[2], simulated[3]
+        rot, tilt, psi = matrix_to_euler(rotations)
+        store = PosteriorStore(N)
+        store.dir_xyz[:, 0] = rotations[:, 2]
+        store.dir_xyz[:, 1] = euler_to_matrix(rot + 2.0, tilt + 2.0, psi)[:, 2]
+        store.inp_angle[:, 0] = np.radians(psi)
+        store.inp_angle[:, 1] = np.radians(psi + 3.0)
+        store.shift_A[:, 0] = shifts_px * PSIZE
+        store.dir_logp[:, :2] = np.log([0.7, 0.3])
+        store.inp_logp[:, :2] = np.log([0.6, 0.4])
+        store.shift_logp[:, 0] = 0.0
+        store.has[:] = True
+        state = tmp_path / "state.npz"
+        np.savez(state, **store.state())
+    quiet = {"log": lambda *_: None}
+    one = final_map.run(preprocessed_star=star, final_star=star, state=state,
+                        outputs=_outputs(tmp_path / "one"), **quiet)
+    parts = []
+    for shard in range(3):
+        parts.append(tmp_path / f"shard{shard}.npz")
+        halves = final_map.run_shard(preprocessed_star=star, final_star=star, state=state,
+                                     shard=shard, n_shards=3, out=parts[-1], **quiet)
+        assert halves.poses == ("posterior" if posterior else "best")
+    sharded = final_map.run(preprocessed_star=star, final_star=star, state=state,
+                            outputs=_outputs(tmp_path / "sharded"), shard_sums=parts, **quiet)
+    for key in ("poses", "n_particles", "n_insertions", "box", "pixel_size"):
+        assert sharded[key] == one[key], key
+    for key in ("halfmap_fsc0143_masked_A", "halfmap_fsc0143_unmasked_A",
+                "halfmap_fsc05_masked_A"):
+        assert sharded[key] == pytest.approx(one[key], rel=1e-6), key
+    for name in ("full", "half1", "half2", "sharpened"):
+        a, b = (mrcfile.read(tmp_path / d / f"{name if 'half' in name else 'map_' + name}.mrc")
+                for d in ("one", "sharded"))
+        np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max())
+    assert one["n_insertions"] == (4 * N if posterior else N)
+
+
+def test_shard_rows_cover_every_particle_once():
+    rows = [final_map.shard_rows(10, s, 3) for s in range(3)]
+    assert np.array_equal(np.concatenate(rows), np.arange(10))
+    assert [len(r) for r in rows] == [4, 3, 3]
+    with pytest.raises(ValueError):
+        final_map.shard_rows(10, 3, 3)

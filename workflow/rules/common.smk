@@ -379,6 +379,20 @@ def final_map_states(wildcards):
     }
 
 
+def final_map_shards(wildcards):
+    """With ``shards`` > 1, every shard's insertion sums (``shards``); none otherwise (one job,
+    whose inputs stay as they were)."""
+    n = int(config["shards"])
+    if n == 1:
+        return {}
+    return {
+        "shards": [
+            f"results/{wildcards.dataset}/final/shards/sums_{k}_of_{n}.npz"
+            for k in range(1, n + 1)
+        ]
+    }
+
+
 def final_map_symmetry(wildcards):
     """The point group the final map's poses are expanded by: the one the dataset's stages
     trained in (``auto`` trains in C1, and its group, found afterwards, is not on the map's
