@@ -407,12 +407,18 @@ def final_map_mem_mb(wildcards, input, attempt):
     images, and the posterior's poses: the candidates of one block of 50,000 particles (18
     each, ~300 bytes while they are built) and those kept (at most 18 per particle, ~110 bytes
     each; 2.9 on average at a sharp last stage); doubled on each retry. A 2 GB placeholder
-    before the preprocessed set exists."""
+    before the preprocessed set exists. With shards, a shard job's poses are its particles',
+    and the job adding the shards up makes none but holds twice the cubes."""
     info = Path(input.info)
     if not info.exists():
         return 2000 * attempt
     meta = json.loads(info.read_text())
     box, n = int(meta["box"]), int(meta["n_particles"])
     cubes = 2 * (2 * box + 3) ** 3 * (16 + 8) + 12 * box**3 * 8
+    if "n_shards" in wildcards.keys():
+        n = -(-n // int(wildcards.n_shards))
+    elif int(config["shards"]) > 1:
+        # Both halves' running sums and one shard's being added: twice the cubes.
+        n, cubes = 0, 2 * cubes
     poses = min(n, 50_000) * 18 * 300 + n * 18 * 110
     return int(1000 + (cubes + poses) / 1e6) * attempt
