@@ -406,7 +406,7 @@ def final_map_mem_mb(wildcards, input, attempt):
     denominator cube of twice the box (the insertion's), a few full-box maps, a chunk of
     images, and the posterior's poses: the candidates of one block of 50,000 particles (18
     each, ~300 bytes while they are built) and those kept (at most 18 per particle, ~110 bytes
-    each; 2.9 on average at a sharp last stage); doubled on each retry. A 2 GB placeholder
+    each; 2.2 on average at a sharp last stage); doubled on each retry. A 2 GB placeholder
     before the preprocessed set exists. With shards, a shard job's poses are its particles',
     and the job adding the shards up makes none but holds twice the cubes."""
     info = Path(input.info)
