@@ -39,5 +39,6 @@ def test_one_class_plans_no_class_job(tmp_path):
     proc = run_snakemake(tmp_path, "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rules = {rule for rule, _ in planned(proc.stdout)}
-    assert rules == {"simulate", "preprocess", "stage_stacks", "reconstruct_stage", "finalize",
-                     "final_map", "validate", "make_report", "all"}
+    assert rules == {"simulate", "preprocess", "compile_kernels", "stage_stacks",
+                     "reconstruct_stage", "finalize", "final_map", "validate", "make_report",
+                     "all"}
