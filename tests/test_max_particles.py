@@ -145,6 +145,10 @@ def test_the_stage_memory_request_counts_the_capped_gradients(tmp_path):
     # 500, 100 and 25 stored gradients; the rest of the request is the same.
     assert everything - default == pytest.approx((500 - 100) * gradients_mb, abs=2)
     assert default - small == pytest.approx((100 - 25) * gradients_mb, abs=2)
+    # Above the cap (and the 2 GiB of kept images) the request still grows with the particles:
+    # their records, 3 kB each (the importance store, the table row, the pose).
+    more = _stage_memory(tmp_path / "more", 2 * n)
+    assert more - default == pytest.approx(n * 3000 / 1e6, abs=2)
     # Below the cap the request is that of no cap.
     assert _stage_memory(tmp_path / "few", 5000, max_particles=None) == \
         _stage_memory(tmp_path / "few_capped", 5000)

@@ -215,9 +215,12 @@ def stage_mem_mb(wildcards, input, attempt):
     (at most 2 GiB, streamed beyond), and the likelihood's working set: per block of at most
     4,000 directions, their slices and per-thread gradient accumulators (~70 bytes per direction
     and Fourier pixel inside the cutoff on 2 threads), plus the padded transforms of the
-    four minibatches a stage keeps (its line search and held-out set revisit them). With K
-    classes the stored gradients and the working set of slices are K times one class's (each
-    class has its own gradients, and its nll pass runs with its own slices).
+    four minibatches a stage keeps (its line search and held-out set revisit them), and the
+    per-particle records every particle holds whatever the cap: its importance store (1.2 kB,
+    0.5 kB more while a stage runs), its row of the particle table and CTF, its final pose
+    (about 3 kB in all, measured beyond the images at 200,000 particles). With K classes the
+    stored gradients, the working set of slices and the importance stores are K times one
+    class's (each class has its own gradients and posteriors, and its nll pass its own slices).
     """
     size = stage_size(input)
     if size is None:
@@ -232,7 +235,8 @@ def stage_mem_mb(wildcards, input, attempt):
         n_classes * 4000 * 0.8 * box * box * 70
         + 4 * RECON["minibatch_size"] * (3 * box) ** 2 * 8
     )
-    return int(1000 + (gradients + images + likelihood) / 1e6) * attempt
+    records = n_images * (1700 * n_classes + 1300)
+    return int(1000 + (gradients + images + likelihood + records) / 1e6) * attempt
 
 
 def stage_runtime(wildcards, input, attempt):
