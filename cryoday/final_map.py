@@ -51,6 +51,7 @@ from cryoday import symmetry as point_groups
 from cryoday.fourier import ft3, ift3, radial_index_3d
 from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 from cryoday.geometry import euler_to_matrix
+from cryoday.projection import SliceOperator
 from cryoday.quadrature import directions_to_euler
 from cryoday.reconstruct import Sums, half_sets, insert, insert_symmetric, solve
 
@@ -321,8 +322,6 @@ class HalfSums:
 
     @classmethod
     def load(cls, path) -> HalfSums:
-        from cryoday.projection import SliceOperator
-
         with np.load(path) as f:
             op = SliceOperator(int(f["box"]), float(f["radius"]))
             sums = [Sums(op, f[f"num{h}"].astype(np.complex128), f[f"den{h}"].astype(np.float64),
@@ -363,7 +362,9 @@ def half_sums(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_pa
         expanded = "" if size == 1 else f" x {size} equivalents ({group})"
         log(f"half map {len(sums)}: {len(half)} particles, {len(rows)} poses{expanded} "
             "inserted")
-    kind = "best" if len(image) == n and np.all(weights == 1) else "posterior"
+    # One unweighted pose per particle of the set (every particle, or the shard's): best poses.
+    kind = ("best" if len(image) == (n if particles is None else len(particles))
+            and np.all(weights == 1) else "posterior")
     return HalfSums(sums, len(image) * size, kind, group)
 
 
@@ -421,9 +422,10 @@ def _weighted_poses(particles, final_star, state, top, class_weights, main_class
                     log):
     """The poses to insert, ``(image, rotations, shifts_px, weights)`` (see :func:`run`), of
     every particle or of the rows ``subset``; ``image`` and ``weights`` are None for one
-    unweighted pose per particle."""
+    unweighted pose of every particle."""
     n, pixel_size = len(particles), float(particles.pixel_size)
-    count = n if subset is None else len(subset)
+    rows = np.arange(n) if subset is None else np.asarray(subset, np.int64)
+    count = len(rows)
     if state is not None:
         image, rotations, shifts, weights = posterior_poses(dict(np.load(state)), pixel_size,
                                                             top, particles=subset)
@@ -437,17 +439,18 @@ def _weighted_poses(particles, final_star, state, top, class_weights, main_class
         if len(final) != n:
             raise ValueError(f"{final_star} has {len(final)} particles, "
                              f"{particles.star_path} {n}")
-        pose = io.poses(final)
+        pose = {key: np.asarray(value)[rows] for key, value in io.poses(final).items()}
         rotations = euler_to_matrix(pose["rot"], pose["tilt"], pose["psi"])
         shifts = np.stack([pose["shift_x"], pose["shift_y"]], axis=1) / pixel_size
-        image = weights = None
+        image = None if subset is None else rows
+        weights = None
     if class_weights is not None:
         class_weights = np.asarray(class_weights, np.float64).reshape(-1)
         if len(class_weights) != n:
             raise ValueError(f"{len(class_weights)} class weights, {particles.star_path} has "
                              f"{n} particles")
-        if image is None:
-            image, weights = np.arange(n), class_weights.copy()
+        if weights is None:  # one pose per particle
+            image, weights = rows, class_weights[rows]
         else:
             weights = weights * class_weights[image]
         log(f"class {main_class}: particles weighted by their posterior for it "
@@ -476,14 +479,10 @@ def run_shard(*, preprocessed_star, final_star, shard: int, n_shards: int, out, 
         if len(rows) else f"shard {shard + 1} of {n_shards}: no particles")
     image, rotations, shifts, weights = _weighted_poses(
         particles, final_star, state, top, class_weights, main_class, rows, log)
-    if image is None:  # one pose per particle: this shard's rows
-        image, rotations, shifts = rows, rotations[rows], shifts[rows]
     with io.ImageSource(particles) as source:
         halves = half_sums(source.read, n, rotations, shifts, io.ctf_params(particles),
                            pixel_size, box, image=image, weights=weights, seed=seed,
                            symmetry=symmetry, particles=rows, log=log)
-    if state is None and class_weights is None:
-        halves.poses = "best"  # a shard's poses are a part of every particle's best poses
     halves.save(out)
     return halves
 
