@@ -179,37 +179,6 @@ def test_posterior_insertion_at_a_delta_posterior_is_the_best_pose_map(simulated
     np.testing.assert_allclose(spread.full, delta.full, atol=1e-4 * np.abs(delta.full).max())
 
 
-def test_run_writes_every_output_atomically(tmp_path, simulated):
-    images, table = simulated[1], simulated[5]
-    with io.StackWriter(tmp_path / "p.mrcs", N, BOX, PSIZE) as writer:
-        writer.data[:] = images
-    table = table.copy()
-    table["rlnImageName"] = [f"{i + 1:06d}@p.mrcs" for i in range(N)]
-    optics = simulate.optics_table(PSIZE, BOX, 300.0, 2.7, 0.1)
-    io.write_particles(tmp_path / "p.star", table, optics)
-    outputs = {name: tmp_path / "final" / file for name, file in (
-        ("full", "map_full.mrc"), ("half1", "half1.mrc"), ("half2", "half2.mrc"),
-        ("sharpened", "map_sharpened.mrc"), ("figures", "final_map.json"),
-        ("fsc_table", "final_map_fsc.tsv"))}
-    (tmp_path / "final").mkdir()
-    figures = final_map.run(preprocessed_star=tmp_path / "p.star", final_star=tmp_path / "p.star",
-                            outputs=outputs, log=lambda *_: None)
-    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == sorted(
-        p.name for p in outputs.values())  # no temporary files left beside them
-    for name in ("full", "half1", "half2", "sharpened"):
-        with mrcfile.open(outputs[name]) as mrc:
-            assert mrc.data.shape == (BOX,) * 3
-            assert float(mrc.voxel_size.x) == pytest.approx(PSIZE)
-    written = json.loads(outputs["figures"].read_text())
-    assert written == json.loads(json.dumps(figures))
-    assert written["halfmap_fsc0143_masked_A"] < STAGE_A
-    # 8 A Nyquist leaves the 10 A Guinier range too few shells: no B, the map only filtered.
-    assert written["guinier_B_A2"] is None and written["sharpening_B_A2"] is None
-    fsc_rows = pd.read_csv(outputs["fsc_table"], sep="\t")
-    assert list(fsc_rows.columns) == ["freq_invA", "resolution_A", "fsc_unmasked", "fsc_masked"]
-    assert len(fsc_rows) == BOX // 2 + 1
-
-
 def _written_set(directory, simulated):
     """The simulated set as a STAR file and stack in ``directory``."""
     images, table = simulated[1], simulated[5]
@@ -230,12 +199,39 @@ def _outputs(directory):
         ("fsc_table", "final_map_fsc.tsv"))}
 
 
-@pytest.mark.parametrize("posterior", [False, True], ids=["best poses", "posterior poses"])
-def test_shards_add_up_to_the_one_job_map(tmp_path, simulated, posterior):
+def test_run_writes_every_output_atomically(tmp_path, simulated):
+    star = _written_set(tmp_path, simulated)
+    outputs = _outputs(tmp_path / "final")
+    figures = final_map.run(preprocessed_star=star, final_star=star, outputs=outputs,
+                            log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == sorted(
+        p.name for p in outputs.values())  # no temporary files left beside them
+    for name in ("full", "half1", "half2", "sharpened"):
+        with mrcfile.open(outputs[name]) as mrc:
+            assert mrc.data.shape == (BOX,) * 3
+            assert float(mrc.voxel_size.x) == pytest.approx(PSIZE)
+    written = json.loads(outputs["figures"].read_text())
+    assert written == json.loads(json.dumps(figures))
+    assert written["halfmap_fsc0143_masked_A"] < STAGE_A
+    # 8 A Nyquist leaves the 10 A Guinier range too few shells: no B, the map only filtered.
+    assert written["guinier_B_A2"] is None and written["sharpening_B_A2"] is None
+    fsc_rows = pd.read_csv(outputs["fsc_table"], sep="\t")
+    assert list(fsc_rows.columns) == ["freq_invA", "resolution_A", "fsc_unmasked", "fsc_masked"]
+    assert len(fsc_rows) == BOX // 2 + 1
+
+
+@pytest.mark.parametrize("posterior, classes", [(False, False), (True, False), (False, True)],
+                         ids=["best poses", "posterior poses", "class-weighted best poses"])
+def test_shards_add_up_to_the_one_job_map(tmp_path, simulated, posterior, classes):
     """Three shards' half sums (rule final_map_shard), added up by the final map, give the map
-    one job makes, to single precision (the shards' sums are stored in it)."""
+    one job makes, to single precision (the shards' sums are stored in it); with K classes each
+    particle weighted by its main-class posterior."""
     star = _written_set(tmp_path, simulated)
     state = None
+    weighting = {}
+    if classes:
+        weighting = {"class_weights": np.random.default_rng(5).uniform(0.2, 1.0, N),
+                     "main_class": 1}
     if posterior:
         # Each particle's stored marginals: its true direction and a neighbour, two in-plane
         # angles, one shift.
@@ -253,7 +249,7 @@ def test_shards_add_up_to_the_one_job_map(tmp_path, simulated, posterior):
         store.has[:] = True
         state = tmp_path / "state.npz"
         np.savez(state, **store.state())
-    quiet = {"log": lambda *_: None}
+    quiet = {"log": lambda *_: None, **weighting}
     one = final_map.run(preprocessed_star=star, final_star=star, state=state,
                         outputs=_outputs(tmp_path / "one"), **quiet)
     parts = []
@@ -261,7 +257,7 @@ def test_shards_add_up_to_the_one_job_map(tmp_path, simulated, posterior):
         parts.append(tmp_path / f"shard{shard}.npz")
         halves = final_map.run_shard(preprocessed_star=star, final_star=star, state=state,
                                      shard=shard, n_shards=3, out=parts[-1], **quiet)
-        assert halves.poses == ("posterior" if posterior else "best")
+        assert halves.poses == ("posterior" if posterior or classes else "best")
     sharded = final_map.run(preprocessed_star=star, final_star=star, state=state,
                             outputs=_outputs(tmp_path / "sharded"), shard_sums=parts, **quiet)
     for key in ("poses", "n_particles", "n_insertions", "box", "pixel_size"):
