@@ -1,10 +1,11 @@
 """Compile the reconstruction's Numba kernels before the first stage needs them.
 
-A fresh install compiles every kernel on first use: about 40 s of a first stage on 2 cores, on
-the run's critical path. Preprocessing and the stage crops, which come first, are mostly file
-reading and writing (the paper-scale set's preprocessing: 14 s of CPU in 39 s), so the
-``compile_kernels`` rule runs :func:`compile_kernels` on one core beside them, and Numba's
-on-disk cache (``cryoday.jit.CACHE``) hands the stages compiled kernels.
+A fresh install compiles every kernel on first use: 77 s for a stage's kernels (measured by this
+warm-up on a cold cache), spread over the first stages and on the run's critical path.
+Preprocessing and the stage crops, which come first, use no threads and are largely file
+reading and writing, so the ``compile_kernels`` rule runs :func:`compile_kernels` on one core
+beside them, and Numba's on-disk cache (``cryoday.jit.CACHE``) hands the stages compiled
+kernels.
 
 The warm-up is a miniature run through the same calls, with arrays of the same types, as the
 real one: two stages of :func:`cryoday.stage.run_stage` (a random start, then one from its
@@ -102,7 +103,7 @@ def compile_kernels(section: dict, log=print) -> float:
                 noise=spectrum, noise_group=np.zeros(n, np.int64), full_box=BOX)
             state = Path(tmp) / f"state{stage}.npz"
             result.save_state(state)
-            volume = result.volumes if result.volumes is not None else result.volume[None]
+            volume = result.volumes  # (K, box, box, box), K = 1 too
             log(f"warm-up stage {stage} ({resolution:g} A, {box} px) compiled and ran, "
                 f"{time.perf_counter() - start:.1f} s")
         images = io.open_stack(stack)

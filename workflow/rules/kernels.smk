@@ -1,4 +1,4 @@
-# Numba compiles a fresh install's kernels on first use: about 100 s in all, most of it in the
+# Numba compiles a fresh install's kernels on first use: 77 s on a cold cache, most of it in the
 # first stages. This job compiles them on one core while preprocessing and the crops (mostly
 # file reading and writing) run beside it, and every stage waits for it (cryoday/warmup.py).
 # ancient(): its marker never makes finished stages rerun.
