@@ -153,7 +153,7 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
     scale = 1.0 / (op.box * pixel_size)
     ctf_table = ctf_parameter_table(ctf_params, len(images))
     ctf = np.empty(data.shape, np.float32)
-    ctf_values(ctf_table, scale, op.kx.astype(np.float64), op.ky.astype(np.float64), ctf)
+    ctf_values(ctf_table, scale, op._kx64, op._ky64, ctf)
     # A writable copy: a read-only view (broadcast_to's) is another Numba type than the rows
     # a batch's take() copies, and would compile every kernel twice.
     sigma2 = np.broadcast_to(np.asarray(sigma, dtype=np.float32) ** 2, (len(images),)).copy()
