@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from workflow_helpers import REPO, run_snakemake, write_config
+from workflow_helpers import REPO, one_stage_config, run_snakemake, write_config
 
 DEFAULT_STAGES = [40, 30, 20, 15, 12, 10]
 
@@ -229,13 +229,7 @@ def _set(workdir, config, **reconstruction):
 
 @pytest.mark.slow
 def test_another_seed_or_stage_plans_only_the_new_jobs(tmp_path):
-    config = {
-        "datasets": {"t": {"simulate": {"box": 24, "pixel_size": 5.0, "n_particles": 300,
-                                        "snr": 0.5, "seed": 3}}},
-        "preprocess": {"n_heldout": 30},
-        "reconstruction": {"stages_A": [40], "seeds": [1], "minibatch_size": 90,
-                           "max_iterations": 3, "min_iterations": 1, "heldout_every": 3},
-    }
+    config = one_stage_config()
     write_config(tmp_path, config)
     proc = run_snakemake(tmp_path, "--cores", "2", "results/t/final/volume.mrc")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,18 +9,12 @@ import mrcfile
 import numpy as np
 import pytest
 from test_planning import planned
-from workflow_helpers import run_snakemake, write_config
+from workflow_helpers import one_stage_config, run_snakemake, write_config
 
 
 @pytest.mark.slow
 def test_two_shards_give_the_one_job_map(tmp_path):
-    config = {
-        "datasets": {"t": {"simulate": {"box": 24, "pixel_size": 5.0, "n_particles": 300,
-                                        "snr": 0.5, "seed": 3}}},
-        "preprocess": {"n_heldout": 30},
-        "reconstruction": {"stages_A": [40], "seeds": [1], "minibatch_size": 90,
-                           "max_iterations": 3, "min_iterations": 1, "heldout_every": 3},
-    }
+    config = one_stage_config()
     write_config(tmp_path, config)
     target = "results/t/final/map_full.mrc"
     proc = run_snakemake(tmp_path, "--cores", "2", target)

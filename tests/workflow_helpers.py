@@ -34,3 +34,15 @@ def run_workflow(directory: Path, config: dict, *targets: str, timeout: float = 
     proc = run_snakemake(directory, "--cores", "2", *targets, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return directory
+
+
+def one_stage_config() -> dict:
+    """A fresh config of the quickest whole run: one simulated 24-px set of 300 particles, one
+    40 A stage of 3 iterations, one seed (dataset ``t``)."""
+    return {
+        "datasets": {"t": {"simulate": {"box": 24, "pixel_size": 5.0, "n_particles": 300,
+                                        "snr": 0.5, "seed": 3}}},
+        "preprocess": {"n_heldout": 30},
+        "reconstruction": {"stages_A": [40], "seeds": [1], "minibatch_size": 90,
+                           "max_iterations": 3, "min_iterations": 1, "heldout_every": 3},
+    }
