@@ -17,7 +17,6 @@ import scipy.fft as sfft
 from cryoday import tunables
 from cryoday._likelihood_kernels import ctf_values
 from cryoday.ctf import electron_wavelength
-from cryoday.fourier import ft2
 from cryoday.projection import SliceOperator
 
 CTF_FIELDS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast",
@@ -149,7 +148,7 @@ def make_batch(op: SliceOperator, images: np.ndarray, ctf_params: dict, pixel_si
     ImageBatch
     """
     images = np.asarray(images, dtype=np.float32)
-    data = op.extract(ft2(images))
+    data = op.coefficients(images)
     scale = 1.0 / (op.box * pixel_size)
     ctf_table = ctf_parameter_table(ctf_params, len(images))
     ctf = np.empty(data.shape, np.float32)

@@ -222,6 +222,13 @@ class SliceOperator:
         half = (ky > 0) | ((ky == 0) & (kx >= 0))
         keep = half & (np.hypot(kx, ky) < radius)
         self._flat = np.flatnonzero(keep.ravel())
+        # The same coefficients in a real FFT over y (``rfft2(axes=(-1, -2))``: ky >= 0, every
+        # kx, uncentred): its flat index, and the phase that makes it the centred transform
+        # (ifftshift in real space is a shift by box // 2, a phase in Fourier space).
+        half_ky, half_kx = ky.ravel()[self._flat], kx.ravel()[self._flat]
+        self._rfft_flat = half_ky * box + np.mod(half_kx, box)
+        self._rfft_phase = np.exp(2j * np.pi * (box // 2) * (half_kx + half_ky) / box).astype(
+            np.complex64)
         self.kx = kx.ravel()[self._flat].astype(np.float32)
         self.ky = ky.ravel()[self._flat].astype(np.float32)
         self.weights = np.where((self.kx == 0) & (self.ky == 0), 1.0, 2.0).astype(np.float32)
@@ -243,6 +250,15 @@ class SliceOperator:
         """The operator's coefficients of centred unitary image transforms ``(B, box, box)``."""
         flat = np.asarray(images_ft).reshape(len(images_ft), -1)
         return np.ascontiguousarray(flat[:, self._flat]).astype(np.complex64)
+
+    def coefficients(self, images: np.ndarray) -> np.ndarray:
+        """The operator's coefficients of real images ``(B, box, box)``: ``extract(ft2(images))``
+        (complex64), from a half real FFT with no shifts, about three times faster."""
+        half = sfft.rfft2(np.asarray(images, dtype=np.float32), axes=(-1, -2), norm="ortho",
+                          workers=-1)
+        flat = half.reshape(len(half), -1)
+        return np.ascontiguousarray(flat[:, self._rfft_flat] * self._rfft_phase,
+                                    dtype=np.complex64)
 
     def _corrected(self, volume: np.ndarray) -> np.ndarray:
         g = self._gridding

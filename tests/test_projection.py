@@ -32,6 +32,21 @@ def test_coefficients_cover_the_disc_once():
     assert np.all(np.hypot(op.kx, op.ky) < 10.0)
 
 
+@pytest.mark.parametrize("box,radius", [(32, 16.0), (31, 12.0), (60, 27.0)])
+def test_coefficients_from_the_half_real_fft_are_the_centred_transforms(box, radius):
+    # Reference: the plain centred FFT (ifftshift, fft2, fftshift), as numpy writes it; odd
+    # boxes too, where ifftshift is not a shift by half the box.
+    rng = np.random.default_rng(box)
+    images = rng.standard_normal((5, box, box)).astype(np.float32)
+    centred = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images, axes=(-2, -1)),
+                                          norm="ortho"), axes=(-2, -1))
+    op = SliceOperator(box, radius)
+    reference = centred.reshape(5, -1)[:, op._flat]
+    got = op.coefficients(images)
+    assert got.dtype == np.complex64
+    assert np.abs(got - reference).max() < 1e-5 * np.abs(reference).max()
+
+
 def test_fourier_slice_theorem_against_real_space_projection():
     box, psize = 40, 4.0
     volume = molecule.synthetic_molecule(box, psize)
