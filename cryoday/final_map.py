@@ -73,8 +73,10 @@ POSTERIOR_TOP = (3, 3, 2)
 POSE_WEIGHT_FLOOR = 1e-2
 # Particles whose candidate poses are made at once.
 POSE_BLOCK = 50_000
-# Images per chunk of the insertion (memory is per chunk, not per data set).
-CHUNK_SIZE = 500
+# Poses per chunk of the insertion (memory is per chunk, not per data set: ~2.2 poses an image;
+# ~100 MB of images and coefficients at a 128-px box). Larger chunks keep a thread's planes
+# closer together in the locality order (measured 1.25x faster than 500 at 128 px).
+CHUNK_SIZE = 2000
 
 
 @dataclass

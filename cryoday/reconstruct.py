@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from cryoday import symmetry as point_groups
-from cryoday._insert_kernels import insert_pairs
+from cryoday._insert_kernels import flush, insert_images
 from cryoday.batch import make_batch
 from cryoday.fourier import fourier_crop_2d, ift3
 from cryoday.projection import SliceOperator
@@ -39,6 +39,37 @@ def cutoff_radius(box: int, pixel_size: float, max_resolution_A: float | None = 
     return radius
 
 
+# Poses a thread inserts in float32 before its sums are added into the double-precision cubes:
+# a voxel then sums at most this many terms in single precision (relative rounding below ~1e-4
+# even at the origin, which every pose reaches), and the adding costs ~5% of the insertion.
+FLUSH_POSES_PER_THREAD = 4096
+
+# Viewing directions are ordered in bands of this polar angle (radians), so consecutive planes
+# are about a band apart and share most of the cube's cache lines.
+LOCALITY_BAND = np.radians(2.0)
+
+
+def locality_order(rotations: np.ndarray, image: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """An order of the poses in which consecutive slices are nearly the same plane, each image's
+    poses kept together: images by the viewing direction of their heaviest pose (bands of polar
+    angle, azimuth back and forth), then their poses by theirs. A plane through the origin is the
+    same for the normals ``n`` and ``-n``, so directions are folded onto one hemisphere.
+
+    Insertion is bound by the cube's memory: in this order a thread's planes overlap in cache,
+    and 20,000 random poses insert ~1.4x faster at a 128-px box than in particle order."""
+    normal = np.asarray(rotations)[:, 2, :]
+    normal = np.where(normal[:, 2:3] < 0, -normal, normal)
+    polar = np.arccos(np.clip(normal[:, 2], -1.0, 1.0))
+    azimuth = np.arctan2(normal[:, 1], normal[:, 0])
+    band = np.floor(polar / LOCALITY_BAND)
+    key = band * 8 + np.where(band % 2 == 0, azimuth, -azimuth)  # |azimuth| <= pi < 4
+    heaviest = np.lexsort((-np.asarray(weights), image))
+    first = np.r_[True, image[heaviest][1:] != image[heaviest][:-1]]
+    image_key = np.zeros(int(image.max()) + 1 if len(image) else 0)
+    image_key[image[heaviest][first]] = key[heaviest][first]
+    return np.lexsort((key, image, image_key[image]))
+
+
 def insert(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_params: dict,
            pixel_size: float, box: int, max_resolution_A: float | None = None,
            chunk_size: int = 500, weights: np.ndarray | None = None,
@@ -46,42 +77,46 @@ def insert(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_param
     """Insert every image at its pose (streamed in chunks); the arguments as :func:`reconstruct`'s.
 
     With ``image`` (``(n,)`` ints) the ``n`` rows are poses of the images ``image``: ``read``
-    and ``ctf_params`` are then over images, and each image of a chunk is transformed once
-    however many poses it has there (keep an image's poses together).
+    and ``ctf_params`` are then over images, and each image is transformed once however many
+    poses it has (they are inserted together). The poses are inserted in
+    :func:`locality_order`, ``chunk_size`` at a time.
     """
     radius = cutoff_radius(box, pixel_size, max_resolution_A)
     op = SliceOperator(box, radius)
     size = op._cube_size
     threads = numba.get_num_threads()
-    num = np.zeros((threads, size, size, size), dtype=np.complex128)
-    den = np.zeros((threads, size, size, size), dtype=np.float64)
+    image = np.arange(n) if image is None else np.asarray(image, np.int64)
+    weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    rotations = np.asarray(rotations, np.float64)
+    shifts = np.asarray(shifts_px, np.float64)
+    acc = np.zeros((threads, size, size, size, 4), dtype=np.float32)
+    num = np.zeros((size, size, size), dtype=np.complex128)
+    den = np.zeros((size, size, size), dtype=np.float64)
+    ix = op.kx.astype(np.int64) + box // 2
+    iy = op.ky.astype(np.int64) + box // 2
+    order = locality_order(rotations, image, weights) if n else np.zeros(0, np.int64)
+    since_flush = 0
     for start in range(0, n, chunk_size):
-        rows = np.arange(start, min(start + chunk_size, n))
-        if image is None:
-            which, of = rows, slice(None)
-        else:
-            which, of = np.unique(np.asarray(image)[rows], return_inverse=True)
+        rows = order[start:start + chunk_size]
+        which, of = np.unique(image[rows], return_inverse=True)
         images = read(which)
         if images.shape[-1] != box:
             images = fourier_crop_2d(images, box)
         ctf = {k: (np.asarray(v)[which] if np.ndim(v) else v) for k, v in ctf_params.items()}
         batch = make_batch(op, images, ctf, pixel_size, 1.0, padded=False)
-        t = np.asarray(shifts_px, dtype=np.float64)[rows]
-        phase = np.exp(-2j * np.pi * (np.outer(t[:, 0], op.kx) + np.outer(t[:, 1], op.ky))
-                       / op.box)
-        ctf2 = batch.ctf[of].astype(np.float64) ** 2
-        values = (batch.ctf * batch.data)[of] * phase
-        if weights is not None:
-            w = np.asarray(weights, dtype=np.float64)[rows, None]
-            values, ctf2 = values * w, ctf2 * w
-        insert_pairs(np.ascontiguousarray(values, dtype=np.complex128),
-                     np.ascontiguousarray(ctf2, dtype=np.float64), float(op._half_cube),
-                     np.ascontiguousarray(rotations[rows], dtype=np.float64), op._kx64, op._ky64,
-                     num, den)
-    num, den = num.sum(axis=0), den.sum(axis=0)
-    # Hermitian symmetry: the inserted half plane's mirror images at -q.
-    num = num + np.conj(num[::-1, ::-1, ::-1])
-    den = den + den[::-1, ::-1, ::-1]
+        insert_images(batch.data, batch.ctf, of.astype(np.int64), np.ascontiguousarray(
+            shifts[rows]), np.ascontiguousarray(weights[rows]), np.ascontiguousarray(
+            rotations[rows]), op._kx64, op._ky64, ix, iy, box, float(op._half_cube), acc)
+        since_flush += len(rows)
+        if since_flush >= FLUSH_POSES_PER_THREAD * threads:
+            flush(acc, num, den)
+            since_flush = 0
+    flush(acc, num, den)
+    del acc  # before the completion's copies: the job's peak memory is here
+    # Hermitian symmetry: the inserted half plane's mirror images at -q (numpy copies the
+    # overlapping operand, so the sums are completed in place but for one copy).
+    num += np.conj(num[::-1, ::-1, ::-1])
+    den += den[::-1, ::-1, ::-1]
     return Sums(op, num, den, float(radius))
 
 

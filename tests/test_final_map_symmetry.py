@@ -86,9 +86,11 @@ def test_blocks_of_expanded_poses_sum_to_the_whole_expansion(one_unit):
     ctf = {k: (v[image] if np.ndim(v) else v) for k, v in params.items()}
     whole = insert_symmetric(read_pose, len(image), poses, shifts[image], ctf, PSIZE, BOX,
                              GROUP, chunk_size=50, weights=weights)
+    # The same sums in another order: float32 accumulation (measured ~1e-6 of the largest
+    # value), where a wrong block or a lost equivalent is of the order of the sums themselves.
     scale = np.abs(whole.num).max()
-    assert np.abs(blocked.num - whole.num).max() < 1e-9 * scale
-    assert np.abs(blocked.den - whole.den).max() < 1e-9 * whole.den.max()
+    assert np.abs(blocked.num - whole.num).max() < 1e-5 * scale
+    assert np.abs(blocked.den - whole.den).max() < 1e-5 * whole.den.max()
     assert np.abs(whole.num).max() > 0
 
 

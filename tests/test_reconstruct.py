@@ -107,3 +107,56 @@ def test_cli_on_real_trpv1_particles(shared_data, tmp_path):
         assert mrc.data.shape == (48, 48, 48)
         assert float(mrc.voxel_size.x) == pytest.approx(4.88, abs=1e-3)
         assert np.isfinite(mrc.data).all()
+
+
+def dense_insertion(images, rotations, shifts, ctf, weights, image, op, pixel_size):
+    """Insertion by its definition, in numpy (``np.add.at``, complex128): each pose adds
+    ``w CTF x e^{-2 pi i k.t / box}`` and ``w CTF^2`` at the trilinear corners of its points
+    ``2 A^T (kx, ky, 0) + centre`` of the 2x cube, then the mirror images at ``-q``."""
+    box, m, c = op.box, op._cube_size, op._half_cube
+    centred = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images, axes=(-2, -1)), norm="ortho"),
+                              axes=(-2, -1)).reshape(len(images), -1)[:, op._flat]
+    k = np.stack([op.kx, op.ky], 1).astype(np.float64)
+    f = k / (box * pixel_size)
+    num = np.zeros(m**3, complex)
+    den = np.zeros(m**3)
+    for r, i in enumerate(image):
+        transfer = evaluate_ctf(f[:, 0], f[:, 1], ctf["defocus_u"][i], ctf["defocus_v"][i],
+                                ctf["defocus_angle"][i], ctf["voltage"], ctf["cs"],
+                                ctf["amplitude_contrast"])
+        value = weights[r] * transfer * centred[i] * np.exp(-2j * np.pi * (k @ shifts[r]) / box)
+        q = 2 * k @ rotations[r][:2] + c
+        lower = np.floor(q).astype(int)
+        frac = q - lower
+        for corner in np.ndindex(2, 2, 2):  # (dx, dy, dz)
+            g = np.prod(np.where(np.array(corner), frac, 1 - frac), axis=1)
+            x, y, z = (lower + np.array(corner)).T
+            np.add.at(num, (z * m + y) * m + x, g * value)
+            np.add.at(den, (z * m + y) * m + x, g * weights[r] * transfer**2)
+    num, den = num.reshape(m, m, m), den.reshape(m, m, m)
+    return num + np.conj(num[::-1, ::-1, ::-1]), den + den[::-1, ::-1, ::-1]
+
+
+def test_insertion_against_its_dense_definition():
+    # Several weighted poses per image, in chunks that split an image's poses, against the
+    # dense reference; the kernel accumulates in float32 (stated tolerance 1e-5 of the largest
+    # sum; an error in a phase, a corner or a weight is of the order of the sums).
+    from cryoday.reconstruct import insert
+
+    rng = np.random.default_rng(7)
+    box, psize, n_images, n_poses = 24, 3.0, 6, 17
+    images = rng.standard_normal((n_images, box, box)).astype(np.float32)
+    image = np.sort(rng.integers(0, n_images, n_poses))
+    rotations = simulate.random_rotations(n_poses, rng)
+    shifts = rng.normal(scale=2.0, size=(n_poses, 2))
+    weights = rng.uniform(0.1, 1.0, n_poses)
+    defocus = rng.uniform(1e4, 3e4, n_images)
+    ctf = {"defocus_u": defocus, "defocus_v": defocus * 1.05,
+           "defocus_angle": rng.uniform(0, 180, n_images), "voltage": 300.0, "cs": 2.7,
+           "amplitude_contrast": 0.1}
+    sums = insert(images.__getitem__, n_poses, rotations, shifts, ctf, psize, box,
+                  chunk_size=5, weights=weights, image=image)
+    num, den = dense_insertion(images, rotations, shifts, ctf, weights, image, sums.op, psize)
+    assert np.abs(num).max() > 0
+    assert np.abs(sums.num - num).max() < 1e-5 * np.abs(num).max()
+    assert np.abs(sums.den - den).max() < 1e-5 * den.max()

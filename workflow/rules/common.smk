@@ -406,8 +406,9 @@ def final_map_symmetry(wildcards):
 
 
 def final_map_mem_mb(wildcards, input, attempt):
-    """Memory (MB) of the final map: per thread (2) a complex128 numerator and a float64
-    denominator cube of twice the box (the insertion's), a few full-box maps, a chunk of
+    """Memory (MB) of the final map: the insertion's cubes of twice the box (per thread (2)
+    float32 sums of 16 bytes a voxel, the complex128 numerator and float64 denominator they are
+    added into, and the first half's while the second is made), a few full-box maps, a chunk of
     images, and the posterior's poses: the candidates of one block of 50,000 particles (18
     each, ~300 bytes while they are built) and those kept (at most 18 per particle, ~110 bytes
     each; 2.2 on average at a sharp last stage); doubled on each retry. A 2 GB placeholder
@@ -418,7 +419,7 @@ def final_map_mem_mb(wildcards, input, attempt):
         return 2000 * attempt
     meta = json.loads(info.read_text())
     box, n = int(meta["box"]), int(meta["n_particles"])
-    cubes = 2 * (2 * box + 3) ** 3 * (16 + 8) + 12 * box**3 * 8
+    cubes = (2 * 16 + 24 + 24 + 16) * (2 * box + 3) ** 3 + 12 * box**3 * 8
     if "n_shards" in wildcards.keys():
         n = -(-n // int(wildcards.n_shards))
     elif int(config["shards"]) > 1:
