@@ -130,6 +130,14 @@ class _Objective:
         self.n_classes = 1
         self.iteration = 0
         self.last = None
+        # Each particle's last gradient evaluation (the sampler's clock then, -1 for none) and
+        # its most probable grid pose and nll there: what the final pass of a stage that is
+        # not the last keeps for the particles seen in its last epoch (:func:`final_poses`).
+        n = len(data)
+        self.visited_at = np.full(n, -1, np.int64)
+        self.visit_rot = np.zeros(n, np.int64)
+        self.visit_shift = np.zeros(n, np.int64)
+        self.visit_nll = np.full(n, np.nan)
 
     def end_step(self) -> None:
         """After a SAGD step (K classes update their proportions here)."""
@@ -144,6 +152,10 @@ class _Objective:
         if want_grad:
             self.sampler.update(self.grid, rows, subsets, result)
             self.last = result
+            self.visited_at[rows] = self.iteration
+            self.visit_rot[rows] = result.best_rot
+            self.visit_shift[rows] = result.best_shift
+            self.visit_nll[rows] = result.nll
         grad = None if result.grad is None else result.grad / len(rows)
         return float(result.nll.mean()), grad
 
@@ -303,12 +315,12 @@ class Poses(NamedTuple):
     null_nll: np.ndarray  # -log p(I | V = 0)
 
 
-def pose_pass(objective, what: str, chunk, log=print, start_time=None) -> Poses:
+def pose_pass(objective, what: str, chunk, log=print, start_time=None, only=None) -> Poses:
     """The final pose pass's frame, shared by one class (:func:`final_poses`) and K
-    (:func:`cryoday.classes.final_class_poses`): every particle (training and held out) in
-    chunks of the minibatch size; ``chunk(rows, batch)`` returns the rows' rotations, shifts
-    (px) and nll, and the null nll (empty density) is added here; progress is logged every
-    tenth of the particles. ``what`` ends the first log line.
+    (:func:`cryoday.classes.final_class_poses`): every particle (training and held out), or
+    the rows ``only``, in chunks of the minibatch size; ``chunk(rows, batch)`` returns the rows'
+    rotations, shifts (px) and nll, and the null nll (empty density) is added here; progress is
+    logged every tenth of them. ``what`` ends the first log line. Rows not passed are NaN.
 
     ``null_nll`` explains the images as pure noise: validation asks whether the map explains
     the held-out images better than that (a likelihood-ratio test for signal). It is evaluated
@@ -318,13 +330,14 @@ def pose_pass(objective, what: str, chunk, log=print, start_time=None) -> Poses:
     start_time = time.perf_counter() if start_time is None else start_time
     op, data, grid = objective.op, objective.data, objective.grid
     n = len(data)
-    rotations, shifts = np.empty((n, 3, 3)), np.empty((n, 2))
-    nll, null_nll = np.empty(n), np.full(n, np.nan)
+    rotations, shifts = np.full((n, 3, 3), np.nan), np.full((n, 2), np.nan)
+    nll, null_nll = np.full(n, np.nan), np.full(n, np.nan)
+    passed = np.arange(n) if only is None else np.asarray(only, np.int64)
     empty = np.zeros((op.box,) * 3, np.float32)
     empty_cube = op.prepare(empty)
     heldout = np.zeros(n, bool)
     heldout[objective.heldout_rows] = True
-    chunks = np.array_split(np.arange(n), max(1, n // objective.batch_size))
+    chunks = np.array_split(passed, max(1, len(passed) // objective.batch_size))
     log(f"final poses {what}")
     next_report = 0.1
     for done, rows in enumerate(chunks, 1):
@@ -336,20 +349,51 @@ def pose_pass(objective, what: str, chunk, log=print, start_time=None) -> Poses:
                 op, empty, batch.take(held), grid, empty_map_subsets(grid, len(held)),
                 want_grad=False, cube=empty_cube).nll
         if done / len(chunks) >= next_report:
-            log(f"final poses: {rows[-1] + 1} / {n} particles, "
+            log(f"final poses: {sum(len(c) for c in chunks[:done])} / {len(passed)} particles, "
                 f"{time.perf_counter() - start_time:.1f} s")
             next_report += 0.1
     return Poses(rotations, shifts, nll, null_nll)
 
 
+def recently_visited(objective: _Objective, since: int, min_passed: int) -> np.ndarray:
+    """The particles whose last gradient evaluation was at the sampler clock ``since`` or
+    later, less the earliest-visited of them as needed to leave ``min_passed`` particles (or
+    all) to a pose pass."""
+    visited = np.flatnonzero(objective.visited_at >= since)
+    room = len(visited) - max(0, min(len(objective.visited_at), min_passed)
+                              - (len(objective.visited_at) - len(visited)))
+    if room <= 0:
+        return visited[:0]
+    latest_first = visited[np.argsort(-objective.visited_at[visited], kind="stable")]
+    return np.sort(latest_first[:room])
+
+
+# The fewest particles a final pass evaluates when it keeps the others' last visits: the noise
+# spectrum is refined from their residuals.
+MIN_PASSED_PARTICLES = 2000
+
+
 def final_poses(volume, objective: _Objective, iteration: int, log=print,
-                start_time=None, residuals=None) -> Poses:
+                start_time=None, residuals=None, keep_last_epoch: bool = False) -> Poses:
     """The pose pass over every particle (:func:`pose_pass`) at the final ``volume``, with the
     sampler's proposals at ``iteration`` (their posteriors are updated too); with
     ``residuals`` (a :class:`cryoday.noise_refine.ResidualPower`) each image's residual at its
-    most probable pose is added to it."""
+    most probable pose is added to it.
+
+    With ``keep_last_epoch`` (a stage that is not the last) the particles SAGD evaluated in
+    the stage's last epoch keep that evaluation: its pose, nll and stored posterior, made at a
+    map one epoch from the final one, which is what the next stage's sampler builds on anyway
+    (it diffuses the posteriors onto a finer grid). The pass then covers the others (those
+    outside the training subset, held out, or not seen for an epoch; at least
+    ``MIN_PASSED_PARTICLES``): half the pass of a 40,000-particle set with the default
+    ``max_particles``. The last stage's pass covers every particle: its poses are the result.
+    """
     op, data, grid, sampler = objective.op, objective.data, objective.grid, objective.sampler
     cube = op.prepare(volume)
+    kept = (recently_visited(objective, iteration - len(objective.partition),
+                             MIN_PASSED_PARTICLES)
+            if keep_last_epoch else np.zeros(0, np.int64))
+    passed = np.setdiff1d(np.arange(len(data)), kept)
 
     def chunk(rows, batch):
         subsets = sampler.subsets(grid, rows, iteration)
@@ -361,8 +405,16 @@ def final_poses(volume, objective: _Objective, iteration: int, log=print,
                           None if data.noise_group is None else data.noise_group[rows])
         return rotations, shifts, result.nll
 
-    return pose_pass(objective, f"of all {len(data)} particles at the stage's map", chunk, log,
-                     start_time)
+    if len(kept) == 0:
+        return pose_pass(objective, f"of all {len(data)} particles at the stage's map", chunk,
+                         log, start_time)
+    poses = pose_pass(objective, f"of {len(passed)} of {len(data)} particles at the stage's "
+                      f"map (the other {len(kept)} keep their evaluation in the stage's last "
+                      "epoch)", chunk, log, start_time, only=passed)
+    poses.rotations[kept] = grid.rotations[objective.visit_rot[kept]]
+    poses.shifts_px[kept] = grid.shifts[objective.visit_shift[kept]]
+    poses.nll[kept] = objective.visit_nll[kept]
+    return poses
 
 
 # ---------------------------------------------------------------------- the stage
@@ -417,7 +469,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
               scale_start=False,
               after_iteration: Callable[[int], object] | None = None, noise=None,
               noise_group=None, full_box: int | None = None,
-              reseeded: tuple = ()) -> StageResult:
+              reseeded: tuple = (), last_stage: bool = True) -> StageResult:
     """Run one stage; see the module docstring.
 
     Parameters
@@ -461,6 +513,9 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
         Classes whose start in ``volume0`` is a new one (:func:`cryoday.classes.find_duplicates`):
         their particles pass to their twin, and their pose posteriors are replaced by a copy
         of the twin's (:meth:`cryoday.classes.ClassSamplers.reseed`).
+    last_stage : bool
+        False for a stage the schedule follows with another: its final pass keeps the last
+        epoch's evaluations of the particles SAGD saw then (:func:`final_poses`; one class).
     """
     start_time = time.perf_counter()
     n_classes = config.classes
@@ -541,7 +596,7 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
                 volume, objective, start.optimiser.t, log, start_time, residuals)
         else:
             poses = final_poses(volume, objective, start.optimiser.t, log, start_time,
-                                residuals)
+                                residuals, keep_last_epoch=not last_stage)
     except Exception as error:
         # Out of memory or disk is the machine's, not the checkpoint's fault: keep it.
         if start.resumed and not isinstance(error, (OSError, MemoryError)):

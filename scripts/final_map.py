@@ -3,9 +3,9 @@
 import json
 
 if "snakemake" not in globals():
-    from _common import mock_snakemake
+    from _common import argv_wildcards, mock_snakemake
 
-    snakemake = mock_snakemake("final_map", dataset="demo")
+    snakemake = mock_snakemake("final_map", **argv_wildcards())
 
 from _common import final_map_inputs, setup_logging
 

@@ -1,9 +1,9 @@
 """Rule `make_report`: one self-contained HTML page about the run."""
 
 if "snakemake" not in globals():
-    from _common import mock_snakemake
+    from _common import argv_wildcards, mock_snakemake
 
-    snakemake = mock_snakemake("make_report", dataset="demo")
+    snakemake = mock_snakemake("make_report", **argv_wildcards())
 
 from _common import setup_logging
 

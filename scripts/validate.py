@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 if "snakemake" not in globals():
-    from _common import mock_snakemake
+    from _common import argv_wildcards, mock_snakemake
 
-    snakemake = mock_snakemake("validate", dataset="demo")
+    snakemake = mock_snakemake("validate", **argv_wildcards())
 
 from _common import setup_logging
 

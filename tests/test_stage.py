@@ -126,3 +126,61 @@ def test_a_stage_resumes_from_its_checkpoint(tmp_path):
     assert [h["objective"] for h in resumed.history[:2]] == \
         [h["objective"] for h in first.history]
     assert resumed.optimiser.t == 4 and np.isfinite(resumed.nll).all()
+
+
+def test_a_stage_before_the_last_keeps_the_last_epochs_evaluations(monkeypatch):
+    # 80 training particles in 2 minibatches, 5 iterations: every training particle was seen in
+    # the last epoch (2 iterations), so with MIN_PASSED_PARTICLES lowered the pass covers only
+    # the 20 held out, and the others' poses and nll are those of their last visit.
+    from cryoday import stage as stage_module
+
+    images, ctf = _tiny_set()
+    rows = np.arange(len(images))
+    start = initial.random_blobs(24, 8.0, seed=1)
+    section = default_reconstruction_config(minibatch_size=40, max_iterations=5,
+                                            min_iterations=5, heldout_every=5)
+    config = StageConfig.from_config(section, 1, 1)
+    seen = {}
+    real_pass = stage_module.pose_pass
+
+    def spy(objective, what, chunk, log=print, start_time=None, only=None):
+        seen["only"] = only
+        seen["objective"] = objective
+        return real_pass(objective, what, chunk, log, start_time, only)
+
+    monkeypatch.setattr(stage_module, "pose_pass", spy)
+    monkeypatch.setattr(stage_module, "MIN_PASSED_PARTICLES", 30)
+    lines = []
+    result = run_stage(start, images, ctf, 1.0, 8.0, 30.0, rows[20:], rows[:20], config,
+                       log=lines.append, scale_start=True, last_stage=False)
+    objective = seen["objective"]
+    # 30 passed: the 20 held out and the 10 training particles seen longest ago.
+    passed = np.asarray(seen["only"])
+    assert len(passed) == 30 and set(rows[:20]) <= set(passed)
+    kept = np.setdiff1d(rows, passed)
+    assert np.all(objective.visited_at[kept] >= objective.visited_at[np.setdiff1d(passed,
+                                                                                 rows[:20])].max())
+    grid = objective.grid
+    np.testing.assert_array_equal(result.rotations[kept],
+                                  grid.rotations[objective.visit_rot[kept]])
+    np.testing.assert_array_equal(result.nll[kept], objective.visit_nll[kept])
+    assert np.isfinite(result.nll).all() and np.isfinite(result.rotations).all()
+    assert any("the other 70 keep their evaluation" in line for line in lines)
+
+    # The last stage passes over every particle.
+    run_stage(start, images, ctf, 1.0, 8.0, 30.0, rows[20:], rows[:20], config,
+              log=lambda *_: None, scale_start=True)
+    assert seen["only"] is None
+
+
+def test_recently_visited_leaves_enough_particles_to_the_pass():
+    from cryoday.stage import recently_visited
+
+    class Seen:
+        visited_at = np.array([-1, 9, 3, 8, 7, 9, -1, 2])
+
+    assert recently_visited(Seen, 7, 0).tolist() == [1, 3, 4, 5]
+    # 5 must be passed: 2 unvisited, 2 seen before 7, so one of the recent goes back (the
+    # earliest, row 4).
+    assert recently_visited(Seen, 7, 5).tolist() == [1, 3, 5]
+    assert recently_visited(Seen, 7, 100).tolist() == []

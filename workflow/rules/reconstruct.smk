@@ -27,6 +27,7 @@ rule reconstruct_stage:
     params:
         resolution=stage_resolution,
         options=stage_options,
+        last_stage=lambda w: int(w.stage) == len(dataset_stages(w.dataset)),
         checkpoint="results/{dataset}/abinitio/seed{seed}/stage{stage}/checkpoint.npz",
     script:
         "../../scripts/reconstruct_stage.py"
