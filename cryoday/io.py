@@ -504,30 +504,32 @@ def _pixel_size(path: Path, table: pd.DataFrame, optics, override) -> tuple[floa
 
 
 def _resolve_images(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's stack path (relative ones from the STAR file's folder) and 0-based index in
+    it, from ``rlnImageName`` (``N@stack``, or a single image's file): vectorised, and each
+    distinct stack's path resolved once (a set has many rows per stack)."""
     base = path.parent
-    stacks = np.empty(len(names), dtype=object)
-    index = np.empty(len(names), dtype=np.int64)
-    for row, name in enumerate(names.astype(str)):
-        if "@" in name:
-            number, _, file = name.partition("@")
-            try:
-                index[row] = int(number) - 1
-            except ValueError:
-                raise InputError(
-                    f"{path}: rlnImageName {name!r} at particle row {row + 1} is not N@stack"
-                ) from None
-            if index[row] < 0:
-                raise InputError(
-                    f"{path}: rlnImageName {name!r} at particle row {row + 1}: images count "
-                    "from 1"
-                )
-        else:
-            file, index[row] = name, 0
-        if not file.strip():
-            raise InputError(f"{path}: rlnImageName {name!r} at particle row {row + 1} names no "
-                             "stack file")
-        stacks[row] = str(Path(file) if Path(file).is_absolute() else base / file)
-    return stacks.astype(str), index
+    text = names.astype(str).reset_index(drop=True)
+    has_at = text.str.contains("@", regex=False).to_numpy()
+    parts = text.str.partition("@")
+    number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(number) | (number != np.round(number))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{path}: rlnImageName {text[row]!r} at particle row {row + 1} is not "
+                         "N@stack")
+    if (number < 1).any():
+        row = int(np.flatnonzero(number < 1)[0])
+        raise InputError(f"{path}: rlnImageName {text[row]!r} at particle row {row + 1}: images "
+                         "count from 1")
+    files = parts[2].where(has_at, text)
+    empty = (files.str.strip() == "").to_numpy()
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise InputError(f"{path}: rlnImageName {text[row]!r} at particle row {row + 1} names no "
+                         "stack file")
+    unique, inverse = np.unique(files.to_numpy(dtype=str), return_inverse=True)
+    resolved = np.array([str(Path(f) if Path(f).is_absolute() else base / f) for f in unique])
+    return resolved[inverse].astype(str), number.astype(np.int64) - 1
 
 
 def read_particles(star_path, pixel_size: float | None = None, require_ctf: bool = True,
