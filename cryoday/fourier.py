@@ -7,6 +7,8 @@ unit variance per Fourier coefficient.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.fft as sfft
 
@@ -50,6 +52,57 @@ def radial_index_3d(n: int) -> np.ndarray:
     return np.sqrt(kx**2 + ky**2 + kz**2)
 
 
+def half_spectrum(images: np.ndarray) -> np.ndarray:
+    """Unitary real FFT of ``[..., n, n]`` images (``rfft2``: uncentred, ``kx >= 0``), the input
+    of :func:`crop_half_spectrum`: one per image serves every crop."""
+    return sfft.rfft2(np.asarray(images, dtype=np.float32), norm="ortho", workers=-1)
+
+
+def _centred_index(k: np.ndarray, n: int) -> np.ndarray:
+    """Frequencies ``k`` as the centred layout's ``[-n // 2, n - n // 2)``."""
+    return (k + n // 2) % n - n // 2
+
+
+@functools.lru_cache(maxsize=32)
+def _crop_plan(n: int, new_n: int):
+    """Where :func:`crop_half_spectrum` reads the half spectrum, and its factors.
+
+    The centred crop keeps the frequencies ``[-m // 2, m - m // 2)`` of the ``n`` grid
+    (``m = new_n``); the real part of its inverse transform is the inverse transform of its
+    Hermitian part ``H(k) = (Y(k) + conj Y(-k mod m)) / 2``, which a real inverse FFT takes on
+    ``kx >= 0``. Both terms are read from the half spectrum (a frequency ``kx < 0`` as the
+    conjugate at ``-k``), with the phases of the two centrings (centre ``n // 2``, then
+    ``m // 2``) and the scale ``m / n``; they differ from ``Y(k)`` only on an even crop's
+    Nyquist row and column, where the crop holds ``-m / 2`` and not ``+m / 2``."""
+    m = new_n
+    ky = _centred_index(np.arange(m), m)[:, None]
+    kx = _centred_index(np.arange(m // 2 + 1), m)[None, :]
+    out_phase = np.exp(-2j * np.pi * (kx + ky) * (m // 2) / m) * (m / n) / 2
+    terms = []
+    for qy, qx, conjugate in ((ky, kx, False), (_centred_index(-ky, m), _centred_index(-kx, m),
+                                                True)):
+        qy, qx = np.broadcast_arrays(qy, qx)
+        negative = qx < 0
+        rows = np.where(negative, -qy, qy) % n
+        cols = np.abs(qx)
+        phase = np.exp(2j * np.pi * (qx + qy) * (n // 2) / n)
+        # X(q) is read as conj X(-q) where qx < 0; the second term is conjugated as a whole.
+        flip = negative != conjugate
+        factor = (np.conj(phase) if conjugate else phase) * out_phase
+        terms.append((rows, cols, flip, factor.astype(np.complex64)))
+    return terms
+
+
+def crop_half_spectrum(half: np.ndarray, n: int, new_n: int) -> np.ndarray:
+    """``new_n``-px images from :func:`half_spectrum` of ``n``-px ones: the centred spectrum's
+    crop (:func:`fourier_crop_2d`), float32."""
+    spectrum = 0
+    for rows, cols, flip, factor in _crop_plan(n, new_n):
+        values = half[..., rows, cols]
+        spectrum = spectrum + np.where(flip, np.conj(values), values) * factor
+    return sfft.irfft2(spectrum, s=(new_n, new_n), norm="ortho", workers=-1).astype(np.float32)
+
+
 def fourier_crop_2d(images: np.ndarray, new_n: int) -> np.ndarray:
     """Downsample ``[..., n, n]`` images to ``new_n`` by cropping their centred spectra.
 
@@ -57,17 +110,16 @@ def fourier_crop_2d(images: np.ndarray, new_n: int) -> np.ndarray:
     projection sums a volume's voxels along each ray, so a volume resampled by
     :func:`fourier_crop_3d` to the same box projects ``new_n / n`` times brighter than the cropped
     image (see :func:`cryoday.initial.resample_for_stage`). White noise of standard deviation
-    ``s`` per pixel becomes ``s * new_n / n``.
+    ``s`` per pixel becomes ``s * new_n / n``. Computed from a real FFT
+    (:func:`crop_half_spectrum`), equal to the centred complex transform's crop to float
+    precision (``tests/test_fourier.py``).
     """
     n = images.shape[-1]
     if new_n > n:
         raise ValueError(f"cannot Fourier-crop from {n} to a larger box {new_n}")
     if new_n == n:
         return np.array(images, dtype=np.float32, copy=True)
-    spec = ft2(np.asarray(images, dtype=np.float32))
-    lo = n // 2 - new_n // 2
-    cropped = spec[..., lo : lo + new_n, lo : lo + new_n] * (new_n / n)
-    return ift2(cropped).astype(np.float32)
+    return crop_half_spectrum(half_spectrum(images), n, new_n)
 
 
 def fourier_crop_3d(volume: np.ndarray, new_n: int) -> np.ndarray:

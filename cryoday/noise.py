@@ -34,14 +34,15 @@ optics group's (``n / (n + min)`` of its own), since 50 images give a noisy spec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.fft as sfft
 
 from cryoday import io
 from cryoday.errors import InputError
-from cryoday.fourier import ft2
 
 NOISE_MODELS = ("white", "radial")
 MIN_MICROGRAPH_PARTICLES = 50
@@ -164,11 +165,28 @@ def mask_response(mask: np.ndarray) -> np.ndarray:
     return blurred @ _shell_indicator(box)  # [basis j, shell i]
 
 
+@functools.lru_cache(maxsize=8)
+def _half_shell_indicator(box: int) -> np.ndarray:
+    """:func:`_shell_indicator` on a real FFT's half grid (``rfft2``: rows ``ky mod box``, columns
+    ``kx = 0 .. box // 2``): each bin stands for itself and, but for the columns ``kx = 0`` and
+    (even boxes) ``box / 2``, for its mirror image ``-k``, which has the same power and radius."""
+    ky = (np.arange(box) + box // 2) % box - box // 2
+    kx = np.arange(box // 2 + 1)
+    r = np.hypot(*np.meshgrid(ky, kx, indexing="ij"))
+    j = np.arange(n_shells(box))[:, None, None]
+    hats = np.clip(1.0 - np.abs(r[None] - j), 0.0, None)
+    twice = np.where((kx == 0) | (2 * kx == box), 1.0, 2.0)
+    basis = (hats * twice).reshape(n_shells(box), -1).T
+    return basis / np.maximum(basis.sum(axis=0), 1e-12)
+
+
 def shell_power(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``(n, S)`` shell averages of ``|FT(m x)|^2`` of each image."""
+    """``(n, S)`` shell averages of ``|FT(m x)|^2`` of each image (from a real FFT's half
+    spectrum: a real image's power is the same at ``k`` and ``-k``)."""
     images = np.asarray(images, np.float32)
-    power = np.abs(ft2(images * mask.astype(np.float32))) ** 2
-    return power.reshape(len(images), -1).astype(np.float64) @ _shell_indicator(mask.shape[0])
+    half = sfft.rfft2(images * mask.astype(np.float32), norm="ortho", workers=-1)
+    power = (half.real ** 2 + half.imag ** 2).reshape(len(images), -1)
+    return power.astype(np.float64) @ _half_shell_indicator(mask.shape[0])
 
 
 def deconvolve(observed: np.ndarray, response: np.ndarray, box: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from cryoday import io, noise
 from cryoday.errors import InputError
-from cryoday.fourier import fourier_crop_2d, ft2, ift2
+from cryoday.fourier import crop_half_spectrum, fourier_crop_2d, half_spectrum
 
 log = logging.getLogger(__name__)
 
@@ -290,17 +290,6 @@ def downsample_stream(read, n: int, out, new_box: int, chunk_size: int = 1000) -
         out[rows[0]:rows[-1] + 1] = fourier_crop_2d(read(rows), new_box)
 
 
-def _crop_spectra(spectra: np.ndarray, new_box: int) -> np.ndarray:
-    """Images of ``new_box`` px from the centred spectra of larger ones.
-
-    The same arithmetic as :func:`cryoday.fourier.fourier_crop_2d` after its forward transform,
-    so that a crop from a shared transform equals that function's result bit for bit.
-    """
-    n = spectra.shape[-1]
-    lo = n // 2 - new_box // 2
-    return ift2(spectra[..., lo:lo + new_box, lo:lo + new_box] * (new_box / n)).astype(np.float32)
-
-
 def stage_stacks_stream(read, n: int, outs, new_boxes, chunk_size: int = 1000) -> None:
     """Fourier-crop every image to each of ``new_boxes`` in one pass over the stack.
 
@@ -332,14 +321,14 @@ def stage_stacks_stream(read, n: int, outs, new_boxes, chunk_size: int = 1000) -
         box = images.shape[-1]
         if max(new_boxes, default=0) > box:
             raise ValueError(f"cannot Fourier-crop from {box} to a larger box {max(new_boxes)}")
-        spectra = None
+        half = None
         for out, new_box in zip(outs, new_boxes):
             if new_box == box:
                 out[rows] = images
                 continue
-            if spectra is None:
-                spectra = ft2(images)
-            out[rows] = _crop_spectra(spectra, new_box)
+            if half is None:
+                half = half_spectrum(images)
+            out[rows] = crop_half_spectrum(half, box, new_box)
         log.info("cropped %d / %d images to %d stage box(es)", rows.stop, n, len(new_boxes))
 
 

@@ -118,3 +118,21 @@ def test_euler_at_the_poles():
         rot, t, psi = matrix_to_euler(a)
         assert psi == 0.0
         assert np.allclose(euler_to_matrix(rot, t, psi), a, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,new_n", [(64, 30), (64, 18), (64, 33), (65, 32), (65, 31), (33, 32)])
+def test_crop_from_the_half_spectrum_is_the_centred_spectrums_crop(n, new_n):
+    # Reference: the definition on numpy's full centred FFT (crop the centred window, scale by
+    # new_n / n, inverse, real part), for every parity of both boxes (an even crop keeps the
+    # Nyquist row and column -new_n / 2 only, which the real FFT must reproduce).
+    rng = np.random.default_rng(n * 100 + new_n)
+    x = rng.standard_normal((3, n, n)).astype(np.float32)
+    centred = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"),
+                              axes=(-2, -1))
+    lo = n // 2 - new_n // 2
+    window = centred[:, lo:lo + new_n, lo:lo + new_n] * (new_n / n)
+    reference = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(window, axes=(-2, -1)),
+                                             norm="ortho"), axes=(-2, -1)).real
+    got = fourier_crop_2d(x, new_n)
+    assert got.dtype == np.float32 and got.shape == (3, new_n, new_n)
+    assert np.abs(got - reference).max() < 1e-5 * np.abs(reference).max()

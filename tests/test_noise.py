@@ -227,3 +227,17 @@ def test_a_capped_estimate_reads_fewer_images_and_agrees_with_the_full_one():
     assert sum(read_count) == 500
     inside = slice(2, box // 2)
     np.testing.assert_allclose(capped.power[0][inside], full.power[0][inside], rtol=0.08)
+
+
+@pytest.mark.parametrize("box", [32, 33])
+def test_shell_power_from_the_half_spectrum_is_the_full_spectrums(box):
+    # Reference: the definition on numpy's full centred FFT, with the full-grid indicator.
+    from cryoday.fourier import ft2
+    from cryoday.noise import _shell_indicator, background_mask, shell_power
+
+    rng = np.random.default_rng(box)
+    images = rng.standard_normal((4, box, box)).astype(np.float32)
+    mask = background_mask(box, 0.3 * box)
+    full = np.abs(ft2(images * mask.astype(np.float32))) ** 2
+    reference = full.reshape(4, -1).astype(np.float64) @ _shell_indicator(box)
+    np.testing.assert_allclose(shell_power(images, mask), reference, rtol=1e-5)
