@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from cryoday import io, noise
+from cryoday._preprocess_kernels import background_statistics, normalise_into
 from cryoday.errors import InputError
 from cryoday.fourier import crop_half_spectrum, fourier_crop_2d, half_spectrum
 
@@ -48,17 +49,24 @@ def estimate_noise(images: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np
     Returns float64 arrays ``(background, sigma)`` of shape ``(n,)``. The median and MAD ignore
     the odd bright neighbouring particle that a mean and standard deviation would not.
     """
-    outer = np.asarray(images, dtype=np.float32)[:, mask]
-    background = np.median(outer, axis=1)
-    sigma = MAD_TO_SIGMA * np.median(np.abs(outer - background[:, None]), axis=1)
-    return background.astype(np.float64), sigma.astype(np.float64)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    n = len(images)
+    background, deviation = np.empty(n), np.empty(n)
+    background_statistics(images.reshape(n, -1), np.flatnonzero(np.asarray(mask).ravel()),
+                          background, deviation)
+    return background, MAD_TO_SIGMA * deviation
 
 
 def normalise(images: np.ndarray, background, sigma, sign: int = 1) -> np.ndarray:
     """``sign * (images - background) / sigma`` per image, float32."""
-    scale = (sign / np.asarray(sigma, dtype=np.float64))[:, None, None]
-    centred = images - np.asarray(background, dtype=np.float64)[:, None, None]
-    return (centred * scale).astype(np.float32)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    n = len(images)
+    out = np.empty(images.shape, dtype=np.float32)
+    normalise_into(images.reshape(n, -1),
+                   np.ascontiguousarray(np.broadcast_to(background, (n,)), dtype=np.float64),
+                   np.ascontiguousarray(sign / np.broadcast_to(np.asarray(sigma, np.float64),
+                                                               (n,))), out.reshape(n, -1))
+    return out
 
 
 @dataclass(frozen=True)
