@@ -37,8 +37,9 @@ from cryoday import io, records
 SAME_MOLECULE_FACTOR = 2.0
 # ...and only when that FSC 0.5 crossing lies beyond this Fourier shell: the first shells hold a
 # few dozen voxels each, and an alignment searched over rotations, shifts and hand makes any two
-# maps agree there (a noise map met a molecule's to shell 1.5 on a 10 px stage box).
-SAME_MOLECULE_MIN_SHELL = 4
+# maps agree there (a noise map met a molecule's to shell 1.5 on a 10 px stage box, and two
+# different molecules of one size, trained at 25 A, met to shell 4.01 on a 32 px box).
+SAME_MOLECULE_MIN_SHELL = 5
 
 # The truth's kinds of particle in a simulation (cryoday.simulate.JUNK_*), by column value.
 TRUTH_KINDS = {0: "map", 1: "noise", 2: "other_map"}
