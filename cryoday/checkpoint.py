@@ -26,8 +26,8 @@ from cryoday.io import read_rows
 from cryoday.sagd import SAGD
 from cryoday.stage_config import StageConfig
 
-# A held-out error counts as an improvement when it beats the best so far by this fraction:
-# the importance-sampled estimate wobbles by less, a real gain in a stage's last epochs by more.
+# The held-out error's relative improvement per evaluation below which a stage stops: the
+# importance-sampled estimate wobbles by less, a real gain in a stage's last epochs by more.
 MIN_RELATIVE_IMPROVEMENT = 1e-4
 
 # StageConfig fields that change no number of the stage, only how often it is saved: a
@@ -136,8 +136,10 @@ def stage_fingerprint(config: StageConfig, images, ctf_params, sigma, pixel_size
 
 
 class EarlyStopping:
-    """The held-out error's best so far and the evaluations since it last improved (by
-    ``MIN_RELATIVE_IMPROVEMENT``).
+    """Whether a stage stops: once it has run ``min_iterations`` and the best held-out error so
+    far has improved by less than ``MIN_RELATIVE_IMPROVEMENT`` per evaluation over the last
+    ``patience`` evaluations (a rate over a window, so one lucky evaluation does not restart
+    the count while the error creeps down at a rate too slow to matter).
 
     A pure function of the evaluations in order, so a resumed stage rebuilds it exactly from
     its history (:meth:`replay`) rather than restarting the count.
@@ -145,16 +147,19 @@ class EarlyStopping:
 
     def __init__(self, config: StageConfig):
         self.min_iterations, self.patience = config.min_iterations, config.patience
-        self.best, self.since_best = np.inf, 0
+        self.bests: list[float] = []  # the best so far at each evaluation
+
+    @property
+    def best(self) -> float:
+        return self.bests[-1] if self.bests else np.inf
 
     def evaluate(self, iteration: int, value: float) -> bool:
         """Count the held-out error ``value`` at ``iteration``; whether the stage stops."""
-        if not np.isfinite(self.best) or value < self.best - MIN_RELATIVE_IMPROVEMENT * abs(
-                self.best):
-            self.best, self.since_best = value, 0
-        else:
-            self.since_best += 1
-        return iteration >= self.min_iterations and self.since_best >= self.patience
+        self.bests.append(min(self.best, value) if np.isfinite(self.best) else value)
+        if len(self.bests) <= self.patience or iteration < self.min_iterations:
+            return False
+        gain = self.bests[-1 - self.patience] - self.bests[-1]
+        return gain < self.patience * MIN_RELATIVE_IMPROVEMENT * abs(self.bests[-1])
 
     @classmethod
     def replay(cls, history: list, config: StageConfig) -> tuple[EarlyStopping, int | None]:

@@ -256,9 +256,9 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
     row per iteration to ``history``; returns the final volume.
 
     Every ``heldout_every`` iterations (and at the last) the held-out error is evaluated; the
-    stage stops once it has run ``min_iterations`` and that error has not improved (by
-    ``MIN_RELATIVE_IMPROVEMENT``) for ``patience`` evaluations in a row (:class:`EarlyStopping`,
-    replayed from ``history`` when resuming). The stage is saved to ``checkpoint`` every
+    stage stops once it has run ``min_iterations`` and the best error so far has improved by
+    less than ``MIN_RELATIVE_IMPROVEMENT`` per evaluation over the last ``patience``
+    evaluations (:class:`EarlyStopping`, replayed from ``history`` when resuming). The stage is saved to ``checkpoint`` every
     ``checkpoint_every`` iterations; ``after_iteration(iteration)`` is called after each
     iteration (and its checkpoint): a test kills the process there. With a point group
     (``config.symmetry``) every gradient is averaged over the group (see
@@ -270,7 +270,8 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
                       else _symmetrised_gradients(objective, config.symmetry))
     stopping, stopped_at = EarlyStopping.replay(history, config)
     if stopped_at is not None:  # a checkpoint written as the stage stopped
-        log(f"held-out error has not improved for {config.patience} evaluations: stage done")
+        log(f"held-out error has stopped improving over {config.patience} evaluations: "
+            "stage done")
         return volume
     for iteration in range(len(history) + 1, config.max_iterations + 1):
         objective.iteration = optimiser.t
@@ -300,7 +301,7 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
         if after_iteration is not None:
             after_iteration(iteration)
         if stop:
-            log(f"held-out error has not improved for {config.patience} evaluations: "
+            log(f"held-out error has stopped improving over {config.patience} evaluations: "
                 "stage done")
             break
     return volume
