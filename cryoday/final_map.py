@@ -313,8 +313,9 @@ class HalfSums:
         return HalfSums(added, self.n_insertions + other.n_insertions, self.poses, self.symmetry)
 
     def save(self, path) -> None:
-        """One shard's sums, atomically; single precision (each voxel's sum was accumulated in
-        double precision), as the halves' maps are written."""
+        """One shard's sums, atomically; single precision (each voxel's total is held in double
+        precision, its terms summed in float32 a few thousand poses at a time:
+        ``reconstruct.FLUSH_POSES_PER_THREAD``), as the halves' maps are written."""
         arrays = {f"{name}{half + 1}": getattr(s, name).astype(
             np.complex64 if name == "num" else np.float32) for half, s in enumerate(self.sums)
             for name in ("num", "den")}

@@ -58,7 +58,7 @@ def half_spectrum(images: np.ndarray) -> np.ndarray:
     return sfft.rfft2(np.asarray(images, dtype=np.float32), norm="ortho", workers=-1)
 
 
-def _centred_index(k: np.ndarray, n: int) -> np.ndarray:
+def centred_index(k: np.ndarray, n: int) -> np.ndarray:
     """Frequencies ``k`` as the centred layout's ``[-n // 2, n - n // 2)``."""
     return (k + n // 2) % n - n // 2
 
@@ -75,11 +75,11 @@ def _crop_plan(n: int, new_n: int):
     ``m // 2``) and the scale ``m / n``; they differ from ``Y(k)`` only on an even crop's
     Nyquist row and column, where the crop holds ``-m / 2`` and not ``+m / 2``."""
     m = new_n
-    ky = _centred_index(np.arange(m), m)[:, None]
-    kx = _centred_index(np.arange(m // 2 + 1), m)[None, :]
+    ky = centred_index(np.arange(m), m)[:, None]
+    kx = centred_index(np.arange(m // 2 + 1), m)[None, :]
     out_phase = np.exp(-2j * np.pi * (kx + ky) * (m // 2) / m) * (m / n) / 2
     terms = []
-    for qy, qx, conjugate in ((ky, kx, False), (_centred_index(-ky, m), _centred_index(-kx, m),
+    for qy, qx, conjugate in ((ky, kx, False), (centred_index(-ky, m), centred_index(-kx, m),
                                                 True)):
         qy, qx = np.broadcast_arrays(qy, qx)
         negative = qx < 0

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.fft as sfft
 
 from cryoday import io
 from cryoday.errors import InputError
+from cryoday.fourier import centred_index, half_spectrum
 
 NOISE_MODELS = ("white", "radial")
 MIN_MICROGRAPH_PARTICLES = 50
@@ -170,7 +170,7 @@ def _half_shell_indicator(box: int) -> np.ndarray:
     """:func:`_shell_indicator` on a real FFT's half grid (``rfft2``: rows ``ky mod box``, columns
     ``kx = 0 .. box // 2``): each bin stands for itself and, but for the columns ``kx = 0`` and
     (even boxes) ``box / 2``, for its mirror image ``-k``, which has the same power and radius."""
-    ky = (np.arange(box) + box // 2) % box - box // 2
+    ky = centred_index(np.arange(box), box)
     kx = np.arange(box // 2 + 1)
     r = np.hypot(*np.meshgrid(ky, kx, indexing="ij"))
     j = np.arange(n_shells(box))[:, None, None]
@@ -184,7 +184,7 @@ def shell_power(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``(n, S)`` shell averages of ``|FT(m x)|^2`` of each image (from a real FFT's half
     spectrum: a real image's power is the same at ``k`` and ``-k``)."""
     images = np.asarray(images, np.float32)
-    half = sfft.rfft2(images * mask.astype(np.float32), norm="ortho", workers=-1)
+    half = half_spectrum(images * mask.astype(np.float32))
     power = (half.real ** 2 + half.imag ** 2).reshape(len(images), -1)
     return power.astype(np.float64) @ _half_shell_indicator(mask.shape[0])
 

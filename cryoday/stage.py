@@ -258,9 +258,10 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
     Every ``heldout_every`` iterations (and at the last) the held-out error is evaluated; the
     stage stops once it has run ``min_iterations`` and the best error so far has improved by
     less than ``MIN_RELATIVE_IMPROVEMENT`` per evaluation over the last ``patience``
-    evaluations (:class:`EarlyStopping`, replayed from ``history`` when resuming). The stage is saved to ``checkpoint`` every
-    ``checkpoint_every`` iterations; ``after_iteration(iteration)`` is called after each
-    iteration (and its checkpoint): a test kills the process there. With a point group
+    evaluations (:class:`EarlyStopping`, replayed from ``history`` when resuming). The stage
+    is saved to ``checkpoint`` every ``checkpoint_every`` iterations;
+    ``after_iteration(iteration)`` is called after each iteration (and its checkpoint): a test
+    kills the process there. With a point group
     (``config.symmetry``) every gradient is averaged over the group (see
     :func:`_symmetrised_gradients`): a symmetric start stays symmetric.
     """
@@ -361,10 +362,8 @@ def recently_visited(objective: _Objective, since: int, min_passed: int) -> np.n
     later, less the earliest-visited of them as needed to leave ``min_passed`` particles (or
     all) to a pose pass."""
     visited = np.flatnonzero(objective.visited_at >= since)
-    room = len(visited) - max(0, min(len(objective.visited_at), min_passed)
-                              - (len(objective.visited_at) - len(visited)))
-    if room <= 0:
-        return visited[:0]
+    n = len(objective.visited_at)
+    room = min(len(visited), n - min(n, min_passed))
     latest_first = visited[np.argsort(-objective.visited_at[visited], kind="stable")]
     return np.sort(latest_first[:room])
 
@@ -406,12 +405,11 @@ def final_poses(volume, objective: _Objective, iteration: int, log=print,
                           None if data.noise_group is None else data.noise_group[rows])
         return rotations, shifts, result.nll
 
-    if len(kept) == 0:
-        return pose_pass(objective, f"of all {len(data)} particles at the stage's map", chunk,
-                         log, start_time)
-    poses = pose_pass(objective, f"of {len(passed)} of {len(data)} particles at the stage's "
-                      f"map (the other {len(kept)} keep their evaluation in the stage's last "
-                      "epoch)", chunk, log, start_time, only=passed)
+    what = (f"of all {len(data)} particles at the stage's map" if len(kept) == 0 else
+            f"of {len(passed)} of {len(data)} particles at the stage's map (the other "
+            f"{len(kept)} keep their evaluation in the stage's last epoch)")
+    poses = pose_pass(objective, what, chunk, log, start_time,
+                      only=passed if len(kept) else None)
     poses.rotations[kept] = grid.rotations[objective.visit_rot[kept]]
     poses.shifts_px[kept] = grid.shifts[objective.visit_shift[kept]]
     poses.nll[kept] = objective.visit_nll[kept]
