@@ -225,6 +225,11 @@ class ClassSamplers:
         return _mean_of_finite([s.last_kl for s in self.samplers])
 
     @property
+    def flip_dropped(self) -> bool:
+        """Whether every class's sampler has dropped the antipodal term."""
+        return all(s.flip_dropped for s in self.samplers)
+
+    @property
     def last_kl_epochs(self) -> float:
         return _mean_of_finite([s.last_kl_epochs for s in self.samplers])
 

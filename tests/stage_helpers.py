@@ -20,7 +20,8 @@ class ScriptedObjective:
         self.n_train = 10
         self.n_classes = 1
         self.grid = SimpleNamespace(size=100)
-        self.sampler = SimpleNamespace(last_kl=float("nan"), last_kl_epochs=float("nan"))
+        self.sampler = SimpleNamespace(last_kl=float("nan"), last_kl_epochs=float("nan"),
+                                       flip_dropped=False)
         self.iteration = 0
         self.last = None
 

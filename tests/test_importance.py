@@ -416,7 +416,7 @@ def test_annealed_mixture_proposals_stay_unbiased():
     # Every image shares one stored posterior (each still draws its own sample); the dataset
     # average follows the same state.
     sampler.update(grid, [0], *peaked_state(grid, [40], [7], [3], spread=20.0))
-    for key in sampler.state():
+    for key in sampler.store.state():
         array = getattr(sampler.store, key.removeprefix("is_"))
         array[1:] = array[0]
     sampler.set_grid(grid)
@@ -515,3 +515,49 @@ def test_spread_rows_is_the_kernel_sum_over_stored_points():
     kernel = np.where(40.0 * d2 <= tunables.KERNEL_CUTOFF, np.exp(-40.0 * d2), 0.0)
     expected = np.einsum("bk,bkn->bn", w, kernel)
     assert np.allclose(dom.spread_rows(idx, w), expected, rtol=1e-12, atol=1e-15)
+
+
+def _far_share_sampler(grid, n, flipped):
+    """A sampler whose ``n`` particles were peaked at random directions and are then visited
+    again at the same directions, except ``flipped`` of them at the antipodes."""
+    rng = np.random.default_rng(0)
+    sampler = ImportanceSampler(n, min_grid_points=0, iterations_per_epoch=1)
+    rows = np.arange(n)
+    dirs = rng.integers(0, grid.n_dir, n)
+    sampler.update(grid, rows, *peaked_state(grid, dirs, np.zeros(n, int), np.zeros(n, int)))
+    again = dirs.copy()
+    again[:flipped] = [int(np.argmax(-grid.directions @ grid.directions[d]))
+                       for d in dirs[:flipped]]
+    sampler.update(grid, rows, *peaked_state(grid, again, np.zeros(n, int), np.zeros(n, int)))
+    return sampler
+
+
+def test_antipodal_term_goes_once_three_particles_in_four_keep_their_hemisphere():
+    grid = pose_grid(25.0, 24, 6.0)
+    n = 40
+    fresh = ImportanceSampler(n, min_grid_points=0, iterations_per_epoch=1)
+    assert fresh.flip(5) and not fresh.flip_dropped
+    # A tenth change hemisphere (a few hands still flipping, or junk): the term goes.
+    settled = _far_share_sampler(grid, n, flipped=4)
+    assert settled.flip_dropped and not settled.flip(5)
+    # Four in ten change hemisphere: the hand is not decided, the term stays.
+    undecided = _far_share_sampler(grid, n, flipped=16)
+    assert not undecided.flip_dropped and undecided.flip(5)
+    # Once gone it stays gone, through a saved state and onto a new grid.
+    restored = ImportanceSampler.from_state(settled.state(), min_grid_points=0,
+                                            iterations_per_epoch=1)
+    restored.set_grid(pose_grid(15.0, 24, 6.0))
+    assert restored.flip_dropped and not restored.flip(5)
+    assert np.isnan(restored.far_share).all()  # measured afresh on each grid
+
+
+def test_far_share_is_the_posterior_mass_beyond_the_previous_best_hemisphere():
+    grid = pose_grid(25.0, 24, 6.0)
+    sampler = ImportanceSampler(1, min_grid_points=0, iterations_per_epoch=1)
+    sampler.update(grid, [0], *peaked_state(grid, [50], [0], [0]))
+    assert np.isnan(sampler.far_share[0])  # no previous visit to compare with
+    sampler.update(grid, [0], *peaked_state(grid, [50], [0], [0], spread=3.0))
+    p = np.exp(3.0 * (grid.directions @ grid.directions[50] - 1.0))
+    expected = p[grid.directions @ grid.directions[50] < 0].sum() / p.sum()
+    assert 0.01 < expected < 0.5
+    assert sampler.far_share[0] == pytest.approx(expected, rel=1e-6)

@@ -15,7 +15,7 @@ from cryoday.errors import InputError
 from cryoday.importance import ImportanceSampler
 from cryoday.quadrature import UNDERSAMPLING_BY_LEVEL
 from cryoday.sagd import SAGD
-from cryoday.stage import run_stage, train
+from cryoday.stage import run_stage, train, view_order
 from cryoday.stage_config import SCHEMA, StageConfig, default_reconstruction_config, stage_schedule
 
 # Keys of the reconstruction section read outside StageConfig: by the workflow (stages, seeds),
@@ -184,3 +184,36 @@ def test_recently_visited_leaves_enough_particles_to_the_pass():
     # earliest, row 4).
     assert recently_visited(Seen, 7, 5).tolist() == [1, 3, 5]
     assert recently_visited(Seen, 7, 100).tolist() == []
+
+
+def test_view_order_puts_particles_of_nearby_views_in_the_same_chunk():
+    n, chunk = 4000, 200
+    rng = np.random.default_rng(4)
+    store = ImportanceSampler(n).store
+    views = rng.normal(size=(n, 3))
+    views /= np.linalg.norm(views, axis=1, keepdims=True)
+    best = rng.integers(0, 32, n)
+    store.dir_xyz[np.arange(n), best] = views
+    store.dir_logp[np.arange(n), best] = 0.0
+    store.has[:] = True
+    store.has[:50] = False  # no posterior yet: they come last
+    rows = rng.permutation(n)
+    order = view_order(store, rows, chunk)
+    assert np.array_equal(np.sort(order), np.arange(n))
+    assert set(order[-50:]) == set(range(50))
+
+    def mean_spread(ordered):
+        """Mean over chunks of the angle (rad) from a chunk's views to their mean direction."""
+        spreads = []
+        for part in np.array_split(ordered[:-50], (n - 50) // chunk):
+            v = views[part]
+            centre = v.sum(axis=0) / np.linalg.norm(v.sum(axis=0))
+            spreads.append(np.arccos(np.clip(v @ centre, -1, 1)).mean())
+        return float(np.mean(spreads))
+
+    # A chunk covers 1/20 of the sphere: a cap of about 0.45 rad, views within ~0.3 of its
+    # centre; random chunks spread over the whole sphere (mean angle pi / 2).
+    assert mean_spread(order) < 0.4
+    assert mean_spread(rows[~np.isin(rows, np.arange(50))]) > 1.4
+    # Too few rows to chunk: left as they are.
+    assert np.array_equal(view_order(store, rows[:chunk], chunk), rows[:chunk])

@@ -39,6 +39,14 @@ CONFIG_OPTIONS = {
 }
 
 
+# The antipodal term goes once three particles in four keep less than this share of their
+# posterior on the far hemisphere from their previous best direction, over at least this many
+# particles (or a quarter of them) visited on the current grid (ImportanceSampler._judge_flip).
+FAR_SHARE_DROP = 0.01
+FAR_SHARE_QUANTILE = 0.75
+FAR_SHARE_MIN_VISITS = 2000
+
+
 class ImportanceSampler:
     """Per-image proposals over the current grid; see ``docs/importance.md``.
 
@@ -119,6 +127,11 @@ class ImportanceSampler:
         self._cache: dict = {}
         self._proposals: dict = {}  # row -> its direction proposal, until its update
         self.last_kl = float("nan")
+        # Each particle's posterior share on the far hemisphere from its previous best
+        # direction, at its last training visit on the current grid (NaN: none yet), and
+        # whether the antipodal term has been dropped for good (see flip()).
+        self.far_share = np.full(self.n, np.nan)
+        self.flip_dropped = False
         self.last_kl_epochs = float("nan")
         self.last_kl_epochs_parts = {"dir": float("nan"), "inp": float("nan"),
                                      "shift": float("nan")}
@@ -181,20 +194,25 @@ class ImportanceSampler:
     # ------------------------------------------------------------------ state
 
     def state(self, exact: bool = False) -> dict:
-        """The per-image posteriors to save (``is_*`` arrays, see :class:`PosteriorStore`).
+        """The per-image posteriors to save (``is_*`` arrays, see :class:`PosteriorStore`) and
+        whether the antipodal term has gone (``sampler_flip_dropped``).
 
         ``exact`` (for a stage's checkpoint) adds the dataset average's sums on the current
         grid (``is_average_*``): kept up to date by adding and removing each visit's
         contribution, they differ in their last bits from sums rebuilt from the store, and
-        the proposals, hence the draws, would too. Nothing else of the sampler decides a
-        later draw: the draws are seeded by ``(seed, iteration, rows)``, the cached sample
-        sets are only reused within an iteration, and the proposals kept for the KL are
-        popped by the update of the same iteration.
+        the proposals, hence the draws, would too. It adds the far-hemisphere shares measured
+        on this grid (``sampler_far_share``), which decide when the antipodal term goes.
+        Nothing else of the sampler decides a later draw: the draws are seeded by
+        ``(seed, iteration, rows)``, the cached sample sets are only reused within an
+        iteration, and the proposals kept for the KL are popped by the update of the same
+        iteration.
         """
         state = self.store.state()
+        state["sampler_flip_dropped"] = np.array(self.flip_dropped)
         if exact and self.average is not None:
             for name, deposits in zip(DIMENSIONS, self.average.deposits):
                 state[f"is_average_{name}"] = deposits
+            state["sampler_far_share"] = self.far_share
         return state
 
     @classmethod
@@ -204,12 +222,14 @@ class ImportanceSampler:
         store = PosteriorStore.from_state(state)
         sampler = cls(store.n, **kwargs)
         sampler.store = store
+        sampler.flip_dropped = bool(state.get("sampler_flip_dropped", False))
         return sampler
 
     def set_grid(self, grid, average: dict | None = None) -> None:
         """Work on ``grid`` from now on: its kernels, the stored points snapped to it afresh, the
-        dataset average rebuilt on it (or restored from ``average``, an exact :meth:`state`
-        saved on this grid), and no cached samples.
+        dataset average rebuilt on it and no far-hemisphere shares measured on it yet (or both
+        restored from ``average``, an exact :meth:`state` saved on this grid), and no cached
+        samples.
 
         Raises
         ------
@@ -218,6 +238,7 @@ class ImportanceSampler:
         """
         self.grid = grid
         self.kernels = GridKernels(grid, self.store)
+        self.far_share[:] = np.nan
         self._cache_key = None
         self._cache = {}
         self.average = DatasetAverage(self.kernels)
@@ -230,6 +251,8 @@ class ImportanceSampler:
                                  f"the grid has {sizes}")
             # Nothing has read the average since it was built, so no smoothed copy is stale.
             self.average.deposits = restored
+            if "sampler_far_share" in average:
+                self.far_share = np.array(average["sampler_far_share"], dtype=np.float64)
 
     @property
     def active(self) -> bool:
@@ -262,9 +285,46 @@ class ImportanceSampler:
                               halflife=self.alpha_halflife, alpha_min=self.alpha_min)
 
     def flip(self, iteration: float) -> bool:
-        """Whether direction proposals also cover the antipodes of the stored directions."""
-        return self.anneal and schedule.antipodal(self.epoch(iteration),
-                                                  flip_epochs=self.flip_epochs)
+        """Whether direction proposals also cover the antipodes of the stored directions: by
+        the schedule (``tau < flip_epochs``), until the posteriors show the map tells views
+        from their mirror images (:meth:`_judge_flip`)."""
+        return (self.anneal and not self.flip_dropped
+                and schedule.antipodal(self.epoch(iteration), flip_epochs=self.flip_epochs))
+
+    def _measure_far_share(self, rows: np.ndarray, p_dir: np.ndarray) -> None:
+        """Record each row's posterior share on the hemisphere opposite its stored best
+        direction (rows with a stored posterior only; call before the store is updated)."""
+        had = self.store.has[rows]
+        total = p_dir.sum(axis=1)
+        keep = had & (total > 0) & np.isfinite(total)
+        if not keep.any():
+            return
+        store_rows = rows[keep]
+        best = np.argmax(self.store.dir_logp[store_rows], axis=1)
+        previous = self.store.dir_xyz[store_rows, best].astype(np.float64)
+        far = (previous @ np.asarray(self.kernels.coordinates[0], np.float64).T) < 0
+        self.far_share[store_rows] = (p_dir[keep] * far).sum(axis=1) / total[keep]
+
+    def _judge_flip(self) -> None:
+        """Drop the antipodal term once the map resolves the hand.
+
+        While a low-resolution map cannot tell a view from its mirror image, a particle's
+        posterior keeps a good share on the far hemisphere from its previous best direction
+        (the antipodal draws find it there), or moves there whole when the hand flips; once
+        the map can, that share is the prior's stray draws, nearly nothing. When the
+        ``FAR_SHARE_QUANTILE`` quantile of it over the particles visited on this grid (junk,
+        with flat posteriors, stays a minority) is below ``FAR_SHARE_DROP``, over at least
+        ``FAR_SHARE_MIN_VISITS`` particles, the term goes for good. On the paper-scale set
+        (40,000 particles, 100 iterations per epoch) the epoch schedule alone kept it to the
+        last stage, where it doubled the directions drawn; by this rule it goes in the 20 A
+        stage, once the particles that changed hemisphere there have done so.
+        """
+        if self.flip_dropped or not self.anneal:
+            return
+        seen = self.far_share[np.isfinite(self.far_share)]
+        if len(seen) >= max(1, min(FAR_SHARE_MIN_VISITS, self.n // 4)) and \
+                float(np.quantile(seen, FAR_SHARE_QUANTILE)) < FAR_SHARE_DROP:
+            self.flip_dropped = True
 
     # ------------------------------------------------------------------ proposals and draws
 
@@ -354,6 +414,7 @@ class ImportanceSampler:
             p = marginals(self.grid, part, result.rot_post[r0:r1], result.shift_post[s0:s1])
             if measure:
                 kls.extend(self._kl_to_proposals(rows[lo:hi], p[0]))
+                self._measure_far_share(rows[lo:hi], p[0])
             else:
                 for row in rows[lo:hi]:
                     self._proposals.pop(row, None)
@@ -364,6 +425,7 @@ class ImportanceSampler:
                 new_logp[dim][lo:hi, :top.shape[1]] = logp
         if measure:
             self.last_kl = float(np.mean(kls)) if kls else float("nan")
+            self._judge_flip()
             self.last_kl_epochs, self.last_kl_epochs_parts = diagnostics.kl_between_visits(
                 self.kernels, rows, valid, new_idx, new_logp)
         store = self.store
