@@ -561,3 +561,26 @@ def test_far_share_is_the_posterior_mass_beyond_the_previous_best_hemisphere():
     expected = p[grid.directions @ grid.directions[50] < 0].sum() / p.sum()
     assert 0.01 < expected < 0.5
     assert sampler.far_share[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_expected_distinct_matches_counted_draws():
+    rng = np.random.default_rng(8)
+    q = rng.dirichlet(np.full(37, 0.3), size=4)
+    m = np.array([5, 20, 57, 400])
+    counted = np.array([[len(np.unique(rng.choice(37, mi, p=qi))) for _ in range(4000)]
+                        for qi, mi in zip(q, m)]).mean(axis=1)
+    # 4000 repeats: the mean's standard error is below 0.1 points.
+    assert np.allclose(proposals.expected_distinct(q, m), counted, atol=0.3)
+
+
+def test_a_dimension_is_summed_whole_only_when_its_draws_would_cover_it():
+    n = 37
+    peaked = np.full(n, 0.02 / (n - 3))
+    peaked[:3] = 0.98 / 3
+    flat = np.full(n, 1.0 / n)
+    q = np.stack([peaked, flat])
+    # Peaked: ESS about 3, so s0 = 20 asks for 63 draws (more than the grid), yet they hit
+    # about 4 points: sampled. Flat: 740 draws, which hit all 37: summed whole.
+    m = proposals.draw_counts(q, 20.0, 0.95)
+    assert m[0] >= n and m[1] == 0
+    assert proposals.expected_distinct(q[:1], m[:1])[0] < 0.3 * n
