@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io as _io
 import json
@@ -165,6 +166,18 @@ def stage_maps(seed_volumes: dict) -> str:
     return _img(_png(fig), "stage maps")
 
 
+def _final_particles(star, pixel_size):
+    """The final particles STAR, read once for the report's three panels that show it (at
+    40,000 particles a read takes over a second); a rewritten file is read again."""
+    stat = os.stat(star)
+    return _read_final_particles(str(star), pixel_size, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_final_particles(star, pixel_size, mtime_ns, size):
+    return io.read_particles(star, pixel_size=pixel_size, check_stacks=False)
+
+
 def particles_and_reprojections(star, preprocessed_star, volume, pixel_size, count: int) -> str:
     """Example particles (from ``preprocessed_star``, as the reconstruction saw them) next to the
     final map projected at their estimated poses (from ``star``) with their CTF."""
@@ -174,7 +187,7 @@ def particles_and_reprojections(star, preprocessed_star, volume, pixel_size, cou
     from cryoday.simulate import project_ft, shift_phase
 
     preprocessed = io.read_particles(preprocessed_star)
-    final = io.read_particles(star, pixel_size=pixel_size, check_stacks=False)
+    final = _final_particles(star, pixel_size)
     rows = np.arange(min(count, len(preprocessed)))
     if len(rows) == 0:
         return ""
@@ -203,7 +216,7 @@ def particles_and_reprojections(star, preprocessed_star, volume, pixel_size, cou
 
 
 def defocus_histogram(star, pixel_size) -> str:
-    table = io.read_particles(star, pixel_size=pixel_size, check_stacks=False).table
+    table = _final_particles(star, pixel_size).table
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist(table["rlnDefocusU"] / 1e4, bins=30)
     ax.set(xlabel="defocus U (um)", ylabel="particles", title="CTF defocus")
@@ -212,7 +225,7 @@ def defocus_histogram(star, pixel_size) -> str:
 
 def shift_histogram(star, pixel_size, metrics) -> str:
     """The final shifts' distances from the box centre, with the last stage's grid radius."""
-    table = io.read_particles(star, pixel_size=pixel_size, check_stacks=False).table
+    table = _final_particles(star, pixel_size).table
     if "rlnOriginXAngst" not in table:
         return ""
     r = np.hypot(table["rlnOriginXAngst"].to_numpy(), table["rlnOriginYAngst"].to_numpy())
