@@ -142,19 +142,23 @@ def operator_coefficients(op: SliceOperator) -> kernels.Coefficients:
 # ------------------------------------------------------------------ per set of subsets
 
 
-def locality_order(rotations: np.ndarray, band: float | None = None) -> np.ndarray:
-    """An order of directions in which consecutive slices cross nearby parts of the cube.
-
-    Directions in bands of ``band`` rad of tilt (``LOCALITY_BAND``), each band swept in rotation
-    angle alternately up and down, so a thread's next slice mostly reads cache lines its last
-    one loaded.
-    """
-    band = tunables.LOCALITY_BAND if band is None else band
-    view = np.asarray(rotations)[:, 2, :]
-    tilt = np.arccos(np.clip(view[:, 2], -1.0, 1.0))
-    rot = np.arctan2(view[:, 1], view[:, 0])
+def band_order(views: np.ndarray, band: float) -> np.ndarray:
+    """An order of unit vectors ``(n, 3)`` in which consecutive ones lie near each other: bands
+    of ``band`` rad of tilt, each swept in rotation angle alternately up and down."""
+    views = np.asarray(views, np.float64)
+    tilt = np.arccos(np.clip(views[:, 2], -1.0, 1.0))
+    rot = np.arctan2(views[:, 1], views[:, 0])
     index = np.floor(tilt / band).astype(np.int64)
     return np.lexsort((np.where(index % 2 == 1, -rot, rot), index))
+
+
+def locality_order(rotations: np.ndarray, band: float | None = None) -> np.ndarray:
+    """An order of directions in which consecutive slices cross nearby parts of the cube:
+    :func:`band_order` of their viewing directions in bands of ``band`` rad
+    (``LOCALITY_BAND``), so a thread's next slice mostly reads cache lines its last one
+    loaded."""
+    band = tunables.LOCALITY_BAND if band is None else band
+    return band_order(np.asarray(rotations)[:, 2, :], band)
 
 
 def _distinct_directions(subsets: PoseSubsets, grid, shared_dirs: np.ndarray | None):

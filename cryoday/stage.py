@@ -40,9 +40,10 @@ from cryoday import classes, noise_refine, records, shift_range, symmetry
 from cryoday.batch import make_batch
 from cryoday.checkpoint import Checkpoint, EarlyStopping, Start, stage_fingerprint
 from cryoday.importance import ImportanceSampler
+from cryoday.importance.sampler import FAR_SHARE_DROP, FAR_SHARE_QUANTILE
 from cryoday.initial import low_pass
 from cryoday.io import read_rows
-from cryoday.likelihood import marginal_nll
+from cryoday.likelihood import band_order, marginal_nll
 from cryoday.pose_sets import empty_map_subsets
 from cryoday.priors import make_prior
 from cryoday.projection import SliceOperator
@@ -281,9 +282,10 @@ def train(volume, optimiser: SAGD, objective: _Objective, prior, config: StageCo
         volume, figures = optimiser.step(volume, batch_id, step_objective, prior, n_train)
         objective.end_step()
         if objective.sampler.flip_dropped and not flip_dropped:
-            log(f"iteration {iteration}: the map tells views from their mirror images (three "
-                "particles in four keep under 1% of their posterior on the far hemisphere): the "
-                "proposals stop covering the antipodal directions")
+            log(f"iteration {iteration}: the map tells views from their mirror images ("
+                f"{FAR_SHARE_QUANTILE:.0%} of the particles keep under {FAR_SHARE_DROP:.0%} of "
+                "their posterior on the far hemisphere): the proposals stop covering the "
+                "antipodal directions")
             flip_dropped = True
         last = objective.last
         row = {"iteration": iteration, "epoch": iteration * config.minibatch_size / n_train,
@@ -370,20 +372,16 @@ def view_order(store, rows: np.ndarray, chunk: int) -> np.ndarray:
 
     A chunk's images then sample overlapping directions, so the distinct slices a chunk
     needs (its main cost at a fine stage) fall from about 20 per image to a few: the
-    directions are sorted in bands of tilt as wide as the patch of sphere one chunk covers,
-    each band swept in rotation angle alternately up and down.
+    directions in :func:`~cryoday.likelihood.band_order`, with bands of tilt as wide as the
+    patch of sphere one chunk covers.
     """
     rows = np.asarray(rows, np.int64)
     if len(rows) <= chunk:
         return rows
-    has = store.has[rows]
     best = np.argmax(store.dir_logp[rows], axis=1)
-    view = store.dir_xyz[rows, best].astype(np.float64)
-    band = np.sqrt(4.0 * np.pi * chunk / len(rows))
-    tilt = np.arccos(np.clip(view[:, 2], -1.0, 1.0))
-    rot = np.arctan2(view[:, 1], view[:, 0])
-    index = np.floor(tilt / band).astype(np.int64)
-    order = np.lexsort((np.where(index % 2 == 1, -rot, rot), index, ~has))
+    order = band_order(store.dir_xyz[rows, best], np.sqrt(4.0 * np.pi * chunk / len(rows)))
+    # Stable: the particles without a posterior go last, the others keep the bands' order.
+    order = order[np.argsort(~store.has[rows][order], kind="stable")]
     return rows[order]
 
 

@@ -591,7 +591,7 @@ def test_a_row_drawing_more_than_its_grid_stays_whole_unless_a_cap_cuts_its_draw
     would not cover it (37 draws of 37 flat points hit 24); a cap that cuts the draws
     re-decides on the draws left."""
     grid = pose_grid(25.0, 24, 6.0)
-    flat = lambda n: np.full((1, n), 1.0 / n)  # noqa: E731
+    flat = lambda n: np.full((1, n), 1.0 / n)
     q_dir, q_inp, q_shift = flat(grid.n_dir), flat(grid.n_inp), flat(grid.n_shift)
     assert proposals.expected_distinct(q_shift, [grid.n_shift])[0] < 0.95 * grid.n_shift
     m = proposals.capped_draw_counts(grid, q_dir, q_inp, q_shift, 20.0, 0.95,

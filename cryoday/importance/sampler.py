@@ -414,7 +414,8 @@ class ImportanceSampler:
             p = marginals(self.grid, part, result.rot_post[r0:r1], result.shift_post[s0:s1])
             if measure:
                 kls.extend(self._kl_to_proposals(rows[lo:hi], p[0]))
-                self._measure_far_share(rows[lo:hi], p[0])
+                if self.anneal and not self.flip_dropped:  # nothing reads it afterwards
+                    self._measure_far_share(rows[lo:hi], p[0])
             else:
                 for row in rows[lo:hi]:
                     self._proposals.pop(row, None)
