@@ -584,3 +584,21 @@ def test_a_dimension_is_summed_whole_only_when_its_draws_would_cover_it():
     m = proposals.draw_counts(q, 20.0, 0.95)
     assert m[0] >= n and m[1] == 0
     assert proposals.expected_distinct(q[:1], m[:1])[0] < 0.3 * n
+
+
+def test_a_row_drawing_more_than_its_grid_stays_whole_unless_a_cap_cuts_its_draws():
+    """A flat proposal's M draws cover the grid: summed whole, though the grid's size of draws
+    would not cover it (37 draws of 37 flat points hit 24); a cap that cuts the draws
+    re-decides on the draws left."""
+    grid = pose_grid(25.0, 24, 6.0)
+    flat = lambda n: np.full((1, n), 1.0 / n)  # noqa: E731
+    q_dir, q_inp, q_shift = flat(grid.n_dir), flat(grid.n_inp), flat(grid.n_shift)
+    assert proposals.expected_distinct(q_shift, [grid.n_shift])[0] < 0.95 * grid.n_shift
+    m = proposals.capped_draw_counts(grid, q_dir, q_inp, q_shift, 20.0, 0.95,
+                                     max_rotations=grid.n_dir * grid.n_inp,
+                                     max_shifts=grid.n_shift)
+    assert [int(v[0]) for v in m] == [0, 0, 0]
+    capped = proposals.capped_draw_counts(grid, q_dir, q_inp, q_shift, 20.0, 0.95,
+                                          max_rotations=100, max_shifts=grid.n_shift - 1)
+    assert all(0 < int(v[0]) < n for v, n in zip(capped, (grid.n_dir, grid.n_inp,
+                                                          grid.n_shift)))

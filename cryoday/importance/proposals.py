@@ -106,17 +106,25 @@ def capped_draw_counts(grid, q_dir, q_inp, q_shift, s0: float, coverage: float,
     """
     m_dir, m_inp = draw_counts(q_dir, s0, coverage), draw_counts(q_inp, s0, coverage)
     m_shift = draw_counts(q_shift, s0, coverage)
-    m_dir = np.where(m_dir == 0, grid.n_dir, m_dir)
-    m_inp = np.where(m_inp == 0, grid.n_inp, m_inp)
+    whole_dir, whole_inp, whole_shift = m_dir == 0, m_inp == 0, m_shift == 0
+    m_dir = np.where(whole_dir, grid.n_dir, m_dir)
+    m_inp = np.where(whole_inp, grid.n_inp, m_inp)
+    asked_dir, asked_inp = m_dir.copy(), m_inp.copy()
     over = (m_dir * m_inp > max_rotations) & ((m_dir > 1) | (m_inp > 1))
     while over.any():
         m_dir[over] = np.maximum(1, (m_dir[over] * 0.8).astype(np.int64))
         m_inp[over] = np.maximum(1, (m_inp[over] * 0.8).astype(np.int64))
         over = (m_dir * m_inp > max_rotations) & ((m_dir > 1) | (m_inp > 1))
-    m_dir[_covers(q_dir, m_dir, coverage)] = 0
-    m_inp[_covers(q_inp, m_inp, coverage)] = 0
-    m_shift = np.minimum(np.where(m_shift == 0, grid.n_shift, m_shift), max_shifts)
-    m_shift[_covers(q_shift, m_shift, coverage)] = 0
+    asked_shift = np.where(whole_shift, grid.n_shift, m_shift)
+    m_shift = np.minimum(asked_shift, max_shifts)
+    # A row the caps left alone keeps draw_counts' decision (its full M draws would cover the
+    # dimension, which the grid's size of draws need not); a capped one is summed whole only
+    # if its fewer draws would still cover it.
+    for m, asked, whole, q in ((m_dir, asked_dir, whole_dir, q_dir),
+                               (m_inp, asked_inp, whole_inp, q_inp),
+                               (m_shift, asked_shift, whole_shift, q_shift)):
+        capped = m < asked
+        m[np.where(capped, _covers(q, m, coverage), whole)] = 0
     return m_dir, m_inp, m_shift
 
 
