@@ -171,7 +171,13 @@ def test_a_stage_chain_widens_the_grid_and_recovers_far_off_centre_particles(tmp
     far = np.hypot(*truth.T) > 25.0
     print(f"median shift error: adaptive {np.median(err_a):.1f} A, fixed {np.median(err_f):.1f} A;"
           f" beyond 25 A ({far.sum()} particles): {np.median(err_a[far]):.1f} vs "
-          f"{np.median(err_f[far]):.1f} A")
+          f"{np.median(err_f[far]):.1f} A; stage pixel {adaptive[1][1]:.1f} A,"
+          f" near median {np.median(err_a[~far]):.1f} A")
     assert np.median(err_a) <= np.median(err_f)
-    assert np.median(err_a[far]) < 0.6 * np.median(err_f[far])
+    # Recovered: the widened grid finds the far particles about as well as the near ones (at
+    # 20 A a stage pixel is ~8 A, so a median within a third of a pixel of theirs), while the
+    # fixed grid, which cannot reach them, misses them by at least 40% more.
+    near_a = np.median(err_a[~far])
+    assert np.median(err_a[far]) < near_a + 0.35 * adaptive[1][1]
+    assert np.median(err_f[far]) > 1.4 * np.median(err_a[far])
     assert any("shift prior sigma" in line and "estimated" in line for line in lines)
