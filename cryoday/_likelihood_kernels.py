@@ -716,7 +716,11 @@ def batch_kernel(s_parts, images, coef, poses, want_grad, col_budget, out):
     n_images = data.shape[0]
     k_coef = data.shape[1]
     inv_weights = 1.0 / coef.weights
-    for i in numba.prange(n_images):
+    one = np.int64(1)
+    for i_ in numba.prange(n_images):
+        # prange's index is unsigned and a literal argument is its own type: both would compile
+        # the helpers shared with shared_kernel a second time (~10 s of a cold warm-up).
+        i = np.int64(i_)
         tid = numba.get_thread_id()
         d0, d1 = dir_off[i], dir_off[i + 1]
         p0, p1 = inp_off[i], inp_off[i + 1]
@@ -725,7 +729,7 @@ def batch_kernel(s_parts, images, coef, poses, want_grad, col_budget, out):
         n_p = p1 - p0
         n_s = s1 - s0
         n_cols = n_p * n_s
-        p_start, c_start, columns, run = column_layout(i, 1, poses, sigma2)
+        p_start, c_start, columns, run = column_layout(i, one, poses, sigma2)
         b_re = np.empty((n_p, k_coef), dtype=np.float32)
         b_im = np.empty((n_p, k_coef), dtype=np.float32)
         c2 = np.empty((n_p, k_coef), dtype=np.float32)
@@ -832,7 +836,8 @@ def shared_kernel(s_parts, images, coef, poses, group_off, want_grad, out):
             pa, pb = p_start[u], p_start[u + 1]
             dnorms[u] = prepare_image(images, i, inp_idx[inp_off[i]:inp_off[i + 1]], inplane,
                                       coef, b_re[pa:pb], b_im[pa:pb], c2[pa:pb], wc2[pa:pb])
-            fill_columns(zt[c_start[u]:c_start[u + 1]], 0, pb - pa, sh_off[i + 1] - sh_off[i],
+            fill_columns(zt[c_start[u]:c_start[u + 1]], np.int64(0), pb - pa,
+                         sh_off[i + 1] - sh_off[i],
                          b_re[pa:pb], b_im[pa:pb], inp_idx[inp_off[i]:inp_off[i + 1]],
                          sh_idx[sh_off[i]:sh_off[i + 1]], inplane, shifts, coef)
             if merged:
