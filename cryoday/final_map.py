@@ -22,11 +22,12 @@ particles of the other classes (junk, another conformation) hardly enter it; the
 poses and ``state.npz``'s posteriors are then the main class's for its particles.
 
 With a point group (``reconstruction.symmetry`` or the dataset's ``symmetry:``, the group the
-stages trained in, whose poses cover one asymmetric unit) every pose is inserted at its ``|G|``
-equivalents ``A g`` by :func:`cryoday.reconstruct.insert_symmetric` (RELION's ``--sym``): a
+stages trained in, whose poses cover one asymmetric unit) every pose counts at its ``|G|``
+equivalents ``A g`` (:func:`cryoday.reconstruct.insert_symmetric`, RELION's ``--sym``): a
 symmetric molecule's image measures the slices at all of them, so the map comes out symmetric
-about RELION's axes, its Fourier space filled from one asymmetric unit of views. The expansion
-is made a block of poses at a time, so its memory does not grow with ``|G|`` times the data.
+about RELION's axes, its Fourier space filled from one asymmetric unit of views. Each pose is
+inserted once and the sums symmetrised by a lookup at the ``|G|`` rotated points (as RELION's
+``applyPointGroupSymmetry``), so the cost does not grow with ``|G|`` times the poses.
 
 Sharpening follows RELION's ``relion_postprocess``: the Guinier plot is ``ln |F(s)|`` against
 ``s^2`` over shells between ``GUINIER_LOW_A`` and the FSC 0.143 resolution; a map blurred by an
@@ -285,8 +286,8 @@ def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndar
     image : optional (m,) particle of each pose (default: pose i is particle i)
     weights : optional (m,) weight of each pose (its posterior mass)
     seed : the split into halves (``reconstruct.half_sets``)
-    symmetry : point group (RELION's names): each pose is inserted at its ``|G|`` equivalents
-        (:func:`cryoday.reconstruct.insert_symmetric`); ``"C1"``, the default, inserts each pose once
+    symmetry : point group (RELION's names): each pose counts at its ``|G|`` equivalents
+        (:func:`cryoday.reconstruct.insert_symmetric`); ``"C1"``, the default: once
     """
     sums = half_sums(read, n, rotations, shifts_px, ctf_params, pixel_size, box, image=image,
                      weights=weights, seed=seed, chunk_size=chunk_size, symmetry=symmetry,
