@@ -42,6 +42,16 @@ REFINE_BOX = 48
 # tolerance on the correlation, and the correlation margin within which a candidate goes on to
 # the next level. The full box only polishes: it starts within a fraction of a degree.
 REFINE_LEVELS = ((100, 1e-9, 0.05), (100, 1e-9, 0.01), (POLISH_ITERATIONS, 1e-9, 0.0))
+# Boxes larger than this get a level at this box between REFINE_BOX and the full box, which
+# settles the candidates' near-ties (REFINE_BOX's margin) so that only the best one is polished
+# at the full box: at 128 px a full-box pass costs ~140 ms on 2 cores, and polishing three
+# candidates there took 13 of a validation's 18 s of alignment.
+SETTLE_BOX = 64
+SETTLE_LEVEL = (100, 1e-9, 0.0)
+# Passes of one L-BFGS line search. The objective's gradient jumps where samples cross voxel
+# faces, so a line search may not satisfy its conditions: with scipy's default of 20 the
+# full-box polish made 51 passes for its 10 iterations (maxfun is checked between them only).
+MAX_LINE_SEARCH = 5
 # Boxes (px) from which a pass is split over threads: below, waking them costs more.
 PARALLEL_BOX = 80
 # Turned maps transformed at once in the global search (the batch's FFT intermediates raise
@@ -191,7 +201,7 @@ def _refine(moving, reference, rotation, shift_px, maxiter, ftol):
     # short of a tolerance: either way the point reached is kept.
     fit = optimize.minimize(cost, p0, jac=True, method="L-BFGS-B",
                             options={"maxiter": maxiter, "maxfun": 2 * maxiter, "ftol": ftol,
-                                     "gtol": 1e-9})
+                                     "gtol": 1e-9, "maxls": MAX_LINE_SEARCH})
     return turned(fit.x), fit.x[3:].copy(), -float(fit.fun)
 
 
@@ -231,7 +241,8 @@ def find_alignment(moving: np.ndarray, reference: np.ndarray, pixel_size: float,
     from an FFT cross-correlation. The best ``n_refine`` distinct candidates (more than
     ``1.5 step_deg`` apart) are refined on the search's maps, those within ``REFINE_LEVELS``'
     margin of the best again on maps cropped to ``REFINE_BOX`` px (within ~0.2 degrees of the
-    full box's optimum on the demo maps), and the best one is polished at the full box: the
+    full box's optimum on the demo maps), on boxes over ``SETTLE_BOX`` px those again at that
+    box, and the best one is polished at the full box: the
     objective there, and the ``correlation`` returned, are the full-box correlation of the
     one-at-a-time search this replaces (same rotations within 0.04 degrees on the demo pairs).
     """
@@ -270,10 +281,13 @@ def _find_alignment(moving, reference, step_deg, n_refine):
     # to its box, and passes on those within its margin of the best (near-ties are settled
     # where the maps have more detail).
     boxes = sorted({small, min(n - n % 2, REFINE_BOX), n})
+    levels = [REFINE_LEVELS[min(level, len(REFINE_LEVELS) - 1)] for level in range(len(boxes))]
+    if n > SETTLE_BOX > boxes[-2]:
+        boxes.insert(-1, SETTLE_BOX)
+        levels.insert(-1, SETTLE_LEVEL)
     found = [(float(scores[i]), bool(hands[i]), both[i], shifts[i]) for i in chosen]
     box = small
-    for level, next_box in enumerate(boxes):
-        maxiter, ftol, margin = REFINE_LEVELS[min(level, len(REFINE_LEVELS) - 1)]
+    for next_box, (maxiter, ftol, margin) in zip(boxes, levels):
         if next_box == n:
             margin = 0.0
         ref_l = _working(reference, next_box)
