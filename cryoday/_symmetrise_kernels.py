@@ -49,7 +49,8 @@ def symmetrise_cubes(num, den, ops, centre, rmax, num_out, den_out):
     the centre, zero beyond; ``ops`` ``(G, 3, 3)`` acts on ``(x, y, z)``. ``num`` must be
     Hermitian (``num[-p] = conj num[p]``): the half ``z >= centre`` is computed, the rest
     mirrored. Corners outside the cube count as zero; the lookups read float32 copies of the
-    cubes (:func:`_packed`) and sum in double precision.
+    cubes (:func:`_packed`, made before anything is written) and sum in double precision, so
+    ``num_out`` and ``den_out`` may be ``num`` and ``den`` themselves.
 
     A row of voxels is looked up one op at a time: along the row each op's points step by one
     voxel through the cube, so consecutive lookups share cache lines."""

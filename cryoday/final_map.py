@@ -54,7 +54,7 @@ from cryoday.fsc import fsc, resolution_at, soft_spherical_mask
 from cryoday.geometry import euler_to_matrix
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import directions_to_euler
-from cryoday.reconstruct import Sums, half_sets, insert, insert_symmetric, solve
+from cryoday.reconstruct import Sums, half_sets, insert_symmetric, solve
 
 # Low-resolution end of the Guinier fit (A): below ~10 A a protein's spectrum follows its shape
 # (domains, solvent contrast), not the envelope; RELION's postprocess uses 10 A too.
@@ -354,15 +354,9 @@ def half_sums(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_pa
         # The poses of this half's particles, grouped by particle: each chunk of poses reads
         # and transforms its images once.
         rows = np.flatnonzero(np.isin(image, half))
-        if size == 1:
-            sums.append(insert(read, len(rows), rotations[rows], shifts_px[rows], ctf_params,
-                               pixel_size, box, chunk_size=chunk_size, weights=weights[rows],
-                               image=image[rows]))
-        else:
-            sums.append(insert_symmetric(read, len(rows), rotations[rows], shifts_px[rows],
-                                         ctf_params, pixel_size, box, group,
-                                         chunk_size=chunk_size, weights=weights[rows],
-                                         image=image[rows]))
+        sums.append(insert_symmetric(read, len(rows), rotations[rows], shifts_px[rows],
+                                     ctf_params, pixel_size, box, group, chunk_size=chunk_size,
+                                     weights=weights[rows], image=image[rows]))
         expanded = "" if size == 1 else f" x {size} equivalents ({group})"
         log(f"half map {len(sums)}: {len(half)} particles, {len(rows)} poses{expanded} "
             "inserted")

@@ -13,9 +13,9 @@ state, so with importance sampling) on a memory-mapped ``.mrcs`` stack of pure n
 coloured noise and per-particle CTFs, each ending with the final pose pass and the noise
 refinement, then the final map's known-pose insertion (and, with a point group, its
 symmetrisation). The Numba types of its arguments are those a stage passes, so the cache
-entries it writes are the ones a stage looks up. A kernel it
-does not reach (another class count or point group than the user's section, say) is compiled
-where it is first used, as without it; a warm cache makes the whole warm-up take seconds.
+entries it writes are the ones a stage looks up. A kernel it does not reach (another class
+count or point group than the user's section, say) is compiled where it is first used, as
+without it; a warm cache makes the whole warm-up take seconds.
 """
 
 from __future__ import annotations
@@ -63,10 +63,9 @@ def compile_kernels(section: dict, log=print) -> float:
     """Run the miniature (see the module docstring) with ``section``'s settings; returns its
     wall time in seconds."""
     from cryoday import io, noise, reconstruct
-    from cryoday import symmetry as point_groups
     from cryoday.initial import random_blobs, resample_for_stage
     from cryoday.stage import run_stage
-    from cryoday.stage_config import StageConfig
+    from cryoday.stage_config import StageConfig, training_symmetry
 
     start = time.perf_counter()
     section = _miniature_section(section)
@@ -113,9 +112,8 @@ def compile_kernels(section: dict, log=print) -> float:
         sums = reconstruct.insert(lambda rows: io.read_rows(images, rows), n, result.rotations,
                                   result.shifts_px, ctf, PIXEL_SIZE, BOX,
                                   weights=np.ones(n), image=np.arange(n))
-        group = str(section.get("symmetry", "C1"))
-        if group.strip().upper() != "AUTO" and point_groups.order(group) > 1:
-            reconstruct.symmetrise(sums, group)  # the final map's lookup (~10 s to compile)
+        # The final map's lookup with a point group (~10 s to compile; nothing for C1).
+        reconstruct.symmetrise(sums, training_symmetry(section.get("symmetry", "C1")))
     elapsed = time.perf_counter() - start
     log(f"warm-up done: the kernels of a stage, its pose pass and the final insertion are "
         f"compiled and cached, {elapsed:.1f} s")
