@@ -357,9 +357,9 @@ def half_sums(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray, ctf_pa
         sums.append(insert_symmetric(read, len(rows), rotations[rows], shifts_px[rows],
                                      ctf_params, pixel_size, box, group, chunk_size=chunk_size,
                                      weights=weights[rows], image=image[rows]))
-        expanded = "" if size == 1 else f" x {size} equivalents ({group})"
-        log(f"half map {len(sums)}: {len(half)} particles, {len(rows)} poses{expanded} "
-            "inserted")
+        symmetrised = "" if size == 1 else f", the sums symmetrised over {group} ({size} operators)"
+        log(f"half map {len(sums)}: {len(half)} particles, {len(rows)} poses inserted"
+            f"{symmetrised}")
     # One unweighted pose per particle of the set (every particle, or the shard's): best poses.
     kind = ("best" if len(image) == (n if particles is None else len(particles))
             and np.all(weights == 1) else "posterior")

@@ -59,15 +59,24 @@ def _exhaustive(images, ctf: dict, pixel_size: float, resolution_A: float, spect
                      want_grad=want_grad)
 
 
-def compile_kernels(section: dict, log=print) -> float:
+def compile_kernels(section: dict, log=print, groups=None) -> float:
     """Run the miniature (see the module docstring) with ``section``'s settings; returns its
-    wall time in seconds."""
+    wall time in seconds.
+
+    ``groups``: the point groups the datasets train in (RELION's names, ``auto`` read as C1),
+    when a dataset sets its own ``symmetry:``; the miniature trains in the first that is not
+    C1 (the lookup's kernel and the stage's symmetrised gradients compile alike for every
+    group), else in ``section``'s.
+    """
     from cryoday import io, noise, reconstruct
     from cryoday.initial import random_blobs, resample_for_stage
     from cryoday.stage import run_stage
     from cryoday.stage_config import StageConfig, training_symmetry
 
     start = time.perf_counter()
+    trained = [training_symmetry(g) for g in (groups or [])]
+    if any(g != "C1" for g in trained):
+        section = {**section, "symmetry": next(g for g in trained if g != "C1")}
     section = _miniature_section(section)
     rng = np.random.default_rng(0)
     n = N_IMAGES

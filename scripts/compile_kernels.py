@@ -19,6 +19,7 @@ elif "snakemake" not in globals():  # by hand: python scripts/compile_kernels.py
 log = setup_logging(snakemake)
 # The config's section (validated, defaults filled in); the rule's params name the settings
 # that matter, so that only they make it run again.
-seconds = compile_kernels(snakemake.config["reconstruction"], log=log.info)
+seconds = compile_kernels(snakemake.config["reconstruction"], log=log.info,
+                          groups=snakemake.params.symmetry)
 with io.atomic_path(snakemake.output[0]) as tmp:
     tmp.write_text(json.dumps({"cryoday": cryoday.__version__, "seconds": round(seconds, 1)}))
