@@ -122,6 +122,26 @@ def test_the_sampler_snaps_antipodes_into_the_unit():
         np.argmax(c1.directions @ -c1.directions[5])
 
 
+@pytest.mark.parametrize("name", ["C1", "C4", "D7"])
+def test_broad_proposals_draw_the_c1_density_of_rotations_on_the_unit(name):
+    """The rotation cap is per asymmetric unit: C1's cap over all of SO(3), |G| times fewer
+    draws on the unit's grid (a C4 run had drawn as many as C1 and taken as long)."""
+    section = default_reconstruction_config(symmetry=name, importance_min_grid_points=1,
+                                            importance_max_rotations=600)
+    config = StageConfig.from_config(section, 1, 1)
+    cap = -(-600 // symmetry.order(name))
+    assert config.sampler_options(10)["max_rotations"] == cap
+    grid = pose_grid(*GRID_ARGS, symmetry=name.lower())
+    sampler = ImportanceSampler(50, **config.sampler_options(10))
+    # No stored posteriors: every proposal is the prior, as broad as a proposal gets.
+    subsets = sampler.subsets(grid, np.arange(50), iteration=1)
+    drawn = np.diff(subsets.rot_offsets)
+    assert drawn.max() <= cap
+    # The cap binds: the draws it allows (distinct rotations of draws with replacement, the
+    # directions and in-plane counts cut by 0.8 at a time) are not a small posterior's.
+    assert np.median(drawn) > 0.25 * cap
+
+
 # ---------------------------------------------------------------------- training
 
 
