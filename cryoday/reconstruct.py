@@ -218,8 +218,8 @@ def insert_symmetric(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,
                      weights: np.ndarray | None = None, image: np.ndarray | None = None) -> Sums:
     """:func:`insert` with every pose at its ``|G|`` equivalents ``A g``: each pose inserted
     once, then the sums symmetrised (:func:`symmetrise`; with C1, :func:`insert` itself). The
-    arguments are :func:`insert`'s;
-    :func:`insert_expanded` inserts the equivalents one by one (the slow reference)."""
+    arguments are :func:`insert`'s; :func:`insert_expanded` inserts the equivalents one by one
+    (the slow reference)."""
     return symmetrise(insert(read, n, rotations, shifts_px, ctf_params, pixel_size, box,
                              max_resolution_A, chunk_size, weights, image), symmetry)
 

@@ -141,20 +141,11 @@ class StageConfig:
         return self.seed // 1000
 
     def sampler_options(self, iterations_per_epoch: int) -> dict:
-        """The importance sampler's constructor arguments.
-
-        With a point group the cap on rotations drawn per image is ``importance_max_rotations
-        / |G|``: the cap bounds the draws of a broad proposal, and the grid covers one
-        asymmetric unit, ``1/|G|`` of the rotations, so the same density of draws is ``|G|``
-        times fewer of them. A broad proposal is most of a stage (its temperature falls over
-        the stage's few epochs), so with the C1 cap a C4 run drew as many rotations per image
-        as C1 and was no faster (docs/importance.md).
-        """
-        max_rotations = -(-self.importance_max_rotations // point_groups.order(self.symmetry))
+        """The importance sampler's constructor arguments."""
         return {"enabled": self.importance_sampling, "s0": self.s0, "seed": self.seed,
                 "iterations_per_epoch": iterations_per_epoch,
                 "min_grid_points": self.importance_min_grid_points,
-                "max_rotations": max_rotations,
+                "max_rotations": self.importance_max_rotations,
                 "max_shifts": self.importance_max_shifts,
                 "coverage": self.importance_coverage,
                 "dataset_prior": self.importance_dataset_prior,

@@ -74,9 +74,9 @@ def compile_kernels(section: dict, log=print, groups=None) -> float:
     from cryoday.stage_config import StageConfig, training_symmetry
 
     start = time.perf_counter()
-    trained = [training_symmetry(g) for g in (groups or [])]
-    if any(g != "C1" for g in trained):
-        section = {**section, "symmetry": next(g for g in trained if g != "C1")}
+    group = next((g for g in map(training_symmetry, groups or []) if g != "C1"), None)
+    if group is not None:
+        section = {**section, "symmetry": group}
     section = _miniature_section(section)
     rng = np.random.default_rng(0)
     n = N_IMAGES

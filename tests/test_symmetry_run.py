@@ -130,9 +130,9 @@ def test_broad_proposals_draw_the_c1_density_of_rotations_on_the_unit(name):
                                             importance_max_rotations=600)
     config = StageConfig.from_config(section, 1, 1)
     cap = -(-600 // symmetry.order(name))
-    assert config.sampler_options(10)["max_rotations"] == cap
     grid = pose_grid(*GRID_ARGS, symmetry=name.lower())
     sampler = ImportanceSampler(50, **config.sampler_options(10))
+    assert sampler.rotation_cap(grid) == cap
     # No stored posteriors: every proposal is the prior, as broad as a proposal gets.
     subsets = sampler.subsets(grid, np.arange(50), iteration=1)
     drawn = np.diff(subsets.rot_offsets)

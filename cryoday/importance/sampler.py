@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from cryoday import tunables
+from cryoday import symmetry, tunables
 from cryoday.errors import InputError
 from cryoday.importance import diagnostics, schedule
 from cryoday.importance.average import DatasetAverage
@@ -64,7 +64,9 @@ class ImportanceSampler:
         Floor of the prior's share ``alpha`` (the paper's 0.05).
     min_grid_points, coverage, max_rotations, max_shifts
         Exhaustive below ``min_grid_points`` per image; a dimension is taken whole when its
-        draws would cover ``coverage`` of it; per-image caps on the draws.
+        draws would cover ``coverage`` of it; per-image caps on the draws. ``max_rotations``
+        is for all of SO(3): on a grid of one asymmetric unit of a point group it is divided
+        by the group's order, the same density of draws (:meth:`rotation_cap`).
     iterations_per_epoch : float
         SAGD iterations per pass over the training images: the unit of the schedules (the stage
         driver passes its number of minibatches). The default 1 reads ``iteration`` as epochs.
@@ -258,6 +260,16 @@ class ImportanceSampler:
     def active(self) -> bool:
         return self.enabled and self.grid is not None and self.grid.size > self.min_grid_points
 
+    def rotation_cap(self, grid) -> int:
+        """The rotations an image may draw on ``grid``: ``max_rotations / |G|``, rounded up.
+
+        The cap bounds the draws of a broad proposal, and a grid with a point group covers
+        ``1/|G|`` of the rotations. A proposal is tempered broad for most of a stage's few
+        epochs, so the cap, not the posterior, sets the cost per image there: with C1's cap a
+        C4 run drew as many rotations per image as C1 and was no faster (docs/importance.md).
+        """
+        return -(-self.max_rotations // symmetry.order(getattr(grid, "symmetry", "C1")))
+
     def _rows_at_once(self) -> int:
         """Images whose ``(image x grid)`` proposals or posteriors are formed at once."""
         g = self.grid
@@ -371,7 +383,7 @@ class ImportanceSampler:
         for lo in range(0, len(rows), at_once):
             chunk = rows[lo:lo + at_once]
             q = self._proposal_matrices(chunk, iteration)
-            m = capped_draw_counts(g, *q, self.s0, self.coverage, self.max_rotations,
+            m = capped_draw_counts(g, *q, self.s0, self.coverage, self.rotation_cap(g),
                                    self.max_shifts)
             # Seeded by the rows themselves, so the same (rows, iteration) draws the same sets.
             rng = np.random.default_rng([self.seed, int(iteration), *chunk.tolist()])
