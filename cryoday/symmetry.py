@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from cryoday import _rotate_kernels
 from cryoday.errors import InputError
 
 # RELION's generators per group: (fold, axis) pairs, from fill_symmetry_class.
@@ -155,14 +156,20 @@ def symmetrise(volume: np.ndarray, name, order: int = 3) -> np.ndarray:
     """The average of the volume over the group: ``mean_g V(g^T x)``, about the centre voxel.
 
     This is RELION's ``symmetriseMap`` (the average over the group does not depend on whether
-    ``g`` or ``g^T`` is applied). Spline interpolation of ``order``; float32 out.
+    ``g`` or ``g^T`` is applied). Cubic B-spline (``order=3``) or trilinear (``order=1``)
+    interpolation with scipy's boundary rules (:func:`rotate_volume`), all rotations in one
+    Numba pass (:mod:`cryoday._rotate_kernels`); float32 out.
     """
+    if order not in (1, 3):
+        raise ValueError(f"symmetrise interpolates with order 1 or 3, not {order}")
     v = np.asarray(volume, dtype=np.float64)
-    elements = group(name)
     total = v.copy()
-    for g in elements[1:]:
-        total += rotate_volume(v, g, order)
-    return (total / len(elements)).astype(np.float32)
+    others = group(name)[1:]
+    if len(others):
+        samples = ndimage.spline_filter(v, 3, mode="mirror") if order == 3 else v
+        ops = np.ascontiguousarray(np.transpose(others, (0, 2, 1)))
+        _rotate_kernels.sum_rotated(np.ascontiguousarray(samples), ops, order == 3, total)
+    return (total / (len(others) + 1)).astype(np.float32)
 
 
 # A direction with no symmetry of its own in any of the groups: the seed of the asymmetric unit.
