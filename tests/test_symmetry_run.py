@@ -142,6 +142,29 @@ def test_broad_proposals_draw_the_c1_density_of_rotations_on_the_unit(name):
     assert np.median(drawn) > 0.25 * cap
 
 
+@pytest.mark.parametrize("name", ["C4", "D7"])
+def test_the_exhaustive_threshold_counts_the_unit_as_its_share_of_so3(name):
+    """A grid of one asymmetric unit is sampled when the whole sphere's grid would be: a C4
+    run had summed its first stages' grids whole, more points than C1 sampled of its own."""
+    grid = pose_grid(*GRID_ARGS, symmetry=name.lower())
+    c1 = pose_grid(*GRID_ARGS)
+    order = symmetry.order(name)
+    # Between the unit's own size and its share of SO(3): sampled with the group, summed whole
+    # on a C1 grid of the unit's size.
+    threshold = grid.size * order - 1
+    assert grid.size < threshold < c1.size * 1.5
+    sampler = ImportanceSampler(10, min_grid_points=threshold)
+    sampler.set_grid(grid)
+    assert sampler.active
+    sampler.set_grid(c1)
+    assert sampler.active == (c1.size > threshold)
+    above = ImportanceSampler(10, min_grid_points=grid.size * order)
+    above.set_grid(grid)
+    assert not above.active
+    subsets = above.subsets(grid, np.arange(10), iteration=1)
+    assert np.all(np.diff(subsets.rot_offsets) == grid.n_dir * grid.n_inp)
+
+
 # ---------------------------------------------------------------------- training
 
 
