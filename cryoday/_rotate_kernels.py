@@ -76,6 +76,32 @@ def _cubic_at(coef, qx, qy, qz, wx, wy, wz):
 
 
 @numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
+def _cubic_in_plane(coef, plane, qx, qy, wx, wy):
+    """The 2D cubic B-spline of plane ``plane`` of ``coef`` (filtered along y and x only) at
+    ``(qx, qy)``."""
+    n = coef.shape[0]
+    x0 = np.int64(np.floor(qx))
+    y0 = np.int64(np.floor(qy))
+    _cubic_weights(qx - x0, wx)
+    _cubic_weights(qy - y0, wy)
+    sheet = coef[plane]
+    total = 0.0
+    if x0 >= 1 and x0 + 2 < n and y0 >= 1 and y0 + 2 < n:
+        for b in range(4):
+            row = sheet[y0 - 1 + b]
+            total += wy[b] * (wx[0] * row[x0 - 1] + wx[1] * row[x0] + wx[2] * row[x0 + 1]
+                              + wx[3] * row[x0 + 2])
+        return total
+    for b in range(4):
+        yy = _mirror(y0 - 1 + b, n)
+        line = 0.0
+        for c in range(4):
+            line += wx[c] * sheet[yy, _mirror(x0 - 1 + c, n)]
+        total += wy[b] * line
+    return total
+
+
+@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
 def _linear_at(volume, qx, qy, qz):
     """Trilinear interpolation of ``volume`` at ``(qx, qy, qz)``, edge voxels mirrored."""
     n = volume.shape[0]
@@ -98,13 +124,16 @@ def _linear_at(volume, qx, qy, qz):
 
 
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
-def sum_rotated(samples, ops, cubic, out):
+def sum_rotated(samples, ops, cubic, planar, out):
     """``out[p] += sum_g V(g p)`` for every voxel ``p`` (vector ``(x, y, z)`` from the centre
     voxel ``n // 2``; arrays ``[z, y, x]``), ``ops`` ``(G, 3, 3)`` acting on ``(x, y, z)``.
 
     ``samples`` holds the cubic B-spline coefficients of ``V`` when ``cubic`` (scipy's
-    ``spline_filter(V, 3, mode="mirror")``), else ``V`` itself for trilinear lookup. Sums in
-    double precision whatever ``out``'s type.
+    ``spline_filter(V, 3, mode="mirror")``), else ``V`` itself for trilinear lookup. With
+    ``planar`` every op takes ``z`` to ``+-z`` (the groups C_n and D_n about RELION's axes):
+    each point lies on a voxel plane, where the 3D spline equals the plane's 2D spline, so
+    ``samples`` holds coefficients filtered along y and x only and 16 taps replace 64. Sums
+    in double precision whatever ``out``'s type.
     """
     n = samples.shape[0]
     c = np.float64(n // 2)
@@ -131,7 +160,10 @@ def sum_rotated(samples, ops, cubic, out):
                 # scipy's constant mode: zero anywhere outside the voxel centres' span.
                 if qx < 0.0 or qx > n - 1 or qy < 0.0 or qy > n - 1 or qz < 0.0 or qz > n - 1:
                     continue
-                if cubic:
+                if planar:
+                    # qz is +-z + c exactly; rounding guards the float arithmetic.
+                    acc[ix] += _cubic_in_plane(samples, np.int64(np.rint(qz)), qx, qy, wx, wy)
+                elif cubic:
                     acc[ix] += _cubic_at(samples, qx, qy, qz, wx, wy, wz)
                 else:
                     acc[ix] += _linear_at(samples, qx, qy, qz)

@@ -166,9 +166,16 @@ def symmetrise(volume: np.ndarray, name, order: int = 3) -> np.ndarray:
     total = v.copy()
     others = group(name)[1:]
     if len(others):
-        samples = ndimage.spline_filter(v, 3, mode="mirror") if order == 3 else v
         ops = np.ascontiguousarray(np.transpose(others, (0, 2, 1)))
-        _rotate_kernels.sum_rotated(np.ascontiguousarray(samples), ops, order == 3, total)
+        # C_n and D_n keep voxel planes (z -> +-z): a 2D spline per plane is the 3D one there.
+        planar = order == 3 and bool(np.allclose(np.abs(ops[:, 2, 2]), 1.0, atol=1e-12))
+        if planar:
+            samples = ndimage.spline_filter1d(v, 3, axis=2, mode="mirror")
+            samples = ndimage.spline_filter1d(samples, 3, axis=1, mode="mirror")
+        else:
+            samples = ndimage.spline_filter(v, 3, mode="mirror") if order == 3 else v
+        _rotate_kernels.sum_rotated(np.ascontiguousarray(samples), ops, order == 3, planar,
+                                    total)
     return (total / (len(others) + 1)).astype(np.float32)
 
 
