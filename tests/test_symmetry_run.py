@@ -165,6 +165,44 @@ def test_the_exhaustive_threshold_counts_the_unit_as_its_share_of_so3(name):
     assert np.all(np.diff(subsets.rot_offsets) == grid.n_dir * grid.n_inp)
 
 
+def _prior_draws(grid, directions, c1_floor=False, iteration=10**6):
+    """Directions drawn from the prior part, ``alpha * M``, for an image whose stored
+    direction posterior is split evenly over ``directions``, late on (T = 1, the floor)."""
+    sampler = ImportanceSampler(1, min_grid_points=0, dataset_prior=(0.0, 0.0, 0.0))
+    if c1_floor:
+        sampler.alpha_floor = lambda: sampler.alpha_min
+    sampler.set_grid(grid)
+    store = sampler.store
+    k = len(directions)
+    store.dir_xyz[0, :k] = directions
+    store.dir_logp[0, :k] = -np.log(k)
+    store.inp_logp[0, 0] = 0.0
+    store.shift_logp[0, 0] = 0.0
+    store.has[0] = True
+    q_dir = sampler._proposal_matrices(np.array([0]), iteration)[0][0]
+    m = np.ceil(sampler.s0 / np.sum(q_dir ** 2))
+    return sampler.alpha(iteration) * m, sampler
+
+
+def test_a_group_keeps_c1s_exploratory_draws():
+    """On C1's grid a particle of a C4 map has four equivalent directions, so its proposal
+    draws four times as much, the prior part's exploratory draws included; on the unit the
+    modes fold into one. The prior share's floor on the unit keeps the exploratory draws at
+    C1's count (a D7 run with C1's floor left 14% of its particles at wrong poses)."""
+    unit = pose_grid(*GRID_ARGS, symmetry="c4")
+    c1 = pose_grid(*GRID_ARGS)
+    d = unit.directions[len(unit.directions) // 2]
+    equivalents = np.einsum("gji,j->gi", symmetry.group("C4"), d)
+    c1_draws, c1_sampler = _prior_draws(c1, equivalents)
+    unit_draws, unit_sampler = _prior_draws(unit, d[None])
+    assert c1_sampler.alpha_floor() == c1_sampler.alpha_min
+    a = unit_sampler.alpha_min
+    assert unit_sampler.alpha_floor() == pytest.approx(4 * a / (1 - a + 4 * a))
+    assert 0.6 * c1_draws < unit_draws < 2.5 * c1_draws
+    # With C1's floor on the unit they are about a quarter of C1's.
+    assert _prior_draws(unit, d[None], c1_floor=True)[0] < 0.4 * c1_draws
+
+
 # ---------------------------------------------------------------------- training
 
 

@@ -298,12 +298,28 @@ class ImportanceSampler:
         return schedule.temperature(self.epoch(iteration), offset=self.schedule_offset,
                                     temperature_epochs=self.temperature_epochs)
 
+    def alpha_floor(self) -> float:
+        """The floor of the prior's share on the current grid: ``alpha_min`` for C1, and on a
+        grid of one asymmetric unit of a group of order ``|G|`` the share that keeps C1's
+        density of exploratory draws, ``|G| a / (1 - a + |G| a)``.
+
+        Why: on a C1 grid a particle of a symmetric map has ``|G|`` equivalent modes, so its
+        proposal's effective sample size, and with it the draws from the prior part that let
+        a particle leave a wrong pose, are ``|G|`` times those on the unit, where the modes
+        fold into one. With C1's floor a D7 run left 14% of the particles of a simulated D7
+        set more than 15 deg from their poses (C1: 1%). The floor above gives the prior part
+        ``|G|`` times the kernel part's relative weight, as the folded C1 proposal has.
+        """
+        order = symmetry.order(getattr(self.grid, "symmetry", "C1")) if self.grid else 1
+        a = self.alpha_min
+        return order * a / (1.0 - a + order * a)
+
     def alpha(self, iteration: float) -> float:
         """The prior's share of the proposals."""
         if not self.anneal:
-            return self.alpha_min
+            return self.alpha_floor()
         return schedule.alpha(self.epoch(iteration), offset=self.schedule_offset,
-                              halflife=self.alpha_halflife, alpha_min=self.alpha_min)
+                              halflife=self.alpha_halflife, alpha_min=self.alpha_floor())
 
     def flip(self, iteration: float) -> bool:
         """Whether direction proposals also cover the antipodes of the stored directions: by
