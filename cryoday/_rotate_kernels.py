@@ -18,6 +18,7 @@ import numba
 import numpy as np
 
 from cryoday import jit
+from cryoday._align_kernels import _trilinear
 
 
 @numba.njit(cache=jit.CACHE, inline="always")
@@ -101,35 +102,14 @@ def _cubic_in_plane(coef, plane, qx, qy, wx, wy):
     return total
 
 
-@numba.njit(cache=jit.CACHE, fastmath=jit.FASTMATH)
-def _linear_at(volume, qx, qy, qz):
-    """Trilinear interpolation of ``volume`` at ``(qx, qy, qz)``, edge voxels mirrored."""
-    n = volume.shape[0]
-    x0 = np.int64(np.floor(qx))
-    y0 = np.int64(np.floor(qy))
-    z0 = np.int64(np.floor(qz))
-    fx = qx - x0
-    fy = qy - y0
-    fz = qz - z0
-    total = 0.0
-    for a in range(2):
-        zz = _mirror(z0 + a, n)
-        wz = fz if a else 1.0 - fz
-        for b in range(2):
-            yy = _mirror(y0 + b, n)
-            wy = fy if b else 1.0 - fy
-            total += wz * wy * ((1.0 - fx) * volume[zz, yy, _mirror(x0, n)]
-                                + fx * volume[zz, yy, _mirror(x0 + 1, n)])
-    return total
-
-
 @numba.njit(parallel=True, cache=jit.CACHE, fastmath=jit.FASTMATH)
 def sum_rotated(samples, ops, cubic, planar, out):
     """``out[p] += sum_g V(g p)`` for every voxel ``p`` (vector ``(x, y, z)`` from the centre
     voxel ``n // 2``; arrays ``[z, y, x]``), ``ops`` ``(G, 3, 3)`` acting on ``(x, y, z)``.
 
     ``samples`` holds the cubic B-spline coefficients of ``V`` when ``cubic`` (scipy's
-    ``spline_filter(V, 3, mode="mirror")``), else ``V`` itself for trilinear lookup. With
+    ``spline_filter(V, 3, mode="mirror")``), else ``V`` itself for trilinear lookup (map
+    alignment's, :func:`cryoday._align_kernels._trilinear`). With
     ``planar`` every op takes ``z`` to ``+-z`` (the groups C_n and D_n about RELION's axes):
     each point lies on a voxel plane, where the 3D spline equals the plane's 2D spline, so
     ``samples`` holds coefficients filtered along y and x only and 16 taps replace 64. Sums
@@ -166,6 +146,6 @@ def sum_rotated(samples, ops, cubic, planar, out):
                 elif cubic:
                     acc[ix] += _cubic_at(samples, qx, qy, qz, wx, wy, wz)
                 else:
-                    acc[ix] += _linear_at(samples, qx, qy, qz)
+                    acc[ix] += _trilinear(samples, qz, qy, qx)
         for ix in range(n):
             out[iz, iy, ix] += acc[ix]
