@@ -65,9 +65,9 @@ class ImportanceSampler:
     min_grid_points, coverage, max_rotations, max_shifts
         Exhaustive below ``min_grid_points`` per image (for all of SO(3): see :attr:`active`);
         a dimension is taken whole when its draws would cover ``coverage`` of it; per-image
-        caps on the draws. ``max_rotations``
-        is for all of SO(3): on a grid of one asymmetric unit of a point group it is divided
-        by the group's order, the same density of draws (:meth:`rotation_cap`).
+        caps on the draws. ``max_rotations`` is for all of SO(3): on a grid of one asymmetric
+        unit of a point group it is divided by the group's order, the same density of draws
+        (:meth:`rotation_cap`).
     iterations_per_epoch : float
         SAGD iterations per pass over the training images: the unit of the schedules (the stage
         driver passes its number of minibatches). The default 1 reads ``iteration`` as epochs.
@@ -257,6 +257,12 @@ class ImportanceSampler:
             if "sampler_far_share" in average:
                 self.far_share = np.array(average["sampler_far_share"], dtype=np.float64)
 
+    @staticmethod
+    def _group_order(grid) -> int:
+        """``|G|`` of the grid's point group (1 for C1 or no grid): the grid covers ``1/|G|``
+        of the rotations."""
+        return symmetry.order(getattr(grid, "symmetry", "C1")) if grid is not None else 1
+
     @property
     def active(self) -> bool:
         """Whether the grid is sampled rather than summed whole: ``min_grid_points`` is for all
@@ -266,8 +272,7 @@ class ImportanceSampler:
         45,450, and took longer than C1."""
         if not self.enabled or self.grid is None:
             return False
-        group_order = symmetry.order(getattr(self.grid, "symmetry", "C1"))
-        return self.grid.size * group_order > self.min_grid_points
+        return self.grid.size * self._group_order(self.grid) > self.min_grid_points
 
     def rotation_cap(self, grid) -> int:
         """The rotations an image may draw on ``grid``: ``max_rotations / |G|``, rounded up.
@@ -277,7 +282,7 @@ class ImportanceSampler:
         epochs, so the cap, not the posterior, sets the cost per image there: with C1's cap a
         C4 run drew as many rotations per image as C1 and was no faster (docs/importance.md).
         """
-        return -(-self.max_rotations // symmetry.order(getattr(grid, "symmetry", "C1")))
+        return -(-self.max_rotations // self._group_order(grid))
 
     def _rows_at_once(self) -> int:
         """Images whose ``(image x grid)`` proposals or posteriors are formed at once."""
@@ -310,7 +315,7 @@ class ImportanceSampler:
         set more than 15 deg from their poses (C1: 1%). The floor above gives the prior part
         ``|G|`` times the kernel part's relative weight, as the folded C1 proposal has.
         """
-        order = symmetry.order(getattr(self.grid, "symmetry", "C1")) if self.grid else 1
+        order = self._group_order(self.grid)
         a = self.alpha_min
         return order * a / (1.0 - a + order * a)
 
