@@ -16,8 +16,9 @@ from cryoday.errors import InputError
 from cryoday.importance import (ImportanceSampler, PosteriorStore, kl_on_union, proposals,
                                 schedule)
 from cryoday.importance.geometry import Domain
+from cryoday.importance.store import marginals
 from cryoday.likelihood import marginal_nll
-from cryoday.pose_sets import exhaustive_subsets
+from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 from cryoday.projection import SliceOperator
 from cryoday.quadrature import pose_grid
 from reference import kl_on_union_reference
@@ -602,3 +603,46 @@ def test_a_row_drawing_more_than_its_grid_stays_whole_unless_a_cap_cuts_its_draw
                                           max_rotations=100, max_shifts=grid.n_shift - 1)
     assert all(0 < int(v[0]) < n for v, n in zip(capped, (grid.n_dir, grid.n_inp,
                                                           grid.n_shift)))
+
+
+def test_pose_marginals_match_a_point_by_point_sum():
+    """The marginals kernel against a plain loop over every image's (direction, in-plane,
+    shift) sample: ragged sets of different sizes per image (one image with none), grid
+    weights that are not uniform (so a wrong index shows), float64 sums to 1e-12."""
+    rng = np.random.default_rng(3)
+    grid = pose_grid(20.0, 32, 6.0)
+    grid = SimpleNamespace(n_dir=grid.n_dir, n_inp=grid.n_inp, n_shift=grid.n_shift,
+                           rot_log_weights=rng.normal(size=grid.n_dir * grid.n_inp),
+                           shift_log_weights=rng.normal(size=grid.n_shift))
+    sizes = [(5, 3, 2), (0, 0, 0), (40, 7, 9), (1, 1, 1), (12, grid.n_inp, 4)]
+    sets = {"dir": ([], []), "inp": ([], []), "shift": ([], [])}
+    for (n_d, n_p, n_s) in sizes:
+        for key, n, total in (("dir", n_d, grid.n_dir), ("inp", n_p, grid.n_inp),
+                              ("shift", n_s, grid.n_shift)):
+            sets[key][0].append(rng.choice(total, n, replace=False))
+            sets[key][1].append(rng.normal(size=n))
+    subsets = PoseSubsets.from_sets(grid.n_inp, *sets["dir"], *sets["inp"], *sets["shift"])
+    rot_post = rng.random(int(subsets.rot_offsets[-1]))
+    shift_post = rng.random(len(subsets.shift_index))
+
+    want = [np.zeros((len(sizes), n)) for n in (grid.n_dir, grid.n_inp, grid.n_shift)]
+    i = 0
+    for b in range(len(sizes)):
+        for d, lw_d in zip(sets["dir"][0][b], sets["dir"][1][b]):
+            for p, lw_p in zip(sets["inp"][0][b], sets["inp"][1][b]):
+                mass = rot_post[i] * np.exp(grid.rot_log_weights[d * grid.n_inp + p]
+                                            - lw_d - lw_p)
+                want[0][b, d] += mass
+                want[1][b, p] += mass
+                i += 1
+    i = 0
+    for b in range(len(sizes)):
+        for s, lw_s in zip(sets["shift"][0][b], sets["shift"][1][b]):
+            want[2][b, s] += shift_post[i] * np.exp(grid.shift_log_weights[s] - lw_s)
+            i += 1
+
+    got = marginals(grid, subsets, rot_post, shift_post)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == np.float64
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=0)
+    assert not got[0][1].any() and not got[2][1].any()  # the image without a sample

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
+from cryoday.importance._marginals import pose_marginals
 from cryoday.importance._select import top_k_rows
 
 K_STORED = 32
@@ -117,21 +118,10 @@ def marginals(grid, subsets, rot_post: np.ndarray, shift_post: np.ndarray):
     grid : cryoday.quadrature.PoseGrid
     subsets : PoseSubsets the posteriors were evaluated on
     rot_post, shift_post : the likelihood's posteriors over ``subsets``' rotations and shifts
+
+    One Numba pass per dimension (:mod:`cryoday.importance._marginals`).
     """
-    n_images = subsets.n_images
-    image = np.repeat(np.arange(n_images), np.diff(subsets.rot_offsets))
-    rot_index = subsets.rot_index
-    mass = rot_post * np.exp(grid.rot_log_weights[rot_index] - subsets.rot_logw)
-    d, j = rot_index // grid.n_inp, rot_index % grid.n_inp
-    p_dir = np.bincount(image * grid.n_dir + d, weights=mass, minlength=n_images * grid.n_dir)
-    p_inp = np.bincount(image * grid.n_inp + j, weights=mass, minlength=n_images * grid.n_inp)
-    image = np.repeat(np.arange(n_images), np.diff(subsets.shift_offsets))
-    shift_index = subsets.shift_index
-    mass = shift_post * np.exp(grid.shift_log_weights[shift_index] - subsets.shift_logw)
-    p_shift = np.bincount(image * grid.n_shift + shift_index, weights=mass,
-                          minlength=n_images * grid.n_shift)
-    return (p_dir.reshape(n_images, grid.n_dir), p_inp.reshape(n_images, grid.n_inp),
-            p_shift.reshape(n_images, grid.n_shift))
+    return pose_marginals(grid, subsets, rot_post, shift_post)
 
 
 def top_points(p: np.ndarray):

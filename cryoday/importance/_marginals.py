@@ -1,0 +1,62 @@
+"""Numba kernel of the posterior store's update: each image's posterior mass per grid direction,
+in-plane angle and shift, from the likelihood's posteriors over its importance sample.
+
+An image's rotations are the product of its direction and in-plane sets (direction-major, the
+order of ``LikelihoodResult.rot_post``). Built with NumPy, the marginals first spelled out the
+product's grid indices and log weights (three arrays the size of the sample), then took three
+``bincount`` passes over flattened ``(image, point)`` bins: at a 20 A stage, 9% of the stage.
+Here each image walks its own product once and adds into its own rows, images in parallel, in
+the same order as ``bincount`` (so the sums are the same, up to the exponential's last bit).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from cryoday import jit
+
+
+@numba.njit(parallel=True, cache=jit.CACHE)
+def _rotation_marginals(dir_offsets, dir_index, dir_logw, inp_offsets, inp_index, inp_logw,
+                        rot_offsets, rot_post, rot_log_weights, n_inp, p_dir, p_inp):
+    for b in numba.prange(len(dir_offsets) - 1):
+        i = rot_offsets[b]
+        for a in range(dir_offsets[b], dir_offsets[b + 1]):
+            d = dir_index[a]
+            for c in range(inp_offsets[b], inp_offsets[b + 1]):
+                j = inp_index[c]
+                # The grid's weight over the proposal's: the true posterior mass at the point.
+                mass = rot_post[i] * np.exp(rot_log_weights[d * n_inp + j]
+                                            - (dir_logw[a] + inp_logw[c]))
+                p_dir[b, d] += mass
+                p_inp[b, j] += mass
+                i += 1
+
+
+@numba.njit(parallel=True, cache=jit.CACHE)
+def _shift_marginals(shift_offsets, shift_index, shift_logw, shift_post, shift_log_weights,
+                     p_shift):
+    for b in numba.prange(len(shift_offsets) - 1):
+        for i in range(shift_offsets[b], shift_offsets[b + 1]):
+            s = shift_index[i]
+            p_shift[b, s] += shift_post[i] * np.exp(shift_log_weights[s] - shift_logw[i])
+
+
+def pose_marginals(grid, subsets, rot_post: np.ndarray, shift_post: np.ndarray):
+    """``(B, n_dir)``, ``(B, n_inp)``, ``(B, n_shift)`` float64 posterior masses of ``subsets``'
+    images (see :func:`cryoday.importance.store.marginals`)."""
+    n_images = subsets.n_images
+    p_dir = np.zeros((n_images, grid.n_dir))
+    p_inp = np.zeros((n_images, grid.n_inp))
+    p_shift = np.zeros((n_images, grid.n_shift))
+    f64 = np.float64
+    _rotation_marginals(
+        subsets.dir_offsets, subsets.dir_index, np.asarray(subsets.dir_logw, f64),
+        subsets.inp_offsets, subsets.inp_index, np.asarray(subsets.inp_logw, f64),
+        subsets.rot_offsets, np.asarray(rot_post, f64),
+        np.asarray(grid.rot_log_weights, f64), int(grid.n_inp), p_dir, p_inp)
+    _shift_marginals(subsets.shift_offsets, subsets.shift_index,
+                     np.asarray(subsets.shift_logw, f64), np.asarray(shift_post, f64),
+                     np.asarray(grid.shift_log_weights, f64), p_shift)
+    return p_dir, p_inp, p_shift
