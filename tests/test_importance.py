@@ -16,7 +16,7 @@ from cryoday.errors import InputError
 from cryoday.importance import (ImportanceSampler, PosteriorStore, kl_on_union, proposals,
                                 schedule)
 from cryoday.importance.geometry import Domain
-from cryoday.importance.store import marginals
+from cryoday.importance.store import marginals, normalised_logw
 from cryoday.likelihood import marginal_nll
 from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 from cryoday.projection import SliceOperator
@@ -646,3 +646,24 @@ def test_pose_marginals_match_a_point_by_point_sum():
         assert g.shape == w.shape and g.dtype == np.float64
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=0)
     assert not got[0][1].any() and not got[2][1].any()  # the image without a sample
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normalised_logw_matches_scipy_logsumexp(dtype):
+    """The log-weight normalisation against ``logp - scipy.special.logsumexp``: float32 and
+    float64 rows with ``-inf`` pads, rows without a finite entry (NaN, as SciPy's), a NaN row,
+    1-D and 3-D shapes; the dtype is kept. Tolerance 2 ulp of the dtype on values of ~10."""
+    rng = np.random.default_rng(5)
+    logp = (rng.normal(size=(7, 3, 32)) * 10).astype(dtype)
+    logp[0, :, 20:] = -np.inf
+    logp[1, 1] = -np.inf
+    logp[2, 2, 3] = np.nan
+    with np.errstate(invalid="ignore"):
+        want = logp - logsumexp(logp, axis=-1, keepdims=True)
+    for got, expected in ((normalised_logw(logp), want), (normalised_logw(logp[3, 0]), want[3, 0])):
+        assert got.dtype == dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=0,
+                                   atol=40 * np.finfo(dtype).eps)

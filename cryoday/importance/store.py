@@ -12,9 +12,9 @@ posteriors themselves. See ``docs/importance.md``.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp
 
 from cryoday.importance._marginals import pose_marginals
+from cryoday.importance._normalise import normalised_rows
 from cryoday.importance._select import top_k_rows
 
 K_STORED = 32
@@ -25,8 +25,7 @@ FIELDS = (("dir_xyz", "dir_logp"), ("inp_angle", "inp_logp"), ("shift_A", "shift
 
 def normalised_logw(logp: np.ndarray) -> np.ndarray:
     """Log weights renormalised over each row's finite entries (``-inf`` pads stay ``-inf``)."""
-    with np.errstate(invalid="ignore"):
-        return logp - logsumexp(logp, axis=-1, keepdims=True)
+    return normalised_rows(logp)
 
 
 class PosteriorStore:
