@@ -43,9 +43,19 @@ def _shift_marginals(shift_offsets, shift_index, shift_logw, shift_post, shift_l
             p_shift[b, s] += shift_post[i] * np.exp(shift_log_weights[s] - shift_logw[i])
 
 
-def pose_marginals(grid, subsets, rot_post: np.ndarray, shift_post: np.ndarray):
-    """``(B, n_dir)``, ``(B, n_inp)``, ``(B, n_shift)`` float64 posterior masses of ``subsets``'
-    images (see :func:`cryoday.importance.store.marginals`)."""
+def marginals(grid, subsets, rot_post: np.ndarray, shift_post: np.ndarray):
+    """Each image's posterior mass per grid direction, in-plane angle and shift: float64
+    ``(B, n_dir)``, ``(B, n_inp)``, ``(B, n_shift)``.
+
+    The posterior at a grid point is gamma divided by the importance correction ``c / (M q)``,
+    i.e. ``gamma W / exp(logw)``: the true posterior mass at that point.
+
+    Parameters
+    ----------
+    grid : cryoday.quadrature.PoseGrid
+    subsets : PoseSubsets the posteriors were evaluated on
+    rot_post, shift_post : the likelihood's posteriors over ``subsets``' rotations and shifts
+    """
     n_images = subsets.n_images
     p_dir = np.zeros((n_images, grid.n_dir))
     p_inp = np.zeros((n_images, grid.n_inp))

@@ -30,10 +30,9 @@ def _normalise_rows(logp, out):
         if bad or not np.isfinite(peak):
             # As logsumexp: NaN (or +inf) rows, and rows without a finite entry (whose
             # logsumexp is -inf, so -inf - -inf), give NaN where the entry is not finite.
+            total = np.nan if bad else peak
             for k in range(row.shape[0]):
-                v = np.float64(row[k])
-                total = np.nan if bad else peak
-                out[r, k] = v - total
+                out[r, k] = np.float64(row[k]) - total
             continue
         acc = 0.0
         for k in range(row.shape[0]):
@@ -43,13 +42,13 @@ def _normalise_rows(logp, out):
             out[r, k] = np.float64(row[k]) - total
 
 
-def normalised_rows(logp: np.ndarray) -> np.ndarray:
-    """``logp - logsumexp(logp, axis=-1, keepdims=True)`` in ``logp``'s float dtype (the sums
-    in float64); ``-inf`` pads stay ``-inf``, a row with no finite entry is NaN."""
+def normalised_logw(logp: np.ndarray) -> np.ndarray:
+    """Log weights renormalised over each row (the last axis) of ``logp``:
+    ``logp - logsumexp(logp, axis=-1, keepdims=True)`` in ``logp``'s float dtype (the sums in
+    float64); ``-inf`` pads stay ``-inf``, a row with no finite entry is NaN."""
     logp = np.asarray(logp)
     dtype = logp.dtype if logp.dtype in (np.float32, np.float64) else np.float64
-    flat = np.ascontiguousarray(logp.reshape(-1, logp.shape[-1]) if logp.ndim else
-                                logp.reshape(1, 1))
+    flat = np.ascontiguousarray(logp.reshape(-1, logp.shape[-1]))
     out = np.empty(flat.shape, dtype)
     _normalise_rows(flat, out)
     return out.reshape(logp.shape)

@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryoday.importance._marginals import pose_marginals
-from cryoday.importance._normalise import normalised_rows
+from cryoday.importance._marginals import marginals  # noqa: F401  (the store's API)
+from cryoday.importance._normalise import normalised_logw  # noqa: F401
 from cryoday.importance._select import top_k_rows
 
 K_STORED = 32
 DIMENSIONS = ("dir", "inp", "shift")
 # Per dimension: the attribute holding the coordinates and the one holding the log masses.
 FIELDS = (("dir_xyz", "dir_logp"), ("inp_angle", "inp_logp"), ("shift_A", "shift_logp"))
-
-
-def normalised_logw(logp: np.ndarray) -> np.ndarray:
-    """Log weights renormalised over each row's finite entries (``-inf`` pads stay ``-inf``)."""
-    return normalised_rows(logp)
 
 
 class PosteriorStore:
@@ -104,23 +99,6 @@ class PosteriorStore:
                 raise ValueError(f"stored posteriors: is_{key} has shape "
                                  f"{getattr(store, key).shape}, expected {shape}")
         return store
-
-
-def marginals(grid, subsets, rot_post: np.ndarray, shift_post: np.ndarray):
-    """Each image's posterior mass per grid direction, in-plane angle and shift, ``(B, n)``.
-
-    The posterior at a grid point is gamma divided by the importance correction ``c / (M q)``,
-    i.e. ``gamma W / exp(logw)``: the true posterior mass at that point.
-
-    Parameters
-    ----------
-    grid : cryoday.quadrature.PoseGrid
-    subsets : PoseSubsets the posteriors were evaluated on
-    rot_post, shift_post : the likelihood's posteriors over ``subsets``' rotations and shifts
-
-    One Numba pass per dimension (:mod:`cryoday.importance._marginals`).
-    """
-    return pose_marginals(grid, subsets, rot_post, shift_post)
 
 
 def top_points(p: np.ndarray):
