@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cryoday import classes, noise_refine, records, shift_range, symmetry
+from cryoday import classes, noise_refine, records, refine, shift_range, symmetry
 from cryoday.batch import make_batch
 from cryoday.checkpoint import Checkpoint, EarlyStopping, Start, stage_fingerprint
 from cryoday.importance import ImportanceSampler
@@ -496,7 +496,8 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
               scale_start=False,
               after_iteration: Callable[[int], object] | None = None, noise=None,
               noise_group=None, full_box: int | None = None,
-              reseeded: tuple = (), last_stage: bool = True) -> StageResult:
+              reseeded: tuple = (), last_stage: bool = True,
+              refine_rounds: int = 0) -> StageResult:
     """Run one stage; see the module docstring.
 
     Parameters
@@ -543,6 +544,10 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
     last_stage : bool
         False for a stage the schedule follows with another: its final pass keeps the last
         epoch's evaluations of the particles SAGD saw then (:func:`final_poses`; one class).
+    refine_rounds : int
+        After the final pass of a last stage of one class, this many EM rounds at the stage's
+        images and grid (:mod:`cryoday.refine`): the poses (and the posteriors in the state)
+        are then the last round's; the stage's map stays SAGD's.
     """
     start_time = time.perf_counter()
     n_classes = config.classes
@@ -622,8 +627,16 @@ def run_stage(volume0, images, ctf_params, sigma, pixel_size, resolution_A, trai
             poses, class_posterior = classes.final_class_poses(
                 volume, objective, start.optimiser.t, log, start_time, residuals)
         else:
+            refining = last_stage and refine_rounds > 0
             poses = final_poses(volume, objective, start.optimiser.t, log, start_time,
-                                residuals, keep_last_epoch=not last_stage)
+                                None if refining else residuals, keep_last_epoch=not last_stage)
+            if refining:
+                log(f"refinement: {refine_rounds} EM rounds at the stage's images and grid "
+                    "(a map from every particle's pose posterior, then a pose pass at it)")
+                poses, _, _ = refine.refine(volume, poses, objective, start.optimiser.t,
+                                            refine_rounds, images, ctf_params, pixel_size,
+                                            config.symmetry, log, start_time, residuals,
+                                            seed=config.seed)
     except Exception as error:
         # Out of memory or disk is the machine's, not the checkpoint's fault: keep it.
         if start.resumed and not isinstance(error, (OSError, MemoryError)):

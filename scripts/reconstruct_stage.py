@@ -91,6 +91,7 @@ result = run_stage(
     scale_start=(stage == 1 and not section["initial_model"]), noise=spectrum,
     noise_group=noise_group, full_box=info["full_box"], reseeded=tuple(reseeded),
     last_stage=bool(snakemake.params.last_stage),
+    refine_rounds=int(snakemake.params.refine_rounds),
 )
 io.write_map(snakemake.output.volume, result.volume, pixel_size)
 result.save_state(snakemake.output.state)

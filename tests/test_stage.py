@@ -18,10 +18,11 @@ from cryoday.sagd import SAGD
 from cryoday.stage import run_stage, train, view_order
 from cryoday.stage_config import SCHEMA, StageConfig, default_reconstruction_config, stage_schedule
 
-# Keys of the reconstruction section read outside StageConfig: by the workflow (stages, seeds),
-# the schedule (learning_rate_min) and the rule script (the stage-1 start).
-OUTSIDE_STAGE_CONFIG = {"stages_A", "seeds", "learning_rate_min", "particle_diameter_A",
-                        "initial_model"}
+# Keys of the reconstruction section read outside StageConfig: by the workflow (stages, seeds,
+# the last stage's refinement rounds), the schedule (learning_rate_min) and the rule script (the
+# stage-1 start).
+OUTSIDE_STAGE_CONFIG = {"stages_A", "seeds", "refine_rounds", "learning_rate_min",
+                        "particle_diameter_A", "initial_model"}
 
 
 def test_defaults_are_the_schemas_as_the_workflow_fills_them():

@@ -28,6 +28,7 @@ rule reconstruct_stage:
         resolution=stage_resolution,
         options=stage_options,
         last_stage=lambda w: int(w.stage) == len(dataset_stages(w.dataset)),
+        refine_rounds=stage_refine_rounds,
         checkpoint="results/{dataset}/abinitio/seed{seed}/stage{stage}/checkpoint.npz",
     script:
         "../../scripts/reconstruct_stage.py"
