@@ -206,11 +206,15 @@ def test_a_stage_gets_every_key_it_reads_and_no_other(tmp_path):
     script_keys = {"initial_model", "particle_diameter_A", "learning_rate_min"}
     stage_keys = {f.name for f in StageConfig.__dataclass_fields__.values()} | script_keys
     for stage in (1, 2, 4):
-        options = _mock_params(tmp_path, "reconstruct_stage", dataset="d", seed="2",
-                               stage=str(stage))["options"]
+        params = _mock_params(tmp_path, "reconstruct_stage", dataset="d", seed="2",
+                              stage=str(stage))
+        options = params["options"]
         # symmetry and classes too: left out in C1 and for one class, so such a stage's params
-        # are those from before they existed
-        assert set(options) == set(section) - {"seeds", "stages_A", "symmetry", "classes"}
+        # are those from before they existed; refine_rounds is a param of its own, non-zero for
+        # the last stage only (the others' params must not change when it does)
+        assert set(options) == set(section) - {"seeds", "stages_A", "symmetry", "classes",
+                                               "refine_rounds"}
+        assert params["refine_rounds"] == (section["refine_rounds"] if stage == 4 else 0)
         assert set(options) <= stage_keys  # a new key no stage reads must be left out too
         assert options["undersampling"] == factors[:stage]
         assert StageConfig.from_config(options, stage, 2) == StageConfig.from_config(

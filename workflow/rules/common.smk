@@ -128,9 +128,14 @@ NOT_STAGE_KEYS = ("seeds", "stages_A", "refine_rounds")
 
 def stage_refine_rounds(wildcards):
     """The EM rounds a stage runs after its final pass: ``reconstruction.refine_rounds`` for the
-    last stage of one class, 0 otherwise (so the other stages' params do not carry it)."""
+    last stage of one class, 0 otherwise (so the other stages' params do not carry it).
+    """
     last = int(wildcards.stage) == len(dataset_stages(wildcards.dataset))
-    return int(RECON["refine_rounds"]) if last and dataset_classes(wildcards.dataset) == 1 else 0
+    return (
+        int(RECON["refine_rounds"])
+        if last and dataset_classes(wildcards.dataset) == 1
+        else 0
+    )
 
 
 def dataset_symmetry(name):
