@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from cryoday import geometry, molecule, simulate, validation
-from cryoday.refine import filtered_map, moved_share
+from cryoday.importance import ImportanceSampler
+from cryoday.refine import annealing_off, filtered_map, moved_share
 from cryoday.stage import run_stage
 from cryoday.stage_config import StageConfig, default_reconstruction_config
 
@@ -39,6 +40,23 @@ def test_moved_share_counts_rotations_beyond_the_angle():
     quarter = geometry.euler_to_matrix(np.zeros(4), np.zeros(4), np.full(4, 90.0))
     assert moved_share(eye, quarter, 5.0, "C4") == 0.0
     assert moved_share(eye, quarter, 5.0) == 1.0
+
+
+def test_annealing_off_draws_at_t1_and_gives_the_schedule_back():
+    # Early in its schedule (epoch 0.5, offset 0.2) the sampler's T is 2^(9 / 0.3) and the
+    # prior's share 1; with annealing off, T = 1 and the floor, and afterwards the schedule's.
+    sampler = ImportanceSampler(100, iterations_per_epoch=10.0)
+    annealed = (sampler.temperature(5.0), sampler.alpha(5.0), sampler.flip(5.0))
+    assert annealed[0] > 1e6 and annealed[1] > 0.9 and annealed[2]
+    try:
+        with annealing_off(sampler):
+            assert sampler.temperature(5.0) == 1.0
+            assert sampler.alpha(5.0) == sampler.alpha_floor()
+            assert not sampler.flip(5.0)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert (sampler.temperature(5.0), sampler.alpha(5.0), sampler.flip(5.0)) == annealed
 
 
 def test_refinement_rounds_keep_the_stage_map_and_find_the_poses():
