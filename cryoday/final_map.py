@@ -10,11 +10,13 @@ the best estimate of the structure; the sharpened map is the halves' average wit
 of its Guinier plot undone, filtered by the FSC.
 
 Poses: by default each particle's most probable pose (what ``final/particles.star`` holds). With
-the last stage's pose posteriors (``state.npz``) each particle is inserted at the product of the
-top few points of its three stored marginals (directions, in-plane angles, shifts), with their
-renormalised masses: the posterior-marginalised insertion, cheap because the marginals are
-sharp by the last stage. The product drops the correlation between the dimensions, which is
-small when each marginal is concentrated on neighbouring grid points.
+the last stage's pose posteriors (``state.npz``) each particle is inserted at its heaviest
+rotations of the last pass (the store's joint points: direction and in-plane angle together)
+times the top points of its shift marginal, with their renormalised masses: the
+posterior-marginalised insertion, cheap because the posteriors are sharp by the last stage.
+Rotation and shift are taken as independent, a small loss where the shift marginal is sharp. A
+state saved before joint points were kept gives the product of the top points of the three
+marginals instead, which also puts mass on (direction, in-plane) pairs a particle never had.
 
 With K classes (``reconstruction.classes``) the map is the main class's: each particle's poses
 are weighted by its posterior for the main class (``poses.npz`` ``class_posterior``), so
@@ -65,6 +67,7 @@ MASK_RADIUS_FRACTION = 0.4
 MASK_EDGE_PX = 3.0
 # Points per dimension of the posterior-marginalised insertion (directions, in-plane, shifts):
 # 3 x 3 x 2 = 18 insertions per particle cover a sharp posterior's neighbouring grid points.
+# With joint rotations only the shifts' number is read (rotations: the store's K_JOINT).
 POSTERIOR_TOP = (3, 3, 2)
 # Poses carrying less than this share of their particle's mass are not inserted (the rest is
 # renormalised). On the paper-scale set's 10 A stage the 3 x 3 x 2 products held 13.5 poses per
@@ -193,8 +196,10 @@ def sharpen(volume: np.ndarray, pixel_size: float, guinier_B_A2: float, freq: np
 
 
 def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
-                    min_weight: float = POSE_WEIGHT_FLOOR, particles=None):
-    """Each particle's top points of its stored pose marginals, as weighted poses.
+                    min_weight: float = POSE_WEIGHT_FLOOR, particles=None, joint: bool = True):
+    """Each particle's heaviest stored poses, as weighted poses: its joint rotations times the
+    top points of its shift marginal, or (without joint rotations) the product of the top
+    points of its three marginals.
 
     Parameters
     ----------
@@ -209,13 +214,15 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
         renormalised); 0 keeps every pose of positive mass.
     particles : (p,) int array, optional
         Only these particle rows (a shard's); default every particle.
+    joint : bool
+        False: the product of the marginals for every particle, joint rotations or not.
 
     Returns
     -------
     image : (m,) int, the particle of each pose
     rotations : (m, 3, 3)
     shifts_px : (m, 2)
-    weights : (m,) float64, the product of the marginals' masses renormalised per particle
+    weights : (m,) float64, the poses' masses renormalised per particle
     """
     from cryoday.importance.store import PosteriorStore
 
@@ -226,45 +233,86 @@ def posterior_poses(state: dict, pixel_size: float, top=POSTERIOR_TOP,
         raise ValueError(f"stored posteriors: particle row {missing + 1} has none")
     # In blocks of particles: each particle's 3 x 3 x 2 candidates take ~2 kB before the floor
     # drops most of them (2 GB at 1,000,000 particles at once; 100 MB a block).
-    blocks = [_posterior_block(store, rows, pixel_size, top, min_weight) for rows in
+    blocks = [_posterior_block(store, rows, pixel_size, top, min_weight, joint) for rows in
               np.array_split(particles, max(1, -(-len(particles) // POSE_BLOCK)))]
     image, rotations, shifts, weights = (np.concatenate(parts) for parts in zip(*blocks))
     return image, rotations, shifts, weights
 
 
-def _posterior_block(store, particles: np.ndarray, pixel_size: float, top, min_weight: float):
+def _posterior_block(store, particles: np.ndarray, pixel_size: float, top, min_weight: float,
+                     joint: bool = True):
     """:func:`posterior_poses` of the particle rows ``particles``."""
+    with_joint = store.has_joint(particles) if joint else np.zeros(len(particles), bool)
+    parts = [_joint_poses(store, particles[with_joint], top[2]),
+             _product_poses(store, particles[~with_joint], top)]
+    # Each pose's particle within the block, particle-major again (joint rows first otherwise).
+    local = np.concatenate([np.flatnonzero(with_joint)[parts[0][0]],
+                            np.flatnonzero(~with_joint)[parts[1][0]]])
+    order = np.argsort(local, kind="stable")
+    local = local[order]
+    logw, rotations, shifts_A = (np.concatenate(x)[order] for x in list(zip(*parts))[1:])
     n = len(particles)
-    picks = []
-    for dim, k in enumerate(top):
-        logp = store.log_masses(dim)[particles].astype(np.float64)
-        order = np.argsort(-logp, axis=1)[:, :k]
-        picks.append((order, np.take_along_axis(logp, order, axis=1)))
-    (di, dl), (ii, il), (si, sl) = picks
-    kd, ki, ks = di.shape[1], ii.shape[1], si.shape[1]
-    # Every combination (direction, in-plane, shift) of each particle, particle-major.
-    logw = dl[:, :, None, None] + il[:, None, :, None] + sl[:, None, None, :]
-    logw = logw.reshape(n, -1)
-    logw = logw - logw.max(axis=1, keepdims=True)
-    w = np.exp(logw)
-    w /= w.sum(axis=1, keepdims=True)
-    rows = particles[:, None]
-    directions = store.dir_xyz[rows, di].astype(np.float64)  # (n, kd, 3)
-    rot, tilt = directions_to_euler(directions)
-    psi = np.degrees(store.inp_angle[rows, ii].astype(np.float64))  # (n, ki)
-    shape = (n, kd, ki, ks)
-    rotations = euler_to_matrix(np.broadcast_to(rot[:, :, None, None], shape).ravel(),
-                                np.broadcast_to(tilt[:, :, None, None], shape).ravel(),
-                                np.broadcast_to(psi[:, None, :, None], shape).ravel())
-    shifts = np.broadcast_to(store.shift_A[rows, si][:, None, None, :, :].astype(np.float64),
-                             (*shape, 2)).reshape(-1, 2) / pixel_size
-    local = np.repeat(np.arange(n), kd * ki * ks)  # each pose's particle within the block
+    top_logw = np.full(n, -np.inf)
+    np.maximum.at(top_logw, local, logw)
+    w = np.exp(logw - top_logw[local])
+    w /= np.bincount(local, weights=w, minlength=n)[local]
     # The rest of each particle's mass is renormalised over the poses kept.
-    w = w.ravel()
     keep = (w > 0) & (w >= min_weight)
     local = local[keep]
     w = w[keep] / np.bincount(local, weights=w[keep], minlength=n)[local]
-    return particles[local], rotations.reshape(-1, 3, 3)[keep], shifts[keep], w
+    return particles[local], rotations[keep], shifts_A[keep] / pixel_size, w
+
+
+def _rotations(directions: np.ndarray, inplane_rad: np.ndarray) -> np.ndarray:
+    """RELION matrices of (direction, in-plane angle) pairs of the same shape ``(...)``."""
+    rot, tilt = directions_to_euler(directions.astype(np.float64))
+    return euler_to_matrix(rot.ravel(), tilt.ravel(),
+                           np.degrees(inplane_rad.astype(np.float64)).ravel())
+
+
+def _top_shifts(store, particles: np.ndarray, k: int):
+    """Each particle's ``k`` heaviest stored shifts: ``(shifts_A (p, k, 2), logp (p, k))``."""
+    logp = store.shift_logp[particles].astype(np.float64)
+    order = np.argsort(-logp, axis=1)[:, :k]
+    return (store.shift_A[particles[:, None], order].astype(np.float64),
+            np.take_along_axis(logp, order, axis=1))
+
+
+def _joint_poses(store, particles: np.ndarray, n_shifts: int):
+    """The poses of particles with joint rotations, as ``(local particle, log mass, rotations,
+    shifts_A)``: each rotation with each of the top shifts."""
+    n, kj = len(particles), store.joint_logp.shape[1]
+    shifts, shift_logp = _top_shifts(store, particles, n_shifts)
+    ks = shifts.shape[1]
+    logw = (store.joint_logp[particles].astype(np.float64)[:, :, None]
+            + shift_logp[:, None, :]).reshape(-1)
+    rotations = _rotations(store.joint_dir_xyz[particles].reshape(-1, 3),
+                           store.joint_inp_angle[particles].reshape(-1))
+    rotations = np.repeat(rotations.reshape(n, kj, 3, 3), ks, axis=1).reshape(-1, 3, 3)
+    shifts = np.broadcast_to(shifts[:, None], (n, kj, ks, 2)).reshape(-1, 2)
+    return np.repeat(np.arange(n), kj * ks), logw, rotations, shifts
+
+
+def _product_poses(store, particles: np.ndarray, top):
+    """The poses of particles without joint rotations, as :func:`_joint_poses`: every
+    combination of the top points of the three marginals."""
+    n = len(particles)
+    picks = []
+    for dim, k in enumerate(top[:2]):
+        logp = store.log_masses(dim)[particles].astype(np.float64)
+        order = np.argsort(-logp, axis=1)[:, :k]
+        picks.append((order, np.take_along_axis(logp, order, axis=1)))
+    (di, dl), (ii, il) = picks
+    shifts, sl = _top_shifts(store, particles, top[2])
+    kd, ki, ks = di.shape[1], ii.shape[1], shifts.shape[1]
+    logw = (dl[:, :, None, None] + il[:, None, :, None] + sl[:, None, None, :]).reshape(-1)
+    rows = particles[:, None]
+    shape = (n, kd, ki, ks)
+    directions = np.broadcast_to(store.dir_xyz[rows, di][:, :, None, None, :], (*shape, 3))
+    inplane = np.broadcast_to(store.inp_angle[rows, ii][:, None, :, None], shape)
+    rotations = _rotations(directions.reshape(-1, 3), inplane.reshape(-1))
+    shifts = np.broadcast_to(shifts[:, None, None], (*shape, 2)).reshape(-1, 2)
+    return np.repeat(np.arange(n), kd * ki * ks), logw, rotations, shifts
 
 
 def final_reconstruction(read, n: int, rotations: np.ndarray, shifts_px: np.ndarray,

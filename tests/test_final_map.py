@@ -14,7 +14,7 @@ from cryoday import final_map, io, molecule, simulate
 from cryoday.fourier import ft3, ift3, radial_index_3d
 from cryoday.fsc import fsc, resolution_at
 from cryoday.geometry import euler_to_matrix, matrix_to_euler
-from cryoday.importance.store import K_STORED, PosteriorStore
+from cryoday.importance.store import K_JOINT, K_STORED, PosteriorStore
 from cryoday.reconstruct import reconstruct
 
 BOX, PSIZE, N = 32, 4.0, 1200
@@ -142,6 +142,42 @@ def test_posterior_poses_drop_negligible_poses_and_renormalise():
     np.testing.assert_allclose(sorted(weights[image == 1]), [0.4, 0.6])
 
 
+def test_posterior_poses_take_the_joint_rotations_where_stored():
+    """Particle 0's posterior holds two views, each at its own in-plane angle: its joint
+    rotations give those two poses (times its one shift), where the product of its marginals
+    gives four, two of them pairs it never had. Particle 1 has no joint rotations (a state from
+    before they were kept) and gets the product."""
+    store = PosteriorStore(2)
+    rot = euler_to_matrix(np.array([10.0, 200.0]), np.array([30.0, 100.0]), 0.0)
+    for particle in range(2):
+        store.dir_xyz[particle, :2] = rot[:, 2]
+        store.inp_angle[particle, :2] = [0.5, 2.0]
+        store.dir_logp[particle, :2] = store.inp_logp[particle, :2] = np.log([0.6, 0.4])
+        store.shift_A[particle, 0] = [4.0, -8.0]
+        store.shift_logp[particle, 0] = 0.0
+    store.joint_dir_xyz[0, :2] = rot[:, 2]
+    store.joint_inp_angle[0, :2] = [0.5, 2.0]
+    # Shares of the whole rotation posterior: the rest (5%) lay beyond the stored points.
+    store.joint_logp[0, :2] = np.log([0.57, 0.38])
+    store.has[:] = True
+    image, rotations, shifts, weights = final_map.posterior_poses(store.state(), 2.0, (3, 3, 2),
+                                                                  min_weight=0.0)
+    assert image.tolist() == [0, 0, 1, 1, 1, 1]
+    np.testing.assert_allclose(weights[:2], [0.6, 0.4])
+    np.testing.assert_allclose(sorted(weights[2:]), [0.16, 0.24, 0.24, 0.36])
+    np.testing.assert_allclose(shifts, [[2.0, -4.0]] * 6)
+    # Each joint pose is its view with its own in-plane angle.
+    for pose, view, psi in ((0, 0, 0.5), (1, 1, 2.0)):
+        np.testing.assert_allclose(rotations[pose][2], rot[view, 2], atol=1e-6)
+        rot_deg, tilt_deg, _ = matrix_to_euler(rot[view][None])
+        want = euler_to_matrix(rot_deg, tilt_deg, np.array([np.degrees(psi)]))[0]
+        np.testing.assert_allclose(rotations[pose], want, atol=1e-5)
+    product = final_map.posterior_poses(store.state(), 2.0, (3, 3, 2), min_weight=0.0,
+                                        joint=False)
+    assert np.bincount(product[0]).tolist() == [4, 4]
+    assert K_JOINT >= 2
+
+
 def test_posterior_poses_in_blocks_equal_one_block(monkeypatch):
     rng = np.random.default_rng(3)
     store = PosteriorStore(7)
@@ -152,6 +188,11 @@ def test_posterior_poses_in_blocks_equal_one_block(monkeypatch):
     store.dir_xyz[:] = v / np.linalg.norm(v, axis=2, keepdims=True)
     store.inp_angle[:] = rng.uniform(0, 2 * np.pi, (7, K_STORED))
     store.shift_A[:] = rng.normal(0, 3, (7, K_STORED, 2))
+    # Joint rotations for some particles only, so that blocks mix the two kinds of poses.
+    v = rng.standard_normal((7, K_JOINT, 3))
+    store.joint_dir_xyz[:] = v / np.linalg.norm(v, axis=2, keepdims=True)
+    store.joint_inp_angle[:] = rng.uniform(0, 2 * np.pi, (7, K_JOINT))
+    store.joint_logp[[0, 2, 5, 6]] = np.log(rng.dirichlet(np.ones(K_JOINT), size=4))
     store.has[:] = True
     whole = final_map.posterior_poses(store.state(), 1.5)
     monkeypatch.setattr(final_map, "POSE_BLOCK", 3)  # blocks of 3, 3 and 1 particles

@@ -16,7 +16,7 @@ from cryoday.errors import InputError
 from cryoday.importance import (ImportanceSampler, PosteriorStore, kl_on_union, proposals,
                                 schedule)
 from cryoday.importance.geometry import Domain
-from cryoday.importance.store import marginals, normalised_logw
+from cryoday.importance.store import marginals, marginals_and_top_rotations, normalised_logw
 from cryoday.likelihood import marginal_nll
 from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 from cryoday.projection import SliceOperator
@@ -127,10 +127,17 @@ def test_store_state_round_trip_keeps_keys_dtypes_and_values(tmp_path):
     for dim in range(3):
         store.coordinates(dim)[:] = rng.normal(size=store.coordinates(dim).shape)
         store.log_masses(dim)[[0, 3], :7] = rng.normal(size=(2, 7))
+    store.joint_dir_xyz[:] = rng.normal(size=store.joint_dir_xyz.shape)
+    store.joint_inp_angle[:] = rng.normal(size=store.joint_inp_angle.shape)
+    store.joint_logp[3, :4] = rng.normal(size=4)
     state = store.state()
-    # The keys every saved state.npz has used: older states must still load.
-    assert sorted(state) == sorted(["is_has", "is_dir_xyz", "is_dir_logp", "is_inp_angle",
-                                    "is_inp_logp", "is_shift_A", "is_shift_logp"])
+    # The keys every saved state.npz has used (older states must still load), and the joint
+    # rotations' since they were kept.
+    old_keys = ["is_has", "is_dir_xyz", "is_dir_logp", "is_inp_angle", "is_inp_logp",
+                "is_shift_A", "is_shift_logp"]
+    assert sorted(state) == sorted(old_keys + ["is_joint_dir_xyz", "is_joint_inp_angle",
+                                               "is_joint_logp"])
+    assert store.has_joint(np.arange(5)).tolist() == [False, False, False, True, False]
     np.savez(tmp_path / "state.npz", **state)
     loaded = dict(np.load(tmp_path / "state.npz"))
     restored = PosteriorStore.from_state(loaded)
@@ -141,6 +148,13 @@ def test_store_state_round_trip_keeps_keys_dtypes_and_values(tmp_path):
     assert np.array_equal(restored.dir_logp, store.dir_logp)
     sampler = ImportanceSampler.from_state(loaded, s0=3.0)
     assert sampler.n == 5 and sampler.s0 == 3.0 and sampler.store.has.sum() == 2
+    # A state from before the joint rotations loads with none.
+    older = PosteriorStore.from_state({key: loaded[key] for key in old_keys})
+    assert not older.has_joint(np.arange(5)).any()
+    assert np.array_equal(older.dir_logp, loaded["is_dir_logp"])
+    bad = dict(loaded, is_joint_logp=loaded["is_joint_logp"][:, :3])
+    with pytest.raises(ValueError, match="is_joint_logp"):
+        PosteriorStore.from_state(bad)
 
 
 def test_state_between_visits_does_not_grow_with_passes_over_the_data():
@@ -626,6 +640,7 @@ def test_pose_marginals_match_a_point_by_point_sum():
     shift_post = rng.random(len(subsets.shift_index))
 
     want = [np.zeros((len(sizes), n)) for n in (grid.n_dir, grid.n_inp, grid.n_shift)]
+    rotations = [[] for _ in sizes]  # each image's (mass, direction, in-plane) points
     i = 0
     for b in range(len(sizes)):
         for d, lw_d in zip(sets["dir"][0][b], sets["dir"][1][b]):
@@ -634,6 +649,7 @@ def test_pose_marginals_match_a_point_by_point_sum():
                                             - lw_d - lw_p)
                 want[0][b, d] += mass
                 want[1][b, p] += mass
+                rotations[b].append((mass, d, p))
                 i += 1
     i = 0
     for b in range(len(sizes)):
@@ -646,6 +662,24 @@ def test_pose_marginals_match_a_point_by_point_sum():
         assert g.shape == w.shape and g.dtype == np.float64
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=0)
     assert not got[0][1].any() and not got[2][1].any()  # the image without a sample
+
+    # The heaviest rotations of each image, kept in the same walk: against a sort of the
+    # dense list (masses are distinct reals, so the top k is unique); fewer than k rotations
+    # leave slots of index -1 and mass 0.
+    k = 6
+    *again, (top_dir, top_inp, top_mass) = marginals_and_top_rotations(grid, subsets, rot_post,
+                                                                     shift_post, k)
+    for g, w in zip(again, got):
+        np.testing.assert_array_equal(g, w)
+    for b, points in enumerate(rotations):
+        best = sorted(points, reverse=True)[:k]
+        found = sorted(zip(top_mass[b], top_dir[b], top_inp[b]), reverse=True)[:len(best)]
+        assert [(d, p) for _, d, p in found] == [(d, p) for _, d, p in best]
+        np.testing.assert_allclose([m for m, _, _ in found], [m for m, _, _ in best],
+                                   rtol=1e-12)
+        assert (np.sort(top_dir[b])[:k - len(best)] == -1).all()
+        assert (np.sort(top_mass[b])[:k - len(best)] == 0).all()
+    assert [min(len(points), k) for points in rotations] == [6, 0, 6, 1, 6]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

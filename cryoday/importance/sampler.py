@@ -20,8 +20,8 @@ from cryoday.importance.average import DatasetAverage
 from cryoday.importance.geometry import GridKernels
 from cryoday.importance.proposals import (capped_draw_counts, prior_parts, proposal_matrices,
                                           ragged_subsets, sample)
-from cryoday.importance.store import (DIMENSIONS, K_STORED, PosteriorStore, marginals,
-                                      top_points)
+from cryoday.importance.store import (DIMENSIONS, K_JOINT, K_STORED, PosteriorStore,
+                                      marginals_and_top_rotations, top_points)
 from cryoday.pose_sets import PoseSubsets, exhaustive_subsets
 
 # Config keys (section ``reconstruction``): the constructor argument each sets, its type and, for
@@ -428,8 +428,8 @@ class ImportanceSampler:
     # ------------------------------------------------------------------ updates
 
     def update(self, grid, rows, subsets: PoseSubsets, result, measure: bool = True) -> None:
-        """Store each image's posterior marginals (top ``K`` per dimension, as coordinates),
-        refresh the dataset average and measure the KL to the proposal and to the previous
+        """Store each image's posterior marginals (top ``K`` per dimension, as coordinates) and
+        its ``K_JOINT`` heaviest rotations, refresh the dataset average and measure the KL to the proposal and to the previous
         visit (only with ``measure``: the history records them for training steps, and the
         held-out and final pose passes, which nothing records, spent a tenth of a pass on them).
 
@@ -445,6 +445,9 @@ class ImportanceSampler:
         rows = np.asarray(rows)
         new_idx = [np.zeros((len(rows), K_STORED), np.int64) for _ in range(3)]
         new_logp = [np.full((len(rows), K_STORED), -np.inf) for _ in range(3)]
+        joint_dir = np.full((len(rows), K_JOINT), -1, np.int64)
+        joint_inp = np.full((len(rows), K_JOINT), -1, np.int64)
+        joint_logp = np.full((len(rows), K_JOINT), -np.inf)
         valid = np.ones(len(rows), dtype=bool)
         kls = []
         at_once = self._rows_at_once()
@@ -453,7 +456,11 @@ class ImportanceSampler:
             part = subsets.block(lo, hi) if (lo, hi) != (0, len(rows)) else subsets
             r0, r1 = subsets.rot_offsets[lo], subsets.rot_offsets[hi]
             s0, s1 = subsets.shift_offsets[lo], subsets.shift_offsets[hi]
-            p = marginals(self.grid, part, result.rot_post[r0:r1], result.shift_post[s0:s1])
+            *p, (top_dir, top_inp, top_mass) = marginals_and_top_rotations(
+                self.grid, part, result.rot_post[r0:r1], result.shift_post[s0:s1], K_JOINT)
+            joint_dir[lo:hi], joint_inp[lo:hi] = top_dir, top_inp
+            with np.errstate(divide="ignore", invalid="ignore"):
+                joint_logp[lo:hi] = np.log(top_mass / p[0].sum(axis=1, keepdims=True))
             if measure:
                 kls.extend(self._kl_to_proposals(rows[lo:hi], p[0]))
                 if self.anneal and not self.flip_dropped:  # nothing reads it afterwards
@@ -477,8 +484,13 @@ class ImportanceSampler:
         store.has[rows[~valid]] = False
         stored = rows[valid]
         index = [new_idx[dim][valid] for dim in range(3)]
+        # Empty slots (index -1) read the grid's last point, with log mass -inf.
+        joint_logp = joint_logp[valid]
+        joint_logp[joint_dir[valid] < 0] = -np.inf
+        joint = (self.kernels.coordinates[0][joint_dir[valid]],
+                 self.kernels.coordinates[1][joint_inp[valid]], joint_logp)
         store.write(stored, [self.kernels.coordinates[dim][index[dim]] for dim in range(3)],
-                    [new_logp[dim][valid] for dim in range(3)])
+                    [new_logp[dim][valid] for dim in range(3)], joint)
         self.kernels.stored_at(stored, index)  # stored at grid points, they snap back to them
         self.average.deposit(stored, 1.0)
 
